@@ -1,0 +1,11 @@
+"""The spec compiler: YAML conversion specs in, importable converter modules out.
+
+`load_spec` reads and validates a spec; `render_module` turns it into Python source.
+Nothing here is imported by the runtime or by generated modules.
+"""
+
+from compiler.errors import SpecError
+from compiler.render import render_index, render_module
+from compiler.spec import Spec, load_spec
+
+__all__ = ["Spec", "SpecError", "load_spec", "render_index", "render_module"]

@@ -1,0 +1,296 @@
+"""A conversion spec, validated: the compiler's input, as plain frozen data.
+
+Every check a spec author could fail lives here, and each failure is a SpecError
+naming the file, the line and what was expected, so the templates can assume a
+well-formed spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import keyword
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from compiler.errors import SpecError
+from compiler.expressions import ExpressionError, condition, int_expression
+from compiler.kinds import KINDS, Kind
+from compiler.yaml_lines import LineDict, load_yaml
+
+TOP_LEVEL = {"family": True, "architectures": True, "config": True, "derived": False, "params": True}
+PARAM_FIELDS = {"megatron": True, "split": True, "dims": True, "hf": True, "vllm": True, "when": False, "stage": False}
+CONFIG_FIELDS = {"field": True, "type": False, "default": False}
+RESERVED = {"cfg", "hf", "layer", "make_vocab_size_divisible_by"}
+STAGES = ("first", "last")
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SEGMENT = r"(?:[A-Za-z0-9_]+|\{layer\})"
+_TENSOR_NAME = re.compile(rf"^{_SEGMENT}(?:\.{_SEGMENT})*$")
+
+
+@dataclass(frozen=True)
+class ConfigEntry:
+    """A name the layouts use, read from one HF config field."""
+
+    name: str
+    field: str
+    type: str  # "int" or "bool"
+    default: str | None  # Python source of the default, over names defined earlier
+
+
+@dataclass(frozen=True)
+class Derived:
+    name: str
+    expression: str
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter family: its names on each side and how it is split."""
+
+    key: str
+    kind: Kind
+    megatron: str
+    hf: tuple[tuple[str, str], ...]  # (role, pattern); role "" for a single tensor
+    vllm: str
+    dims: tuple[tuple[str, str], ...]  # (dim of the kind, config name)
+    when: tuple[str, bool] | None  # (flag, negated)
+    stage: str  # "layer", "first" or "last"
+
+    @property
+    def const_name(self) -> str:
+        return self.key.upper()
+
+
+@dataclass(frozen=True)
+class Spec:
+    family: str
+    architectures: tuple[str, ...]
+    config: tuple[ConfigEntry, ...]
+    derived: tuple[Derived, ...]
+    params: tuple[Param, ...]
+    source_name: str
+    sha256: str
+
+    @property
+    def kinds(self) -> list[Kind]:
+        """The kinds this spec uses, in the order of KINDS (stable output)."""
+        used = {p.kind.name for p in self.params}
+        return [kind for name, kind in KINDS.items() if name in used]
+
+    def hf_field(self, name: str) -> str:
+        """How to name a config value in an error a user reads: its HF field."""
+        for entry in self.config:
+            if entry.name == name:
+                return entry.field
+        for derived in self.derived:
+            if derived.name == name:
+                return f"{name} ({derived.expression})"
+        raise KeyError(name)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate one spec file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(str(path), None, "", f"cannot read spec: {exc.strerror}") from None
+    return parse_spec(text, str(path))
+
+
+def parse_spec(text: str, path: str) -> Spec:
+    raw = load_yaml(text, path)
+    check = _Checker(path)
+    check.mapping(raw, "", TOP_LEVEL)
+    family = check.identifier(raw["family"], raw.line_of("family"), "family")
+    architectures = check.architectures(raw["architectures"], raw.line_of("architectures"))
+    config = check.config(raw["config"], raw.line_of("config"))
+    int_names = {e.name for e in config if e.type == "int"}
+    bool_names = {e.name for e in config if e.type == "bool"}
+    derived = check.derived(raw.get("derived") or LineDict(), raw.line_of("derived"), int_names, bool_names)
+    int_names |= {d.name for d in derived}
+    params = check.params(raw["params"], raw.line_of("params"), int_names, bool_names)
+    if any(p.stage == "layer" for p in params) and "layers" not in int_names:
+        check.fail(raw.line_of("config"), "config", "missing 'layers': params with {layer} need the number of layers")
+    return Spec(
+        family=family,
+        architectures=architectures,
+        config=config,
+        derived=derived,
+        params=params,
+        source_name=Path(path).name,
+        sha256=hashlib.sha256(text.encode()).hexdigest(),
+    )
+
+
+class _Checker:
+    """Validation helpers that all raise SpecError for one file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def fail(self, line: int | None, where: str, message: str):
+        raise SpecError(self.path, line, where, message)
+
+    def mapping(self, value, where: str, fields: dict[str, bool], line: int | None = None) -> LineDict:
+        if not isinstance(value, dict):
+            self.fail(line, where, f"expected a mapping, got {_describe(value)}")
+        for key in value:
+            if key not in fields:
+                expected = ", ".join(fields)
+                self.fail(value.line_of(key), _join(where, key), f"unknown field; expected one of: {expected}")
+        for key, required in fields.items():
+            if required and key not in value:
+                self.fail(value.line, where or "spec", f"missing required field '{key}'")
+        return value
+
+    def identifier(self, value, line: int, where: str) -> str:
+        if not isinstance(value, str) or not _IDENTIFIER.match(value) or keyword.iskeyword(value):
+            self.fail(line, where, f"expected an identifier (letters, digits, _), got {_describe(value)}")
+        return value
+
+    def architectures(self, value, line: int) -> tuple[str, ...]:
+        if not isinstance(value, list) or not value:
+            self.fail(line, "architectures", f"expected a non-empty list of HF architecture names, got {_describe(value)}")
+        for i, name in enumerate(value):
+            self.identifier(name, value.line_of(i), f"architectures[{i}]")
+        return tuple(value)
+
+    def config(self, value, line: int) -> tuple[ConfigEntry, ...]:
+        if not isinstance(value, dict) or not value:
+            self.fail(line, "config", f"expected a mapping of names to HF config fields, got {_describe(value)}")
+        entries: list[ConfigEntry] = []
+        for name, item in value.items():
+            where, item_line = f"config.{name}", value.line_of(name)
+            self.name(name, item_line, where, {e.name for e in entries})
+            if isinstance(item, str):
+                item = {"field": item}
+            elif isinstance(item, dict):
+                self.mapping(item, where, CONFIG_FIELDS, item_line)
+            else:
+                self.fail(item_line, where, f"expected an HF field name or {{field, type, default}}, got {_describe(item)}")
+            field = self.identifier(item["field"], item_line, f"{where}.field")
+            kind = item.get("type", "int")
+            if kind not in ("int", "bool"):
+                self.fail(item_line, f"{where}.type", f"expected 'int' or 'bool', got {_describe(kind)}")
+            default = item.get("default")
+            if default is not None:
+                default = self.default(default, kind, item_line, where, {e.name for e in entries if e.type == "int"})
+            entries.append(ConfigEntry(name, field, kind, default))
+        return tuple(entries)
+
+    def default(self, value, kind: str, line: int, where: str, int_names: set[str]) -> str:
+        if kind == "bool":
+            if not isinstance(value, bool):
+                self.fail(line, f"{where}.default", f"expected true or false, got {_describe(value)}")
+            return repr(value)
+        if isinstance(value, bool):
+            self.fail(line, f"{where}.default", "expected an integer expression, got a boolean")
+        try:
+            return int_expression(value, int_names)
+        except ExpressionError as exc:
+            self.fail(line, f"{where}.default", str(exc))
+
+    def derived(self, value, line: int, int_names: set[str], bool_names: set[str]) -> tuple[Derived, ...]:
+        if not isinstance(value, dict):
+            self.fail(line, "derived", f"expected a mapping of names to expressions, got {_describe(value)}")
+        result: list[Derived] = []
+        for name, text in value.items():
+            item_line = value.line_of(name)
+            self.name(name, item_line, f"derived.{name}", int_names | bool_names | {d.name for d in result})
+            try:
+                int_expression(text, int_names | {d.name for d in result})
+            except ExpressionError as exc:
+                self.fail(item_line, f"derived.{name}", str(exc))
+            result.append(Derived(name, str(text)))
+        return tuple(result)
+
+    def name(self, name: str, line: int, where: str, taken: set[str]):
+        self.identifier(name, line, where)
+        if name in RESERVED:
+            self.fail(line, where, f"'{name}' is reserved; pick another name")
+        if name in taken:
+            self.fail(line, where, f"'{name}' is already defined")
+
+    def params(self, value, line: int, int_names: set[str], bool_names: set[str]) -> tuple[Param, ...]:
+        if not isinstance(value, dict) or not value:
+            self.fail(line, "params", f"expected a mapping of parameter families, got {_describe(value)}")
+        params = [self.param(key, item, value.line_of(key), int_names, bool_names) for key, item in value.items()]
+        for side in ("megatron", "vllm", "hf"):
+            seen: dict[str, str] = {}
+            for param, key in zip(params, value):
+                names = [n for _, n in param.hf] if side == "hf" else [getattr(param, side)]
+                for name in names:
+                    if name in seen:
+                        self.fail(value.line_of(key), f"params.{key}.{side}", f"'{name}' is also the {side} name of params.{seen[name]}")
+                    seen[name] = key
+        return tuple(params)
+
+    def param(self, key: str, item, line: int, int_names: set[str], bool_names: set[str]) -> Param:
+        where = f"params.{key}"
+        self.identifier(key, line, where)
+        self.mapping(item, where, PARAM_FIELDS, line)
+        kind_name = item["split"]
+        if kind_name not in KINDS:
+            self.fail(item.line_of("split"), f"{where}.split", f"unknown split kind {_describe(kind_name)}; expected one of: {', '.join(KINDS)}")
+        kind = KINDS[kind_name]
+        megatron = self.pattern(item["megatron"], item.line_of("megatron"), f"{where}.megatron")
+        layered = "{layer}" in megatron
+        vllm = self.pattern(item["vllm"], item.line_of("vllm"), f"{where}.vllm", layered)
+        hf = self.hf_names(item["hf"], item.line_of("hf"), f"{where}.hf", kind, layered)
+        dims = self.dims(item["dims"], item.line_of("dims"), f"{where}.dims", kind, int_names)
+        when = None
+        if "when" in item:
+            try:
+                when = condition(item["when"], bool_names)
+            except ExpressionError as exc:
+                self.fail(item.line_of("when"), f"{where}.when", str(exc))
+        stage = "layer" if layered else ("first" if megatron.startswith("embedding.") else "last")
+        if "stage" in item:
+            if layered or item["stage"] not in STAGES:
+                expected = "no stage: a layer's stage follows its layer" if layered else "'first' or 'last'"
+                self.fail(item.line_of("stage"), f"{where}.stage", f"expected {expected}, got {_describe(item['stage'])}")
+            stage = item["stage"]
+        return Param(key, kind, megatron, hf, vllm, dims, when, stage)
+
+    def pattern(self, value, line: int, where: str, layered: bool | None = None) -> str:
+        if not isinstance(value, str) or not _TENSOR_NAME.match(value):
+            self.fail(line, where, f"expected a dotted tensor name whose only placeholder is {{layer}}, got {_describe(value)}")
+        if layered is not None and layered != ("{layer}" in value):
+            need = "must contain {layer}, as the megatron name does" if layered else "must not contain {layer}: the megatron name has none"
+            self.fail(line, where, need)
+        return value
+
+    def hf_names(self, value, line: int, where: str, kind: Kind, layered: bool) -> tuple[tuple[str, str], ...]:
+        if kind.hf_roles is None:
+            if not isinstance(value, str):
+                self.fail(line, where, f"split '{kind.name}' maps to one HF tensor: expected a name, got {_describe(value)}")
+            return (("", self.pattern(value, line, where, layered)),)
+        roles = {role: True for role in kind.hf_roles}
+        self.mapping(value, where, roles, line)
+        return tuple((role, self.pattern(value[role], value.line_of(role), f"{where}.{role}", layered)) for role in kind.hf_roles)
+
+    def dims(self, value, line: int, where: str, kind: Kind, int_names: set[str]) -> tuple[tuple[str, str], ...]:
+        fields = {d: True for d in kind.required_dims} | {d: False for d in kind.optional_dims}
+        self.mapping(value, where, fields, line)
+        for dim, name in value.items():
+            if name not in int_names:
+                known = ", ".join(sorted(int_names))
+                self.fail(value.line_of(dim), f"{where}.{dim}", f"expected an integer config or derived name ({known}), got {_describe(name)}")
+        return tuple((dim, value[dim]) for dim in fields if dim in value)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _describe(value) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing"
+    return repr(value)

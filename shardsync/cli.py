@@ -1,0 +1,56 @@
+"""`shardsync`: the one command line of the project.
+
+Each subcommand lives in its own module; this file only wires arguments. A user's
+mistake (a bad spec, an unknown preset, a layout the model cannot take) is one line
+on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shardsync import commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardsync", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compile", help="compile YAML specs into generated converter modules")
+    p.add_argument("specs", nargs="*", help="spec files (default with --all: every specs/*.yaml)")
+    p.add_argument("--all", action="store_true", help="every spec in --specs-dir, and the package index")
+    p.add_argument("--specs-dir", default=None, help="where --all looks for specs (default: the project's specs/)")
+    p.add_argument("-o", "--out", default=None, help="output package directory (default: the project's generated/)")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the output is not up to date")
+    p.set_defaults(run=commands.compile_specs)
+
+    p = sub.add_parser("tables", help="show how one Megatron rank's tensors map onto vLLM ranks")
+    _model_args(p)
+    p.add_argument("--rank", type=int, default=0, help="Megatron TP rank to show (default 0)")
+    p.add_argument("--all-layers", action="store_true", help="show every layer, not only the first")
+    p.set_defaults(run=commands.tables)
+
+    p = sub.add_parser("demo", help="the main job (for now: compile the specs and show qwen3-4b TP 2 tables)")
+    p.set_defaults(run=commands.demo)
+    return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a preset name or a path to an HF config.json")
+    p.add_argument("--train-tp", type=int, default=1, help="trainer tensor-parallel size")
+    p.add_argument("--train-pp", type=int, default=1, help="trainer pipeline-parallel size")
+    p.add_argument("--infer-tp", type=int, default=1, help="engine tensor-parallel size")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except commands.UserError as exc:
+        print(f"shardsync {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

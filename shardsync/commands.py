@@ -1,0 +1,132 @@
+"""The subcommands: each takes parsed arguments and returns an exit status."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import compiler
+from compiler import build
+from runtime import boxes
+from shardsync.presets import model_config
+
+PROJECT = Path(compiler.__file__).resolve().parent.parent
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported in one line, no traceback."""
+
+
+def compile_specs(args) -> int:
+    out_dir = Path(args.out) if args.out else PROJECT / "generated"
+    if args.all:
+        specs_dir = Path(args.specs_dir) if args.specs_dir else PROJECT / "specs"
+        paths = sorted(specs_dir.glob("*.yaml"))
+        if not paths:
+            raise UserError(f"no *.yaml specs in {specs_dir}")
+    elif args.specs:
+        paths = [Path(p) for p in args.specs]
+    else:
+        raise UserError("name spec files, or pass --all")
+    try:
+        outputs = build.outputs(paths, out_dir, index=args.all)
+        stale = build.stale_modules(paths, out_dir) if args.all else []
+    except compiler.SpecError as exc:
+        raise UserError(str(exc)) from None
+    if args.check:
+        differ = [o.path for o in outputs if not o.is_current()]
+        for path in differ:
+            print(f"out of date: {_shown(path)} (run `shardsync compile --all`)", file=sys.stderr)
+        for path in stale:
+            print(f"stale: {_shown(path)} has no spec", file=sys.stderr)
+        if differ or stale:
+            return 1
+        print(f"up to date: {len(outputs)} files in {_shown(out_dir)}")
+        return 0
+    written = build.write(outputs)
+    for output in outputs:
+        print(f"{'wrote' if output.path in written else 'unchanged'} {_shown(output.path)}")
+    for path in stale:
+        print(f"warning: {_shown(path)} has no spec (delete it if the spec was removed)", file=sys.stderr)
+    return 0
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working directory when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def load_converter(model: str):
+    """The generated module and Config for a preset name or config.json path."""
+    import generated
+
+    try:
+        hf = model_config(model)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    architectures = hf.get("architectures") or []
+    for architecture in architectures:
+        if architecture in generated.MODULES:
+            module = generated.for_architecture(architecture)
+            try:
+                return module, module.config_from_hf(hf)
+            except module.ConfigError as exc:
+                raise UserError(f"{model}: {exc}") from None
+    raise UserError(f"{model}: no spec converts architectures={architectures} (known: {', '.join(generated.MODULES)})")
+
+
+def tables(args) -> int:
+    module, cfg = load_converter(args.model)
+    try:
+        source = module.megatron_shard_table(cfg, args.rank, args.train_tp, 0, args.train_pp)
+        engines = [module.vllm_shard_table(cfg, s, args.infer_tp) for s in range(args.infer_tp)]
+    except module.ConfigError as exc:
+        raise UserError(str(exc)) from None
+    print(f"{args.model}: Megatron TP rank {args.rank} of {args.train_tp} (PP stage 0 of {args.train_pp}) "
+          f"-> vLLM TP {args.infer_tp}")
+    first_layer = f"layers.{_first_layer(source)}."
+    hidden = 0
+    for local in source:
+        if not args.all_layers and ".layers." in local.name and first_layer not in local.name:
+            hidden += 1
+            continue
+        print(f"{local.name} {list(local.shape)}")
+        for piece in local.pieces:
+            for dst_rank, engine in enumerate(engines):
+                for dst in engine:
+                    for dst_piece in dst.pieces:
+                        if dst_piece.hf_name != piece.hf_name:
+                            continue
+                        common = boxes.intersect(piece.hf_box, dst_piece.hf_box)
+                        if common is None:
+                            continue
+                        src_box = boxes.translate(common, piece.hf_box, piece.local_box)
+                        dst_box = boxes.translate(common, dst_piece.hf_box, dst_piece.local_box)
+                        print(f"    {boxes.fmt(src_box):<22} -> vllm tp{dst_rank} {dst.name}{boxes.fmt(dst_box)}"
+                              f"   ({piece.hf_name.rsplit('.', 2)[-2]}{boxes.fmt(common)})")
+        for pad in local.padding:
+            print(f"    {boxes.fmt(pad):<22} -> padding, not sent")
+    if hidden:
+        print(f"... and {hidden} tensors of later layers, laid out like layer {_first_layer(source)} "
+              f"(--all-layers shows them)")
+    return 0
+
+
+def _first_layer(table) -> str:
+    for local in table:
+        if ".layers." in local.name:
+            return local.name.split(".layers.")[1].split(".")[0]
+    return "-"
+
+
+def demo(args) -> int:
+    import argparse
+
+    status = compile_specs(argparse.Namespace(all=True, specs=[], specs_dir=None, out=None, check=False))
+    if status:
+        return status
+    print()
+    return tables(argparse.Namespace(model="qwen3-4b", train_tp=2, train_pp=1, infer_tp=2, rank=0, all_layers=False))
