@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	@echo "installing pinned dependencies into $(VENV) (first run: a few minutes) ..."
+	$(BIN)/python -m pip install -qq -e ".[test]"
 	touch $(STAMP)
 
 demo: $(STAMP)

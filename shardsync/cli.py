@@ -31,7 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-layers", action="store_true", help="show every layer, not only the first")
     p.set_defaults(run=commands.tables)
 
-    p = sub.add_parser("demo", help="the main job (for now: compile the specs and show qwen3-4b TP 2 tables)")
+    p = sub.add_parser("plan", help="plan a transfer and show what each channel and rank moves")
+    _model_args(p)
+    p.add_argument("--engines", type=int, default=1, help="engine replicas (default 1)")
+    p.add_argument("--dtype", default="bfloat16", help="engine dtype, sizes the bytes (default bfloat16)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="the trainer's Megatron setting")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    p.set_defaults(run=commands.plan)
+
+    p = sub.add_parser("demo", help="sync a model from trainer processes to engine processes, twice, and show it")
+    p.add_argument("--model", default="qwen3-tiny", help="preset or config.json (default qwen3-tiny)")
+    p.add_argument("--train-tp", type=int, default=2, help="trainer TP (default 2)")
+    p.add_argument("--infer-tp", type=int, default=2, help="engine TP (default 2)")
+    p.add_argument("--engines", type=int, default=2, help="engine replicas (default 2)")
+    p.add_argument("--dtype", default="bfloat16", help="engine dtype (default bfloat16)")
+    p.add_argument("--bucket-mb", type=float, default=1.0, help="bucket size in MiB (default 1)")
     p.set_defaults(run=commands.demo)
     return parser
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+
+import torch
 
 import compiler
 from compiler import build
 from runtime import boxes
+from runtime.errors import PlanError
+from runtime.plan import Layout, build_plan
+from runtime.summary import as_table, summarize
 from shardsync.presets import model_config
 
 PROJECT = Path(compiler.__file__).resolve().parent.parent
@@ -59,7 +65,7 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def load_converter(model: str):
+def load_converter(model: str, make_vocab_size_divisible_by: int = 128):
     """The generated module and Config for a preset name or config.json path."""
     import generated
 
@@ -72,7 +78,7 @@ def load_converter(model: str):
         if architecture in generated.MODULES:
             module = generated.for_architecture(architecture)
             try:
-                return module, module.config_from_hf(hf)
+                return module, module.config_from_hf(hf, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
             except module.ConfigError as exc:
                 raise UserError(f"{model}: {exc}") from None
     raise UserError(f"{model}: no spec converts architectures={architectures} (known: {', '.join(generated.MODULES)})")
@@ -115,6 +121,24 @@ def tables(args) -> int:
     return 0
 
 
+def plan(args) -> int:
+    module, cfg = load_converter(args.model, args.make_vocab_size_divisible_by)
+    dtype = getattr(torch, args.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise UserError(f"--dtype {args.dtype!r} is not a torch dtype (bfloat16, float16, float32)")
+    try:
+        layout = Layout(args.train_tp, args.train_pp, args.infer_tp, args.engines)
+        built = build_plan(module, cfg, layout, torch.empty((), dtype=dtype).element_size())
+    except (PlanError, module.ConfigError) as exc:
+        raise UserError(str(exc)) from None
+    summary = summarize(built)
+    if args.json:
+        print(json.dumps({"model": args.model, "dtype": args.dtype, **summary}, indent=2))
+    else:
+        print(as_table(summary, args.model, args.dtype))
+    return 0
+
+
 def _first_layer(table) -> str:
     for local in table:
         if ".layers." in local.name:
@@ -123,10 +147,7 @@ def _first_layer(table) -> str:
 
 
 def demo(args) -> int:
-    import argparse
+    from shardsync.demo import run_demo
 
-    status = compile_specs(argparse.Namespace(all=True, specs=[], specs_dir=None, out=None, check=False))
-    if status:
-        return status
-    print()
-    return tables(argparse.Namespace(model="qwen3-4b", train_tp=2, train_pp=1, infer_tp=2, rank=0, all_layers=False))
+    return run_demo(model=args.model, train_tp=args.train_tp, infer_tp=args.infer_tp, engines=args.engines,
+                    dtype=args.dtype, bucket_bytes=int(args.bucket_mb * 2**20))

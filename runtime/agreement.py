@@ -1,0 +1,49 @@
+"""Plan agreement: every process checks it planned the same transfer before any
+group is created or any byte moves.
+
+Through the rendezvous store, not a channel: processes that disagree on the
+layout would disagree on the channels too, and would wait on groups that never
+form. The first trainer rank publishes its plan inputs and hash; every process
+compares, publishes a verdict, and waits for the verdicts of all the others, so a
+mismatch anywhere is refused everywhere with the fields that differ.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+from runtime.errors import PlanError, TransferError
+
+REFERENCE = "agreement/reference"
+
+
+def agree(store, who: str, everyone: list[str], digest: str, inputs: dict, is_reference: bool, timeout: float) -> None:
+    """Refuse to go on unless every process in `everyone` planned with `digest`."""
+    mine = {"who": who, "digest": digest, "inputs": inputs}
+    if is_reference:
+        store.set(REFERENCE, json.dumps(mine))
+    reference = json.loads(_get(store, REFERENCE, "the first trainer rank's plan", timeout))
+    verdict = "ok" if reference["digest"] == digest else describe_difference(reference, mine)
+    store.set(f"agreement/verdict/{who}", verdict)
+    for other in everyone:
+        theirs = _get(store, f"agreement/verdict/{other}", f"{other}'s plan check", timeout).decode()
+        if theirs != "ok":
+            raise PlanError(f"plans differ, refusing to connect: {theirs}")
+
+
+def describe_difference(reference: dict, mine: dict) -> str:
+    """The inputs that differ, as `field: <who> has X, <who> has Y`."""
+    a, b = reference["inputs"], mine["inputs"]
+    fields = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if not fields:
+        return f"{reference['who']} and {mine['who']} have the same inputs but different plan hashes (different converter versions?)"
+    return "; ".join(f"{k}: {reference['who']} has {a.get(k)!r}, {mine['who']} has {b.get(k)!r}" for k in fields)
+
+
+def _get(store, key: str, what: str, timeout: float) -> bytes:
+    try:
+        store.wait([key], timedelta(seconds=timeout))
+        return store.get(key)
+    except RuntimeError:
+        raise TransferError(f"connect: no answer for {what} within {timeout:.0f}s (is that process running?)") from None

@@ -1,0 +1,119 @@
+"""Persistent channels: one stateless process group per plan channel.
+
+Groups are built over a shared `TCPStore` (never the processes' default group,
+which the trainer and the engine own), created once at connect, reused by every
+update and shut down at close. Gloo carries CPU tensors, NCCL CUDA tensors. Every
+blocking call has a timeout and fails with the channel, the peer and the update.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+from torch._C._distributed_c10d import AllreduceOptions, BroadcastOptions, ReduceOp
+from torch.distributed import PrefixStore, TCPStore
+
+from runtime.errors import TransferError
+
+GROUPS_CREATED = 0  # groups this process has created: updates must not add any
+
+
+def open_store(host: str, port: int, is_host: bool, timeout: float) -> TCPStore:
+    """The rendezvous store; the first trainer rank hosts it, everyone else joins."""
+    try:
+        return TCPStore(host, port, None, is_host, timeout=timedelta(seconds=timeout), wait_for_workers=False)
+    except (RuntimeError, OSError) as exc:
+        role = "host" if is_host else "reach"
+        raise TransferError(f"cannot {role} the rendezvous store at {host}:{port} within {timeout:.0f}s: {exc}") from None
+
+
+@dataclass
+class Group:
+    """One channel's group: member 0 is the source, 1..K the engine replicas."""
+
+    name: str
+    rank: int
+    size: int
+    backend: object
+    timeout: float
+    peers: tuple[str, ...]  # a readable name per member
+
+    def broadcast(self, tensor: torch.Tensor):
+        options = BroadcastOptions()
+        options.rootRank = 0
+        options.rootTensor = 0
+        return self.backend.broadcast([tensor], options)
+
+    def max_across(self, tensor: torch.Tensor):
+        options = AllreduceOptions()
+        options.reduceOp = ReduceOp.MAX
+        return self.backend.allreduce([tensor], options)
+
+    def wait(self, work, what: str, update: int | None) -> None:
+        """Wait for `work`, turning a timeout or a dead peer into a TransferError."""
+        started = time.monotonic()
+        try:
+            work.wait(timedelta(seconds=self.timeout))
+        except RuntimeError as exc:
+            elapsed = time.monotonic() - started
+            when = f"update {update}" if update is not None else "connect"
+            peers = ", ".join(p for i, p in enumerate(self.peers) if i != self.rank)
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise TransferError(
+                f"{when}: channel {self.name}: {what} with {peers} failed after {elapsed:.1f}s "
+                f"(timeout {self.timeout:.0f}s): {reason}"
+            ) from None
+
+    def close(self) -> None:
+        try:
+            self.backend.shutdown()
+        except RuntimeError:
+            pass  # a peer already gone; nothing left to release here
+
+
+def create_group(store: TCPStore, name: str, rank: int, peers: tuple[str, ...], device: torch.device,
+                 timeout: float, **options) -> Group:
+    """Join channel `name` as member `rank`. Blocks until every member has joined.
+
+    Extra keyword options are accepted and forwarded so that callers (engine
+    workers set up through a framework's hooks) can pass what they are given.
+    """
+    global GROUPS_CREATED
+    prefixed = PrefixStore(f"shardsync/{name}", store)
+    started = time.monotonic()
+    try:
+        if device.type == "cuda":
+            backend = _nccl(prefixed, rank, len(peers), timeout, device, **options)
+        else:
+            backend = _gloo(prefixed, rank, len(peers), timeout, **options)
+    except RuntimeError as exc:
+        others = ", ".join(p for i, p in enumerate(peers) if i != rank)
+        raise TransferError(
+            f"connect: channel {name}: joining with {others} failed after {time.monotonic() - started:.1f}s: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    GROUPS_CREATED += 1
+    return Group(name, rank, len(peers), backend, timeout, peers)
+
+
+def _gloo(store, rank: int, size: int, timeout: float, host: str = "127.0.0.1", **_unused):
+    from torch._C._distributed_c10d import ProcessGroupGloo
+
+    options = ProcessGroupGloo._Options()
+    options._timeout = timedelta(seconds=timeout)
+    options._devices = [ProcessGroupGloo.create_device(hostname=host)]
+    return ProcessGroupGloo(store, rank, size, options)
+
+
+def _nccl(store, rank: int, size: int, timeout: float, device: torch.device, **_unused):
+    from torch._C._distributed_c10d import ProcessGroupNCCL
+
+    options = ProcessGroupNCCL.Options()
+    options._timeout = timedelta(seconds=timeout)
+    torch.cuda.set_device(device)
+    backend = ProcessGroupNCCL(store, rank, size, options)
+    backend.eager_connect_single_device(device)
+    return backend

@@ -1,0 +1,258 @@
+"""The API: a Sender on each trainer rank, a Receiver on each engine rank.
+
+Each is built once (model config, its own position, the peers' parallelism, the
+rendezvous address, bucket size, timeout), connected once, then called once per
+update with the rank's local tensors. Channels persist between updates.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+import generated
+from runtime import buckets as bucketing
+from runtime.agreement import agree
+from runtime.channels import Group, create_group, open_store
+from runtime.errors import PlanError, TensorError, TransferError
+from runtime.plan import Channel, Layout, Plan, build_plan
+
+DEFAULT_BUCKET_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ChannelReport:
+    name: str
+    copies: int
+    bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class UpdateReport:
+    update: int
+    channels: tuple[ChannelReport, ...]
+
+    @property
+    def bytes(self) -> int:
+        return sum(c.bytes for c in self.channels)
+
+
+class _Endpoint:
+    """What senders and receivers share: the plan, the store, the groups, the buffers."""
+
+    def __init__(self, hf_config: dict, layout: Layout, *, rendezvous: str = "127.0.0.1:29555",
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout: float = 60.0, dtype: torch.dtype = torch.bfloat16,
+                 device: str | torch.device = "cpu", make_vocab_size_divisible_by: int = 128, **group_options):
+        architecture = (hf_config.get("architectures") or [None])[0]
+        try:
+            self.module = generated.for_architecture(architecture)
+        except KeyError as exc:
+            raise PlanError(str(exc.args[0])) from None
+        self.cfg = self.module.config_from_hf(hf_config, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+        self.layout = layout
+        host, _, port = rendezvous.rpartition(":")
+        self.host, self.port = host or "127.0.0.1", int(port)
+        self.bucket_bytes = bucket_bytes
+        self.timeout = timeout
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.group_options = group_options
+        self.plan: Plan | None = None
+        self.groups: dict[str, Group] = {}
+        self.schedules: dict[str, tuple[bucketing.Bucket, ...]] = {}
+        self.buffers: list[torch.Tensor] = []
+        self.updates = 0
+        self._store = None
+
+    # -- set-up ---------------------------------------------------------------------
+
+    @property
+    def who(self) -> str:
+        raise NotImplementedError
+
+    def _my_channels(self) -> list[Channel]:
+        raise NotImplementedError
+
+    def _member(self, channel: Channel) -> int:
+        raise NotImplementedError
+
+    def connect(self) -> None:
+        """Plan, agree on the plan with every peer, then create this rank's channels."""
+        if self.groups:
+            return  # persistent: already connected
+        elsize = torch.empty((), dtype=self.dtype).element_size()
+        self.plan = build_plan(self.module, self.cfg, self.layout, elsize)
+        capacity = max(1, self.bucket_bytes // elsize)
+        mine = self._my_channels()
+        self.schedules = {c.name: bucketing.schedule(c.copies, capacity) for c in mine}
+        is_host = self.who == _trainer(0, 0)
+        self._store = open_store(self.host, self.port, is_host, self.timeout)
+        agree(self._store, self.who, self._everyone(), self.plan.digest, self._inputs(), is_host, self.timeout)
+        for channel in mine:
+            peers = (_trainer(channel.pp, channel.tp),) + tuple(_engine(e, channel.dst_tp) for e in range(channel.engines))
+            self.groups[channel.name] = create_group(
+                self._store, channel.name, self._member(channel), peers, self.device, self.timeout, **self.group_options)
+        largest = max((b.numel for s in self.schedules.values() for b in s), default=0)
+        # two buffers, shared by this rank's channels (it serves them one at a time)
+        self.buffers = [torch.empty(largest, dtype=self.dtype, device=self.device) for _ in range(2)] if largest else []
+
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers)
+
+    def close(self) -> None:
+        for group in self.groups.values():
+            group.close()
+        self.groups.clear()
+        self._store = None
+
+    def _everyone(self) -> list[str]:
+        layout = self.layout
+        trainers = [_trainer(pp, tp) for pp in range(layout.train_pp) for tp in range(layout.train_tp)]
+        return trainers + [_engine(e, s) for e in range(layout.engines) for s in range(layout.infer_tp)]
+
+    def _inputs(self) -> dict:
+        """What both sides must agree on, by field, for a readable refusal."""
+        return {
+            "family": self.module.FAMILY,
+            **{f"config.{k}": v for k, v in vars(self.cfg).items()},
+            **{k: v for k, v in vars(self.layout).items()},
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "bucket_bytes": self.bucket_bytes,
+        }
+
+    def _require_connected(self) -> None:
+        if self.plan is None or self._store is None:
+            raise TransferError(f"{self.who}: update before connect() (or after close())")
+
+    def _ack(self) -> torch.Tensor:
+        return torch.zeros(1, dtype=torch.int64, device=self.device)
+
+    @staticmethod
+    def _check_tensors(kind: str, given: Mapping[str, torch.Tensor], shapes: dict[str, tuple]) -> None:
+        missing = [n for n in shapes if n not in given]
+        extra = [n for n in given if n not in shapes]
+        if missing or extra:
+            raise TensorError(f"{kind} tensors do not match the plan: missing {missing[:5]}, unexpected {extra[:5]}")
+        for name, shape in shapes.items():
+            if tuple(given[name].shape) != shape:
+                raise TensorError(f"{name}: expected shape {shape}, got {tuple(given[name].shape)}")
+
+
+class Sender(_Endpoint):
+    """A trainer rank's end: sends the shards it holds, converted by box, to engines."""
+
+    def __init__(self, hf_config: dict, layout: Layout, *, pp_rank: int, tp_rank: int, **options):
+        super().__init__(hf_config, layout, **options)
+        if not (0 <= pp_rank < layout.train_pp and 0 <= tp_rank < layout.train_tp):
+            raise PlanError(f"trainer position pp{pp_rank} tp{tp_rank} is outside train_pp={layout.train_pp}, train_tp={layout.train_tp}")
+        self.pp_rank, self.tp_rank = pp_rank, tp_rank
+
+    @property
+    def who(self) -> str:
+        return _trainer(self.pp_rank, self.tp_rank)
+
+    @property
+    def src_rank(self) -> int:
+        return self.layout.src_rank(self.pp_rank, self.tp_rank)
+
+    def _my_channels(self) -> list[Channel]:
+        return self.plan.channels_of_source(self.src_rank) if self.plan else []
+
+    def _member(self, channel: Channel) -> int:
+        return 0
+
+    def update(self, tensors: Mapping[str, torch.Tensor]) -> UpdateReport:
+        """Send this rank's Megatron tensors (names as in its shard table) to every engine."""
+        self._require_connected()
+        self._check_tensors("trainer", tensors, self.plan.src_shapes[self.src_rank])
+        number = self.updates + 1
+        reports = []
+        for channel in self._my_channels():
+            group, schedule = self.groups[channel.name], self.schedules[channel.name]
+            started = time.perf_counter()
+            header = torch.tensor([number, len(schedule)], dtype=torch.int64, device=self.device)
+            group.wait(group.broadcast(header), "sending the header", number)
+            in_flight: list = []
+            for index, bucket in enumerate(schedule):
+                if len(in_flight) == 2:  # the buffer about to be packed is still on the wire
+                    group.wait(in_flight.pop(0), f"sending bucket {index - 2}", number)
+                wire = bucketing.pack(bucket, tensors, self.buffers[index % 2])
+                in_flight.append(group.broadcast(wire))
+            for offset, work in enumerate(in_flight):
+                group.wait(work, f"sending bucket {len(schedule) - len(in_flight) + offset}", number)
+            # a send completes once the bytes are on the socket: only the receivers'
+            # acknowledgement says they arrived and were written
+            group.wait(group.max_across(self._ack()), "waiting for the receivers' acknowledgement", number)
+            elapsed = time.perf_counter() - started
+            reports.append(ChannelReport(channel.name, len(channel.copies), channel.numel * self.plan.dtype_bytes, elapsed))
+        self.updates = number
+        return UpdateReport(number, tuple(reports))
+
+
+class Receiver(_Endpoint):
+    """An engine rank's end: writes the pieces it is sent into its live tensors in place.
+
+    Extra keyword arguments are forwarded to channel creation (the seed's receiver
+    set-up dropped them and failed with a TypeError).
+    """
+
+    def __init__(self, hf_config: dict, layout: Layout, *, engine: int, tp_rank: int, **options):
+        super().__init__(hf_config, layout, **options)
+        if not (0 <= engine < layout.engines and 0 <= tp_rank < layout.infer_tp):
+            raise PlanError(f"engine {engine} tp{tp_rank} is outside engines={layout.engines}, infer_tp={layout.infer_tp}")
+        self.engine, self.tp_rank = engine, tp_rank
+
+    @property
+    def who(self) -> str:
+        return _engine(self.engine, self.tp_rank)
+
+    def _my_channels(self) -> list[Channel]:
+        return self.plan.channels_of_engine_rank(self.tp_rank) if self.plan else []
+
+    def _member(self, channel: Channel) -> int:
+        return 1 + self.engine
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The live tensors this rank must hand to `update`, by vLLM name."""
+        return dict(self.plan.dst_shapes[self.tp_rank]) if self.plan else {
+            t.name: tuple(t.shape) for t in self.module.vllm_shard_table(self.cfg, self.tp_rank, self.layout.infer_tp)}
+
+    def update(self, params: Mapping[str, torch.Tensor]) -> UpdateReport:
+        """Receive one update into `params` (vLLM names -> live tensors), in place."""
+        self._require_connected()
+        self._check_tensors("engine", params, self.plan.dst_shapes[self.tp_rank])
+        number = self.updates + 1
+        reports = []
+        for channel in self._my_channels():
+            group, schedule = self.groups[channel.name], self.schedules[channel.name]
+            started = time.perf_counter()
+            header = torch.zeros(2, dtype=torch.int64, device=self.device)
+            group.wait(group.broadcast(header), "receiving the header", number)
+            if header.tolist() != [number, len(schedule)]:
+                raise TransferError(f"update {number}: channel {channel.name}: the sender announced update "
+                                    f"{header[0].item()} with {header[1].item()} buckets; expected {len(schedule)} buckets")
+            posted = [group.broadcast(self.buffers[i][:schedule[i].numel]) for i in range(min(2, len(schedule)))]
+            for index, bucket in enumerate(schedule):
+                group.wait(posted[index], f"receiving bucket {index}", number)
+                buffer = self.buffers[index % 2]
+                bucketing.unpack(bucket, buffer, params)
+                if index + 2 < len(schedule):
+                    posted.append(group.broadcast(buffer[:schedule[index + 2].numel]))
+            group.wait(group.max_across(self._ack()), "acknowledging", number)
+            elapsed = time.perf_counter() - started
+            reports.append(ChannelReport(channel.name, len(channel.copies), channel.numel * self.plan.dtype_bytes, elapsed))
+        self.updates = number
+        return UpdateReport(number, tuple(reports))
+
+
+def _trainer(pp: int, tp: int) -> str:
+    return f"trainer pp{pp} tp{tp}"
+
+
+def _engine(engine: int, tp: int) -> str:
+    return f"engine {engine} tp{tp}"

@@ -1,0 +1,65 @@
+"""Running a set of ranks as local processes (spawned), each reporting one result.
+
+For the demo, the benchmarks and the tests: every rank is a real process talking
+over real sockets. A rank that dies or hangs is reported, never waited on forever.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import socket
+import time
+import traceback
+from typing import Callable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(ranks: list[tuple[str, Callable, tuple]], deadline_s: float) -> dict[str, dict]:
+    """Start `fn(*args)` for each (who, fn, args) in its own process; return {who: result}.
+
+    `fn` returns a dict; an exception becomes {"error": traceback}. A rank that has
+    not reported by the deadline, or died silently, raises RuntimeError naming it.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = {who: ctx.Process(target=_rank_main, args=(who, fn, args, results), name=who) for who, fn, args in ranks}
+    for proc in procs.values():
+        proc.start()
+    collected: dict[str, dict] = {}
+    deadline = time.monotonic() + deadline_s
+    try:
+        while len(collected) < len(procs):
+            try:
+                who, result = results.get(timeout=0.5)
+                collected[who] = result
+            except queue.Empty:
+                missing = sorted(set(procs) - set(collected))
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"ranks did not finish within {deadline_s:.0f}s: {missing}") from None
+                dead = [w for w in missing if not procs[w].is_alive() and procs[w].exitcode not in (None, 0)]
+                if dead and results.empty():
+                    raise RuntimeError(f"ranks died without reporting: {dead}") from None
+    finally:
+        for proc in procs.values():
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    return collected
+
+
+def _rank_main(who: str, fn: Callable, args: tuple, results) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        result = fn(*args)
+    except BaseException:
+        result = {"error": traceback.format_exc()}
+    results.put((who, result))

@@ -1,0 +1,66 @@
+"""End-to-end transfers over gloo between trainer and engine processes (plain tensors).
+
+Each case runs every rank as its own process, performs two updates with different
+trainer weights, and checks every engine tensor bitwise against plain slicing of
+the full HF weights (tests/reference.py), channel reuse, buffer memory and bytes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from shardsync.presets import model_config
+from tests.transfer_harness import Case, run
+
+
+def _config(preset: str, **changes) -> dict:
+    return {**model_config(preset), **changes}
+
+
+CASES = {
+    # (train TP, train PP -> engine TP, engines): what it covers
+    "llama 1,1->1,1": Case(_config("llama-tiny"), 1, 1, 1, 1),
+    "qwen3 tied qk-norm 2,1->2,2": Case(_config("qwen3-tiny"), 2, 1, 2, 2),
+    "qwen2 bias 2,1->4,1 kv-replicated": Case(_config("qwen2-tiny"), 2, 1, 4, 1),
+    "qwen2 bias 4,1->2,1": Case(_config("qwen2-tiny", num_attention_heads=8, num_key_value_heads=4), 4, 1, 2, 1),
+    "llama 2,2->2,1": Case(_config("llama-tiny"), 2, 2, 2, 1),
+    "qwen3 kv_heads=1 1,2->2,2": Case(_config("qwen3-tiny", num_key_value_heads=1, tie_word_embeddings=False), 1, 2, 2, 2),
+    "llama bf16 4,1->1,1": Case(_config("llama-tiny", num_attention_heads=8, num_key_value_heads=4, head_dim=16), 4, 1, 1, 1,
+                                dtype="bfloat16"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_two_updates_are_exact_and_reuse_channels(case):
+    results = run(case)
+    trainers = {who: r for who, r in results.items() if who.startswith("trainer")}
+    engines = {who: r for who, r in results.items() if who.startswith("engine")}
+    assert len(trainers) == case.train_tp * case.train_pp and len(engines) == case.engines * case.infer_tp
+
+    for who, result in engines.items():
+        assert result["mismatches"] == [[]] * case.updates, f"{who}: tensors differ from the reference"
+    for who, result in results.items():
+        # channels are created at connect only: the second update created none
+        assert result["groups_created"] == result["channels"] >= 1, who
+        assert result["buffer_bytes"] <= 2 * case.bucket_bytes, f"{who}: more than two buckets of buffers"
+
+    # nothing is sent twice: each engine TP rank's real bytes cross the wire once,
+    # shared by all replicas through one broadcast
+    per_engine = sum(r["real_bytes"] for who, r in engines.items() if who.startswith("engine 0 "))
+    for update in range(case.updates):
+        assert sum(r["bytes_sent"][update] for r in trainers.values()) == per_engine
+
+
+@pytest.mark.parametrize("stalled,waiting,peer_named", [
+    ("engine 0 tp0", "trainer pp0 tp0", "engine 0 tp0"),
+    ("trainer pp0 tp0", "engine 0 tp0", "trainer pp0 tp0"),
+])
+def test_a_silent_peer_times_out_naming_channel_peer_and_update(stalled, waiting, peer_named):
+    case = Case(_config("qwen3-tiny"), 1, 1, 1, 1, timeout=4.0, stall=stalled, updates=1)
+    results = run(case, allow_errors=True)
+    assert results[stalled] == {"stalled": True}
+    error, seconds = results[waiting]["error"], results[waiting]["seconds"]
+    last = error.strip().splitlines()[-1]
+    assert last.startswith("runtime.errors.TransferError: update 1: channel pp0-tp0-to-tp0:"), last
+    assert peer_named in last, last
+    assert seconds < case.timeout + 3, f"took {seconds:.1f}s for a {case.timeout}s timeout"

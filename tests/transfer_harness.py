@@ -1,0 +1,133 @@
+"""Runs a real transfer: trainer and engine ranks as separate processes over gloo.
+
+Trainer ranks hold Megatron shards cut by `tests/reference.py` from random HF
+weights; engine ranks hold plain tensors in vLLM's layout. After each update every
+engine tensor is compared, bitwise, with the reference slicing of the HF weights.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from runtime import channels
+from runtime.plan import Layout
+from runtime.transfer import Receiver, Sender
+from shardsync.local_cluster import free_port, run_ranks
+from tests import reference as ref
+
+SEEDS = (11, 23)  # one per update: the trainer's weights change between updates
+
+
+@dataclass(frozen=True)
+class Case:
+    hf_config: dict
+    train_tp: int
+    train_pp: int
+    infer_tp: int
+    engines: int
+    dtype: str = "float32"
+    bucket_bytes: int = 4096
+    updates: int = 2
+    timeout: float = 60.0
+    stall: str | None = None  # a rank that connects, then never takes part in an update
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.train_tp, self.train_pp, self.infer_tp, self.engines)
+
+    def options(self, port: int) -> dict:
+        return {"rendezvous": f"127.0.0.1:{port}", "bucket_bytes": self.bucket_bytes, "timeout": self.timeout,
+                "dtype": getattr(torch, self.dtype)}
+
+
+def run(case: Case, allow_errors: bool = False) -> dict:
+    """Run every rank of `case`; returns {who: result dict}. Raises if a rank failed,
+    unless `allow_errors` (then a failed update's result is {"error", "seconds"})."""
+    port = free_port()
+    ranks = [(f"trainer pp{pp} tp{tp}", _trainer, (case, port, pp, tp))
+             for pp in range(case.train_pp) for tp in range(case.train_tp)]
+    ranks += [(f"engine {e} tp{tp}", _engine, (case, port, e, tp))
+              for e in range(case.engines) for tp in range(case.infer_tp)]
+    collected = run_ranks(ranks, deadline_s=case.timeout * 2 + 60)
+    failed = {who: r["error"] for who, r in collected.items() if r.get("error")}
+    if failed and not allow_errors:
+        raise AssertionError("ranks failed:\n" + "\n".join(f"--- {who}\n{err}" for who, err in failed.items()))
+    return collected
+
+
+def _trainer(case: Case, port: int, pp: int, tp: int) -> dict:
+    model = ref.Model.from_hf(case.hf_config)
+    sender = Sender(case.hf_config, case.layout, pp_rank=pp, tp_rank=tp, **case.options(port))
+    sender.connect()
+    if case.stall == sender.who:
+        return _stall(case)
+    names = set(sender.plan.src_shapes[sender.src_rank])
+    reports = []
+    for seed in SEEDS[:case.updates]:
+        full = ref.megatron_full(model, ref.random_hf(model, seed), 128, case.train_tp, seed)
+        shards = {n: ref.megatron_shard(n, t, tp, case.train_tp).clone() for n, t in full.items() if n in names}
+        failed = _attempt(lambda: reports.append(sender.update(shards)))
+        if failed:
+            return failed
+    result = {
+        "groups_created": channels.GROUPS_CREATED,
+        "channels": len(sender.groups),
+        "buffer_bytes": sender.buffer_bytes,
+        "bytes_sent": [r.bytes for r in reports],
+    }
+    sender.close()
+    return result
+
+
+def _engine(case: Case, port: int, engine: int, tp: int) -> dict:
+    model = ref.Model.from_hf(case.hf_config)
+    dtype = getattr(torch, case.dtype)
+    receiver = Receiver(case.hf_config, case.layout, engine=engine, tp_rank=tp, **case.options(port),
+                        vllm_config={"forwarded": True})  # an extra keyword, as frameworks pass
+    receiver.connect()
+    if case.stall == receiver.who:
+        return _stall(case)
+    params = {name: torch.zeros(shape, dtype=dtype) for name, shape in receiver.tensor_shapes().items()}
+    mismatches = []
+    for seed in SEEDS[:case.updates]:
+        failed = _attempt(lambda: receiver.update(params))
+        if failed:
+            return failed
+        expected = ref.vllm_rank(model, ref.random_hf(model, seed), tp, case.infer_tp)
+        assert list(expected) == list(params)
+        mismatches.append([n for n, t in expected.items() if not torch.equal(params[n], t.to(dtype))])
+    element = torch.empty((), dtype=dtype).element_size()
+    result = {
+        "groups_created": channels.GROUPS_CREATED,
+        "channels": len(receiver.groups),
+        "buffer_bytes": receiver.buffer_bytes,
+        "mismatches": mismatches,
+        "real_bytes": sum(_real_numel(t, n, model, tp, case.infer_tp) for n, t in params.items()) * element,
+    }
+    receiver.close()
+    return result
+
+
+def _attempt(update) -> dict | None:
+    """Run one update; a failure becomes a result with the error and how long it took."""
+    started = time.monotonic()
+    try:
+        update()
+    except Exception:
+        return {"error": traceback.format_exc(), "seconds": time.monotonic() - started}
+    return None
+
+
+def _stall(case: Case) -> dict:
+    """Stay connected but silent, as a hung peer would, until the others gave up."""
+    time.sleep(case.timeout + 5)
+    return {"stalled": True}
+
+
+def _real_numel(tensor, name, model, tp, infer_tp) -> int:
+    rows = tensor.shape[0] - ref.vllm_padding_rows(name, model, tp, infer_tp)
+    return rows * (tensor.numel() // tensor.shape[0])
