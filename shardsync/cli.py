@@ -39,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     p.set_defaults(run=commands.plan)
 
+    p = sub.add_parser("verify", help="sync into real vLLM engines and compare with vLLM's own checkpoint loader")
+    _model_args(p)
+    p.add_argument("--engines", type=int, default=1, help="vLLM engine replicas (default 1)")
+    p.add_argument("--dtype", default="float32", help="engine dtype (default float32)")
+    p.add_argument("--updates", type=int, default=2, help="updates to run and check (default 2)")
+    p.add_argument("--partial", action="store_true", help="change only layer 0 between updates")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds any wait may take (default 300)")
+    p.add_argument("--out", default="out/verify", help="working directory for checkpoints and dumps")
+    p.set_defaults(run=commands.verify)
+
     p = sub.add_parser("demo", help="sync a model from trainer processes to engine processes, twice, and show it")
     p.add_argument("--model", default="qwen3-tiny", help="preset or config.json (default qwen3-tiny)")
     p.add_argument("--train-tp", type=int, default=2, help="trainer TP (default 2)")

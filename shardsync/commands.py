@@ -146,6 +146,16 @@ def _first_layer(table) -> str:
     return "-"
 
 
+def verify(args) -> int:
+    from shardsync.verify import run_verify
+
+    load_converter(args.model)  # refuse an unknown model before starting anything
+    result = run_verify(args.model, args.train_tp, args.train_pp, args.infer_tp, args.engines, dtype=args.dtype,
+                        updates=args.updates, out_dir=args.out, timeout=args.timeout, partial=args.partial)
+    print(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
 def demo(args) -> int:
     from shardsync.demo import run_demo
 

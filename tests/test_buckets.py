@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from runtime import boxes
 from runtime.buckets import pack, schedule, unpack
 from runtime.plan import Copy
+from runtime.targets import TensorTargets
 
 
 @st.composite
@@ -39,7 +40,7 @@ def test_schedule_moves_every_element_once_within_capacity(plan_copies, capacity
     assert all(b.numel == capacity for b in buckets[:-1]), "a bucket was closed with room left"
     for bucket in buckets:
         wire = pack(bucket, sources, buffer)
-        unpack(bucket, wire.clone(), dests)
+        unpack(bucket, wire.clone(), TensorTargets(dests))
     for c in plan_copies:
         got = dests[c.dst_tensor][boxes.as_slices(c.dst_box)]
         assert torch.equal(got, sources[c.src_tensor][boxes.as_slices(c.src_box)].double().float())

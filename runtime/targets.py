@@ -1,0 +1,43 @@
+"""Where a receiver writes: the live destination tensors of an engine rank.
+
+Plain tensors take each piece in place. Engines whose parameters are not in the
+loading format after loading (vLLM on CPU repacks linears for oneDNN) need more:
+the vLLM targets in `runtime/vllm_params.py` restore a layer's loading-format
+parameters before its first piece and re-run its post-processing after its last.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+
+class TensorTargets:
+    """Live tensors used as loaded: every piece is written straight into them."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def names(self) -> set[str]:
+        return set(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def written(self, name: str, numel: int) -> None:
+        """Called after each piece; plain tensors need nothing more."""
+
+    def begin_update(self) -> None:
+        pass
+
+    def finish_update(self) -> None:
+        pass
+
+
+def as_targets(params) -> "TensorTargets":
+    """Accept a mapping of tensors or an object with the targets interface."""
+    return params if hasattr(params, "written") else TensorTargets(params)

@@ -1,0 +1,61 @@
+"""A vLLM worker extension, for users who drive workers with `collective_rpc`.
+
+    LLM(..., worker_extension_cls="runtime.vllm_extension.ShardsyncWorkerExtension")
+    llm.collective_rpc("shardsync_init", args=({"rendezvous": "10.0.0.1:29555",
+                       "train_tp": 2, "engines": 2, "engine_index": 0},))
+    llm.collective_rpc("shardsync_update")        # once per trainer update
+    llm.collective_rpc("shardsync_close")
+
+Arguments are plain data (collective_rpc cannot carry tensors). The same
+`connect_worker` serves the registered `shardsync` weight-transfer backend.
+`shardsync_dump` writes the worker's post-processed parameters to a file, packed
+weights unpacked, for bitwise comparison with another engine (`shardsync verify`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.vllm_backend import ShardsyncInitInfo, connect_worker
+
+
+class ShardsyncWorkerExtension:
+    def shardsync_init(self, init_info: dict) -> str:
+        model = self.model_runner.get_model()
+        self._shardsync = connect_worker(model, self.vllm_config.model_config, self.vllm_config.parallel_config,
+                                         self.device, ShardsyncInitInfo(**init_info))
+        return self._shardsync[0].who
+
+    def shardsync_update(self) -> dict:
+        receiver, targets = self._shardsync
+        report = receiver.update(targets)
+        return {"update": report.update, "bytes": report.bytes, "layers_reprocessed": targets.layers_reprocessed}
+
+    def shardsync_close(self) -> None:
+        receiver, _ = getattr(self, "_shardsync", (None, None))
+        if receiver is not None:
+            receiver.close()
+
+    def shardsync_dump(self, prefix: str) -> str:
+        """Save every parameter of this worker's model, and each packed matmul as
+        the weight it computes with (its product with the identity), to
+        `{prefix}.tp{rank}.pt`; returns the path."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        path = f"{prefix}.tp{get_tensor_model_parallel_rank()}.pt"
+        torch.save(engine_state(self.model_runner.get_model()), path)
+        return path
+
+
+@torch.no_grad()
+def engine_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    state = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if callable(getattr(module, "cpu_linear", None)):
+            from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+            loading = get_layerwise_info(module).restore_metadata[0]["weight"]
+            identity = torch.eye(loading.shape[1], dtype=loading.dtype)
+            # x @ W^T with x = I gives W^T exactly: each output is one product with 1
+            state[f"{name}.weight (packed)"] = module.cpu_linear(identity, None, None).t().contiguous()
+    return state
