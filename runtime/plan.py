@@ -57,6 +57,7 @@ class Copy:
     dst_tensor: str
     dst_box: Box
     hf_name: str
+    phase: int = 0  # 0: embedding, 1 + layer: that layer, layers + 1: final norm and head
 
     @property
     def numel(self) -> int:
@@ -139,6 +140,7 @@ def build_plan(module: ModuleType, cfg, layout: Layout, dtype_bytes: int) -> Pla
             dst_tensor=need.dst_tensor,
             dst_box=boxes.translate(need.common, need.piece.hf_box, need.piece.local_box),
             hf_name=need.piece.hf_name,
+            phase=_phase(module, cfg, src_tensor),
         ))
 
     channels = tuple(
@@ -178,6 +180,15 @@ def _source_pieces(source_tables: dict[int, list]) -> dict[str, dict[Box, tuple]
                 if boxes.intersect(a, b) is not None:
                     raise PlanError(f"{hf_name}: trainer pieces {boxes.fmt(a)} and {boxes.fmt(b)} overlap without being replicas")
     return {name: {box: tuple(holders) for box, holders in by_box.items()} for name, by_box in found.items()}
+
+
+def _phase(module: ModuleType, cfg, megatron_name: str) -> int:
+    """Which part of the model a tensor belongs to, in model order: updates move
+    one phase at a time on every channel, so an engine completes layers in order."""
+    family, layer = module.resolve(megatron_name, cfg)
+    if layer is not None:
+        return 1 + layer
+    return 0 if family.stage == "first" else cfg.layers + 1
 
 
 def _source_tables(module: ModuleType, cfg, layout: Layout) -> dict[int, list]:

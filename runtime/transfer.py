@@ -64,7 +64,7 @@ class _Endpoint:
         self.group_options = group_options
         self.plan: Plan | None = None
         self.groups: dict[str, Group] = {}
-        self.schedules: dict[str, tuple[bucketing.Bucket, ...]] = {}
+        self.schedules: dict[str, dict[int, tuple[bucketing.Bucket, ...]]] = {}  # channel -> phase -> buckets
         self.buffers: list[torch.Tensor] = []
         self.updates = 0
         self._store = None
@@ -89,7 +89,7 @@ class _Endpoint:
         self.plan = build_plan(self.module, self.cfg, self.layout, elsize)
         capacity = max(1, self.bucket_bytes // elsize)
         mine = self._my_channels()
-        self.schedules = {c.name: bucketing.schedule(c.copies, capacity) for c in mine}
+        self.schedules = {c.name: _phased_schedule(c.copies, capacity) for c in mine}
         is_host = self.who == _trainer(0, 0)
         self._store = open_store(self.host, self.port, is_host, self.timeout)
         agree(self._store, self.who, self._everyone(), self.plan.digest, self._inputs(), is_host, self.timeout)
@@ -97,7 +97,7 @@ class _Endpoint:
             peers = (_trainer(channel.pp, channel.tp),) + tuple(_engine(e, channel.dst_tp) for e in range(channel.engines))
             self.groups[channel.name] = create_group(
                 self._store, channel.name, self._member(channel), peers, self.device, self.timeout, **self.group_options)
-        largest = max((b.numel for s in self.schedules.values() for b in s), default=0)
+        largest = max((b.numel for s in self.schedules.values() for bs in s.values() for b in bs), default=0)
         # two buffers, shared by this rank's channels (it serves them one at a time)
         self.buffers = [torch.empty(largest, dtype=self.dtype, device=self.device) for _ in range(2)] if largest else []
 
@@ -129,6 +129,33 @@ class _Endpoint:
     def _require_connected(self) -> None:
         if self.plan is None or self._store is None:
             raise TransferError(f"{self.who}: update before connect() (or after close())")
+
+    def _run_update(self, header, move, finish) -> tuple[ChannelReport, ...]:
+        """One update over this rank's channels: headers, then each phase (embedding,
+        layer 0, layer 1, ..., head) on every channel, then acknowledgements.
+
+        Every process walks its collectives in one global order (phase, then channel
+        in plan order), which is what keeps overlapping channels from deadlocking,
+        and lets an engine complete (and re-process) its layers one by one.
+        """
+        channels = self._my_channels()
+        seconds = {c.name: 0.0 for c in channels}
+        for channel in channels:
+            header(channel, self.groups[channel.name])
+        phases = sorted({phase for c in channels for phase in self.schedules[c.name]})
+        for phase in phases:
+            for channel in channels:
+                schedule = self.schedules[channel.name].get(phase)
+                if schedule:
+                    started = time.perf_counter()
+                    move(channel, self.groups[channel.name], phase, schedule)
+                    seconds[channel.name] += time.perf_counter() - started
+        for channel in channels:
+            started = time.perf_counter()
+            finish(channel, self.groups[channel.name])
+            seconds[channel.name] += time.perf_counter() - started
+        return tuple(ChannelReport(c.name, len(c.copies), c.numel * self.plan.dtype_bytes, seconds[c.name])
+                     for c in channels)
 
     def _ack(self) -> torch.Tensor:
         return torch.zeros(1, dtype=torch.int64, device=self.device)
@@ -172,27 +199,30 @@ class Sender(_Endpoint):
         self._require_connected()
         self._check_tensors("trainer", tensors, self.plan.src_shapes[self.src_rank])
         number = self.updates + 1
-        reports = []
-        for channel in self._my_channels():
-            group, schedule = self.groups[channel.name], self.schedules[channel.name]
-            started = time.perf_counter()
-            header = torch.tensor([number, len(schedule)], dtype=torch.int64, device=self.device)
-            group.wait(group.broadcast(header), "sending the header", number)
+
+        def send(channel: Channel, group: Group, phase: int, schedule) -> None:
             in_flight: list = []
             for index, bucket in enumerate(schedule):
                 if len(in_flight) == 2:  # the buffer about to be packed is still on the wire
-                    group.wait(in_flight.pop(0), f"sending bucket {index - 2}", number)
+                    group.wait(in_flight.pop(0), f"sending bucket {index - 2} of phase {phase}", number)
                 wire = bucketing.pack(bucket, tensors, self.buffers[index % 2])
                 in_flight.append(group.broadcast(wire))
-            for offset, work in enumerate(in_flight):
-                group.wait(work, f"sending bucket {len(schedule) - len(in_flight) + offset}", number)
+            for work in in_flight:
+                group.wait(work, f"sending the last buckets of phase {phase}", number)
+
+        def header(channel: Channel, group: Group) -> None:
+            buckets = sum(len(b) for b in self.schedules[channel.name].values())
+            group.wait(group.broadcast(torch.tensor([number, buckets], dtype=torch.int64, device=self.device)),
+                       "sending the header", number)
+
+        def finish(channel: Channel, group: Group) -> None:
             # a send completes once the bytes are on the socket: only the receivers'
             # acknowledgement says they arrived and were written
             group.wait(group.max_across(self._ack()), "waiting for the receivers' acknowledgement", number)
-            elapsed = time.perf_counter() - started
-            reports.append(ChannelReport(channel.name, len(channel.copies), channel.numel * self.plan.dtype_bytes, elapsed))
+
+        reports = self._run_update(header, send, finish)
         self.updates = number
-        return UpdateReport(number, tuple(reports))
+        return UpdateReport(number, reports)
 
 
 class Receiver(_Endpoint):
@@ -241,32 +271,35 @@ class Receiver(_Endpoint):
                             self.plan.dst_shapes[self.tp_rank])
         counting = _CountingTargets(targets)
         number = self.updates + 1
-        reports = []
         targets.begin_update()
-        for channel in self._my_channels():
-            group, schedule = self.groups[channel.name], self.schedules[channel.name]
-            started = time.perf_counter()
-            header = torch.zeros(2, dtype=torch.int64, device=self.device)
-            group.wait(group.broadcast(header), "receiving the header", number)
-            if header.tolist() != [number, len(schedule)]:
+
+        def header(channel: Channel, group: Group) -> None:
+            announced = torch.zeros(2, dtype=torch.int64, device=self.device)
+            group.wait(group.broadcast(announced), "receiving the header", number)
+            buckets = sum(len(b) for b in self.schedules[channel.name].values())
+            if announced.tolist() != [number, buckets]:
                 raise TransferError(f"update {number}: channel {channel.name}: the sender announced update "
-                                    f"{header[0].item()} with {header[1].item()} buckets; expected {len(schedule)} buckets")
+                                    f"{announced[0].item()} with {announced[1].item()} buckets; expected {buckets}")
+
+        def receive(channel: Channel, group: Group, phase: int, schedule) -> None:
             posted = [group.broadcast(self.buffers[i][:schedule[i].numel]) for i in range(min(2, len(schedule)))]
             for index, bucket in enumerate(schedule):
-                group.wait(posted[index], f"receiving bucket {index}", number)
+                group.wait(posted[index], f"receiving bucket {index} of phase {phase}", number)
                 buffer = self.buffers[index % 2]
                 bucketing.unpack(bucket, buffer, counting)
                 if index + 2 < len(schedule):
                     posted.append(group.broadcast(buffer[:schedule[index + 2].numel]))
+
+        def finish(channel: Channel, group: Group) -> None:
             group.wait(group.max_across(self._ack()), "acknowledging", number)
-            elapsed = time.perf_counter() - started
-            reports.append(ChannelReport(channel.name, len(channel.copies), channel.numel * self.plan.dtype_bytes, elapsed))
+
+        reports = self._run_update(header, receive, finish)
         if counting.counts != self.expected_numel():
             wrong = {n: (counting.counts.get(n, 0), e) for n, e in self.expected_numel().items() if counting.counts.get(n, 0) != e}
             raise TransferError(f"update {number}: {self.who}: written elements differ from the plan (written, planned): {wrong}")
         targets.finish_update()
         self.updates = number
-        return UpdateReport(number, tuple(reports))
+        return UpdateReport(number, reports)
 
 
 class _Shape:
@@ -289,6 +322,14 @@ class _CountingTargets:
     def written(self, name: str, numel: int) -> None:
         self.counts[name] = self.counts.get(name, 0) + numel
         self.targets.written(name, numel)
+
+
+def _phased_schedule(copies, capacity: int) -> dict[int, tuple[bucketing.Bucket, ...]]:
+    """Buckets per phase: a bucket never spans two phases."""
+    by_phase: dict[int, list] = {}
+    for copy in copies:
+        by_phase.setdefault(copy.phase, []).append(copy)
+    return {phase: bucketing.schedule(group, capacity) for phase, group in sorted(by_phase.items())}
 
 
 def _trainer(pp: int, tp: int) -> str:

@@ -54,7 +54,9 @@ class VllmTargets:
         for name, (layer, attr) in self.owner.items():
             if layer in self.reprocessed:
                 loading = get_layerwise_info(layer).restore_metadata[0]
-                shape = tuple(loading[attr].shape) if attr in loading else None
+                # vLLM's reload leaves a bias live (never repacked): it is written in place
+                live = getattr(layer, attr, None)
+                shape = tuple(loading[attr].shape) if attr in loading else (tuple(live.shape) if live is not None else None)
                 names_here = {n for n, (l, _) in self.owner.items() if l is layer}
                 for other in loading:
                     if f"{name.rpartition('.')[0]}.{other}" not in names_here:

@@ -33,16 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="plan a transfer and show what each channel and rank moves")
     _model_args(p)
-    p.add_argument("--engines", type=int, default=1, help="engine replicas (default 1)")
-    p.add_argument("--dtype", default="bfloat16", help="engine dtype, sizes the bytes (default bfloat16)")
+    _engine_args(p, dtype="bfloat16")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="the trainer's Megatron setting")
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     p.set_defaults(run=commands.plan)
 
     p = sub.add_parser("verify", help="sync into real vLLM engines and compare with vLLM's own checkpoint loader")
     _model_args(p)
-    p.add_argument("--engines", type=int, default=1, help="vLLM engine replicas (default 1)")
-    p.add_argument("--dtype", default="float32", help="engine dtype (default float32)")
+    _engine_args(p, dtype="float32")
     p.add_argument("--updates", type=int, default=2, help="updates to run and check (default 2)")
     p.add_argument("--partial", action="store_true", help="change only layer 0 between updates")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds any wait may take (default 300)")
@@ -65,6 +63,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-tp", type=int, default=1, help="trainer tensor-parallel size")
     p.add_argument("--train-pp", type=int, default=1, help="trainer pipeline-parallel size")
     p.add_argument("--infer-tp", type=int, default=1, help="engine tensor-parallel size")
+
+
+def _engine_args(p: argparse.ArgumentParser, dtype: str) -> None:
+    p.add_argument("--engines", type=int, default=1, help="engine replicas (default 1)")
+    p.add_argument("--dtype", default=dtype, help=f"engine dtype (default {dtype})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import queue
 import socket
+import threading
 import time
 import traceback
 from typing import Callable
@@ -20,11 +21,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(ranks: list[tuple[str, Callable, tuple]], deadline_s: float) -> dict[str, dict]:
+def run_ranks(ranks: list[tuple[str, Callable, tuple]], deadline_s: float,
+              stop: threading.Event | None = None) -> dict[str, dict]:
     """Start `fn(*args)` for each (who, fn, args) in its own process; return {who: result}.
 
     `fn` returns a dict; an exception becomes {"error": traceback}. A rank that has
-    not reported by the deadline, or died silently, raises RuntimeError naming it.
+    not reported by the deadline, or died silently, raises RuntimeError naming it;
+    setting `stop` kills the ranks still running and raises too.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -40,6 +43,8 @@ def run_ranks(ranks: list[tuple[str, Callable, tuple]], deadline_s: float) -> di
                 collected[who] = result
             except queue.Empty:
                 missing = sorted(set(procs) - set(collected))
+                if stop is not None and stop.is_set():
+                    raise RuntimeError(f"stopped while waiting for {missing}") from None
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"ranks did not finish within {deadline_s:.0f}s: {missing}") from None
                 dead = [w for w in missing if not procs[w].is_alive() and procs[w].exitcode not in (None, 0)]

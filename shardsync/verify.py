@@ -43,8 +43,8 @@ def run_verify(model: str, train_tp: int, train_pp: int, infer_tp: int, engines:
     module = generated.for_architecture(hf_config["architectures"][0])
     cfg = module.config_from_hf(hf_config)
     shapes = module.hf_shapes(cfg)
-    checkpoints = [_write_checkpoint(work / "ckpt-0", hf_config, _initial_weights(shapes, 0))]
-    weights = checkpoints and _initial_weights(shapes, 0)
+    weights = _initial_weights(shapes, 0)
+    checkpoints = [_write_checkpoint(work / "ckpt-0", hf_config, weights)]
     for update in range(1, updates + 1):
         weights = _train_step(weights, update, only_layer=0 if partial else None)
         checkpoints.append(_write_checkpoint(work / f"ckpt-{update}", hf_config, weights))
@@ -53,21 +53,49 @@ def run_verify(model: str, train_tp: int, train_pp: int, infer_tp: int, engines:
 
     port = free_port()
     trainer_results: dict = {}
+    stop = threading.Event()
     ranks = [(f"trainer pp{pp} tp{tp}", _trainer, (hf_config, layout, pp, tp, port, [str(c) for c in checkpoints[1:]],
                                                    dtype, timeout))
              for pp in range(train_pp) for tp in range(train_tp)]
-    trainers = threading.Thread(target=lambda: trainer_results.update(run_ranks(ranks, deadline_s=timeout * (updates + 2))))
+
+    def trainers_main() -> None:
+        try:
+            trainer_results.update(run_ranks(ranks, deadline_s=timeout * (updates + 2), stop=stop))
+        except RuntimeError as exc:
+            trainer_results["trainers"] = {"error": str(exc)}
+
+    trainers = threading.Thread(target=trainers_main, daemon=True)
     trainers.start()
-
-    started = time.monotonic()
-    llms = [_engine(checkpoints[0], infer_tp, dtype, backend=True) for _ in range(engines)]
-    log(f"  {engines} engine(s) started in {time.monotonic() - started:.1f} s")
-    init = {"rendezvous": f"127.0.0.1:{port}", "train_tp": train_tp, "train_pp": train_pp, "engines": engines,
-            "timeout": timeout}
-    _on_all(llms, lambda i, llm: llm.init_weight_transfer_engine({"init_info": {**init, "engine_index": i}}))
-
     result = {"ok": False, "updates": 0, "params_checked": 0, "mismatched": [], "max_abs_logprob_diff": 0.0,
               "tokens_equal": True, "channels_created": 0}
+    llms = []
+    try:
+        _check_engines(work, checkpoints, llms, infer_tp, dtype, engines, port, layout, updates, timeout, result, log)
+    except Exception as exc:  # reported in the JSON line; the trainers are stopped, never waited on
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        stop.set()
+    finally:
+        for llm in llms:
+            _shutdown(llm)
+    trainers.join(timeout=timeout)
+    failed = {who: r["error"] for who, r in trainer_results.items() if "error" in r}
+    for who, error in failed.items():
+        log(f"{who} failed:\n{error}")
+    result["channels_created"] = sum(r.get("groups_created", 0) for r in trainer_results.values())
+    result["channels_created_during_updates"] = sum(r.get("groups_during_updates", 0) for r in trainer_results.values())
+    result["ok"] = (not failed and "error" not in result and not result["mismatched"] and result["tokens_equal"]
+                    and result["updates"] == updates and result["max_abs_logprob_diff"] == 0.0
+                    and result["channels_created_during_updates"] == 0)
+    return result
+
+
+def _check_engines(work, checkpoints, llms, infer_tp, dtype, engines, port, layout, updates, timeout, result, log):
+    started = time.monotonic()
+    llms += [_engine(checkpoints[0], infer_tp, dtype, backend=True) for _ in range(engines)]
+    log(f"  {engines} engine(s) started in {time.monotonic() - started:.1f} s")
+    init = {"rendezvous": f"127.0.0.1:{port}", "train_tp": layout.train_tp, "train_pp": layout.train_pp,
+            "engines": engines, "timeout": timeout}
+    _on_all(llms, lambda i, llm: llm.init_weight_transfer_engine({"init_info": {**init, "engine_index": i}}))
     for update in range(1, updates + 1):
         started = time.monotonic()
         _on_all(llms, lambda i, llm: (llm.start_weight_update(), llm.update_weights({"update_info": {}}),
@@ -75,9 +103,11 @@ def run_verify(model: str, train_tp: int, train_pp: int, infer_tp: int, engines:
         log(f"  update {update}: sent in {time.monotonic() - started:.2f} s; loading the reference engine ...")
         reference = work / f"reference-{update}"
         ref_llm = _engine(checkpoints[update], infer_tp, dtype, backend=False)
-        ref_llm.collective_rpc("shardsync_dump", args=(str(reference),))
-        ref_out = _generate(ref_llm)
-        _shutdown(ref_llm)
+        try:
+            ref_llm.collective_rpc("shardsync_dump", args=(str(reference),))
+            ref_out = _generate(ref_llm)
+        finally:
+            _shutdown(ref_llm)
         for index, llm in enumerate(llms):
             prefix = work / f"engine{index}-{update}"
             llm.collective_rpc("shardsync_dump", args=(str(prefix),))
@@ -91,17 +121,6 @@ def run_verify(model: str, train_tp: int, train_pp: int, infer_tp: int, engines:
             log(f"  update {update} engine {index}: {checked} parameters checked, {len(mismatched)} differ, "
                 f"max |logprob diff| {diff:.2e}")
         result["updates"] = update
-    trainers.join(timeout=timeout)
-    for llm in llms:
-        _shutdown(llm)
-    failed = {who: r["error"] for who, r in trainer_results.items() if "error" in r}
-    for who, error in failed.items():
-        log(f"{who} failed:\n{error}")
-    result["channels_created"] = sum(r.get("groups_created", 0) for r in trainer_results.values())
-    result["channels_created_during_updates"] = sum(r.get("groups_during_updates", 0) for r in trainer_results.values())
-    result["ok"] = (not failed and not result["mismatched"] and result["tokens_equal"] and result["updates"] == updates
-                    and result["max_abs_logprob_diff"] == 0.0 and result["channels_created_during_updates"] == 0)
-    return result
 
 
 def _initial_weights(shapes: dict, seed: int) -> dict[str, torch.Tensor]:

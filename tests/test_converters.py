@@ -84,7 +84,8 @@ def test_wrong_shard_shape_and_unknown_names_are_refused():
 
 
 def test_every_preset_has_a_converter_and_a_valid_config():
-    assert {"qwen3-tiny", "qwen2-tiny", "llama-tiny", "qwen3-4b", "qwen3-8b", "qwen2.5-7b", "llama3-8b"} <= set(preset_names())
+    assert {"qwen3-tiny", "qwen2-tiny", "llama-tiny", "qwen3-4b", "qwen3-8b", "qwen2.5-7b", "llama3-8b",
+            "qwen3-tiny-mqa"} <= set(preset_names())
     for name in preset_names():
         hf = model_config(name)
         module = generated.for_architecture(hf["architectures"][0])

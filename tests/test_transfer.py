@@ -21,10 +21,10 @@ CASES = {
     # (train TP, train PP -> engine TP, engines): what it covers
     "llama 1,1->1,1": Case(_config("llama-tiny"), 1, 1, 1, 1),
     "qwen3 tied qk-norm 2,1->2,2": Case(_config("qwen3-tiny"), 2, 1, 2, 2),
-    "qwen2 bias 2,1->4,1 kv-replicated": Case(_config("qwen2-tiny"), 2, 1, 4, 1),
-    "qwen2 bias 4,1->2,1": Case(_config("qwen2-tiny", num_attention_heads=8, num_key_value_heads=4), 4, 1, 2, 1),
+    "qwen2 bias 2,1->4,1 kv-replicated": Case(_config("qwen2-tiny", num_key_value_heads=2), 2, 1, 4, 1),
+    "qwen2 bias 4,1->2,1": Case(_config("qwen2-tiny"), 4, 1, 2, 1),
     "llama 2,2->2,1": Case(_config("llama-tiny"), 2, 2, 2, 1),
-    "qwen3 kv_heads=1 1,2->2,2": Case(_config("qwen3-tiny", num_key_value_heads=1, tie_word_embeddings=False), 1, 2, 2, 2),
+    "qwen3 kv_heads=1 1,2->2,2": Case(_config("qwen3-tiny-mqa"), 1, 2, 2, 2),
     "llama bf16 4,1->1,1": Case(_config("llama-tiny", num_attention_heads=8, num_key_value_heads=4, head_dim=16), 4, 1, 1, 1,
                                 dtype="bfloat16"),
 }

