@@ -207,7 +207,8 @@ def plan_digest(family: str, cfg, layout: Layout, dtype_bytes: int, channels) ->
         "layout": vars(layout),
         "dtype_bytes": dtype_bytes,
         "channels": [
-            [c.src_rank, c.dst_tp, c.engines, [[x.src_tensor, x.src_box, x.dst_tensor, x.dst_box] for x in c.copies]]
+            [c.src_rank, c.dst_tp, c.engines,
+             [[x.src_tensor, x.src_box, x.dst_tensor, x.dst_box, x.phase] for x in c.copies]]
             for c in channels
         ],
     }

@@ -7,6 +7,8 @@ update with the rank's local tensors. Channels persist between updates.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -92,7 +94,10 @@ class _Endpoint:
         self.schedules = {c.name: _phased_schedule(c.copies, capacity) for c in mine}
         is_host = self.who == _trainer(0, 0)
         self._store = open_store(self.host, self.port, is_host, self.timeout)
-        agree(self._store, self.who, self._everyone(), self.plan.digest, self._inputs(), is_host, self.timeout)
+        # the plan, and what shapes the wire beyond it (bucket size, dtype): all must agree
+        inputs = self._inputs()
+        digest = hashlib.sha256((self.plan.digest + json.dumps(inputs, sort_keys=True)).encode()).hexdigest()
+        agree(self._store, self.who, self._everyone(), digest, inputs, is_host, self.timeout)
         for channel in mine:
             peers = (_trainer(channel.pp, channel.tp),) + tuple(_engine(e, channel.dst_tp) for e in range(channel.engines))
             self.groups[channel.name] = create_group(

@@ -64,3 +64,33 @@ def test_a_silent_peer_times_out_naming_channel_peer_and_update(stalled, waiting
     assert last.startswith("runtime.errors.TransferError: update 1: channel pp0-tp0-to-tp0:"), last
     assert peer_named in last, last
     assert seconds < case.timeout + 3, f"took {seconds:.1f}s for a {case.timeout}s timeout"
+
+
+
+def _connect_only(kind: str, port: int, bucket_bytes: int) -> dict:
+    from runtime.errors import PlanError
+    from runtime.transfer import Receiver, Sender
+
+    config = _config("qwen3-tiny")
+    layout = Case(config, 1, 1, 1, 1).layout
+    options = {"rendezvous": f"127.0.0.1:{port}", "bucket_bytes": bucket_bytes, "timeout": 20.0}
+    end = (Sender(config, layout, pp_rank=0, tp_rank=0, **options) if kind == "trainer"
+           else Receiver(config, layout, engine=0, tp_rank=0, **options))
+    try:
+        end.connect()
+    except PlanError as exc:
+        return {"refused": str(exc)}
+    end.close()
+    return {"refused": None}
+
+
+def test_different_bucket_sizes_are_refused_at_connect_naming_the_field():
+    """Plans that differ only in what shapes the wire must not get past connect."""
+    from shardsync.local_cluster import free_port, run_ranks
+
+    port = free_port()
+    results = run_ranks([("trainer", _connect_only, ("trainer", port, 4096)),
+                         ("engine", _connect_only, ("engine", port, 8192))], deadline_s=60)
+    for who in ("trainer", "engine"):
+        message = results[who].get("refused")
+        assert message and "bucket_bytes: trainer pp0 tp0 has 4096, engine 0 tp0 has 8192" in message, results
