@@ -39,6 +39,11 @@ class VllmTargets:
         self.model = model
         self.shapes = shapes
         self.padding = padding
+        # a parameter the plan never writes would silently keep old weights
+        unplanned = sorted(name for name, _ in model.named_parameters() if name not in shapes)
+        if unplanned:
+            raise PlanError(f"vLLM parameters no spec family writes: {unplanned[:5]}"
+                            f"{f' and {len(unplanned) - 5} more' if len(unplanned) > 5 else ''}")
         self.owner: dict[str, tuple[torch.nn.Module, str]] = {}
         self.layer_numel: dict[torch.nn.Module, int] = {}
         for name in shapes:
