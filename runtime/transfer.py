@@ -162,6 +162,10 @@ class _Endpoint:
         return tuple(ChannelReport(c.name, len(c.copies), c.numel * self.plan.dtype_bytes, seconds[c.name])
                      for c in channels)
 
+    def _bucket_count(self, channel: Channel) -> int:
+        """What the header announces: both ends derive it from the same schedule."""
+        return sum(len(buckets) for buckets in self.schedules[channel.name].values())
+
     def _ack(self) -> torch.Tensor:
         return torch.zeros(1, dtype=torch.int64, device=self.device)
 
@@ -216,7 +220,7 @@ class Sender(_Endpoint):
                 group.wait(work, f"sending the last buckets of phase {phase}", number)
 
         def header(channel: Channel, group: Group) -> None:
-            buckets = sum(len(b) for b in self.schedules[channel.name].values())
+            buckets = self._bucket_count(channel)
             group.wait(group.broadcast(torch.tensor([number, buckets], dtype=torch.int64, device=self.device)),
                        "sending the header", number)
 
@@ -242,6 +246,7 @@ class Receiver(_Endpoint):
         if not (0 <= engine < layout.engines and 0 <= tp_rank < layout.infer_tp):
             raise PlanError(f"engine {engine} tp{tp_rank} is outside engines={layout.engines}, infer_tp={layout.infer_tp}")
         self.engine, self.tp_rank = engine, tp_rank
+        self._expected: dict[str, int] | None = None  # derived from the plan on first use
 
     @property
     def who(self) -> str:
@@ -260,11 +265,14 @@ class Receiver(_Endpoint):
 
     def expected_numel(self) -> dict[str, int]:
         """Elements each destination tensor receives in an update (padding excluded)."""
-        expected: dict[str, int] = {}
-        for channel in self._my_channels():
-            for copy in channel.copies:
-                expected[copy.dst_tensor] = expected.get(copy.dst_tensor, 0) + copy.numel
-        return expected
+        if self.plan is None:
+            return {}
+        if self._expected is None:
+            self._expected = {}
+            for channel in self._my_channels():
+                for copy in channel.copies:
+                    self._expected[copy.dst_tensor] = self._expected.get(copy.dst_tensor, 0) + copy.numel
+        return self._expected
 
     def update(self, params) -> UpdateReport:
         """Receive one update into `params`, in place: a mapping of vLLM names to live
@@ -281,7 +289,7 @@ class Receiver(_Endpoint):
         def header(channel: Channel, group: Group) -> None:
             announced = torch.zeros(2, dtype=torch.int64, device=self.device)
             group.wait(group.broadcast(announced), "receiving the header", number)
-            buckets = sum(len(b) for b in self.schedules[channel.name].values())
+            buckets = self._bucket_count(channel)
             if announced.tolist() != [number, buckets]:
                 raise TransferError(f"update {number}: channel {channel.name}: the sender announced update "
                                     f"{announced[0].item()} with {announced[1].item()} buckets; expected {buckets}")
@@ -299,8 +307,9 @@ class Receiver(_Endpoint):
             group.wait(group.max_across(self._ack()), "acknowledging", number)
 
         reports = self._run_update(header, receive, finish)
-        if counting.counts != self.expected_numel():
-            wrong = {n: (counting.counts.get(n, 0), e) for n, e in self.expected_numel().items() if counting.counts.get(n, 0) != e}
+        expected = self.expected_numel()
+        if counting.counts != expected:
+            wrong = {n: (counting.counts.get(n, 0), e) for n, e in expected.items() if counting.counts.get(n, 0) != e}
             raise TransferError(f"update {number}: {self.who}: written elements differ from the plan (written, planned): {wrong}")
         targets.finish_update()
         self.updates = number

@@ -56,15 +56,17 @@ class VllmTargets:
             self.layer_numel[layer] = self.layer_numel.get(layer, 0) + expected.get(name, 0)
         self.reprocessed = {layer for layer in self.layer_numel if needs_reprocessing(layer)}
         self.aliases = _tied_aliases(model, self.owner)
+        self.params_of: dict[torch.nn.Module, list[str]] = {}  # layer -> its attrs the plan writes
+        for layer, attr in self.owner.values():
+            self.params_of.setdefault(layer, []).append(attr)
         for name, (layer, attr) in self.owner.items():
             if layer in self.reprocessed:
                 loading = get_layerwise_info(layer).restore_metadata[0]
                 # vLLM's reload leaves a bias live (never repacked): it is written in place
                 live = getattr(layer, attr, None)
                 shape = tuple(loading[attr].shape) if attr in loading else (tuple(live.shape) if live is not None else None)
-                names_here = {n for n, (l, _) in self.owner.items() if l is layer}
                 for other in loading:
-                    if f"{name.rpartition('.')[0]}.{other}" not in names_here:
+                    if other not in self.params_of[layer]:
                         raise PlanError(f"{name.rpartition('.')[0]}.{other}: a loading-format parameter the plan "
                                         f"does not write; re-processing the layer would read garbage")
             else:
@@ -90,10 +92,10 @@ class VllmTargets:
         layer, attr = self.owner[name]
         if layer in self.reprocessed and layer not in self.open:
             self.open[layer] = _restore_loading_format(layer)
-            for other, (owner, other_attr) in self.owner.items():
-                if owner is layer:
-                    for box in self.padding.get(other, ()):
-                        getattr(layer, other_attr).data[boxes.as_slices(box)] = 0
+            prefix = name.rpartition(".")[0]
+            for other_attr in self.params_of[layer]:
+                for box in self.padding.get(f"{prefix}.{other_attr}", ()):
+                    getattr(layer, other_attr).data[boxes.as_slices(box)] = 0
         return getattr(layer, attr).data
 
     def written(self, name: str, numel: int) -> None:
