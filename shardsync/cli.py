@@ -42,19 +42,33 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _engine_args(p, dtype="float32")
     p.add_argument("--updates", type=int, default=2, help="updates to run and check (default 2)")
-    p.add_argument("--partial", action="store_true", help="change only layer 0 between updates")
+    p.add_argument("--source", choices=("plain", "megatron"), default="plain",
+                   help="trainer ranks: plain tensors from a checkpoint, or a real megatron-core model (default plain)")
+    p.add_argument("--partial", action="store_true", help="change only layer 0 between updates (plain source)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds any wait may take (default 300)")
     p.add_argument("--out", default="out/verify", help="working directory for checkpoints and dumps")
     p.set_defaults(run=commands.verify)
 
-    p = sub.add_parser("demo", help="sync a model from trainer processes to engine processes, twice, and show it")
+    p = sub.add_parser("demo", help="the RL loop: megatron-core trainer -> vLLM engines on Ray, synced every step")
+    p.add_argument("--model", default="qwen3-tiny", help="preset or config.json (default qwen3-tiny)")
+    p.add_argument("--train-tp", type=int, default=2, help="trainer TP (default 2)")
+    p.add_argument("--train-pp", type=int, default=1, help="trainer PP (default 1)")
+    p.add_argument("--infer-tp", type=int, default=2, help="engine TP (default 2)")
+    p.add_argument("--engines", type=int, default=2, help="vLLM engines (default 2)")
+    p.add_argument("--steps", type=int, default=5, help="RL steps (default 5)")
+    p.add_argument("--dtype", default="float32", help="engine and wire dtype (default float32)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds any wait may take (default 300)")
+    p.add_argument("--out", default="out/demo", help="where summary.json and plot.png go (default out/demo)")
+    p.set_defaults(run=commands.demo)
+
+    p = sub.add_parser("transfer-demo", help="the transport alone: plain tensors between local processes, twice")
     p.add_argument("--model", default="qwen3-tiny", help="preset or config.json (default qwen3-tiny)")
     p.add_argument("--train-tp", type=int, default=2, help="trainer TP (default 2)")
     p.add_argument("--infer-tp", type=int, default=2, help="engine TP (default 2)")
     p.add_argument("--engines", type=int, default=2, help="engine replicas (default 2)")
     p.add_argument("--dtype", default="bfloat16", help="engine dtype (default bfloat16)")
     p.add_argument("--bucket-mb", type=float, default=1.0, help="bucket size in MiB (default 1)")
-    p.set_defaults(run=commands.demo)
+    p.set_defaults(run=commands.transfer_demo)
     return parser
 
 

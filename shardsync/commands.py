@@ -121,17 +121,22 @@ def tables(args) -> int:
     return 0
 
 
-def plan(args) -> int:
-    module, cfg = load_converter(args.model, args.make_vocab_size_divisible_by)
+def planned(args, make_vocab_size_divisible_by: int = 128):
+    """The plan for the model, layout and dtype the arguments name: a layout or dtype
+    the model cannot take is refused here, before any process starts."""
+    module, cfg = load_converter(args.model, make_vocab_size_divisible_by)
     dtype = getattr(torch, args.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise UserError(f"--dtype {args.dtype!r} is not a torch dtype (bfloat16, float16, float32)")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise UserError(f"--dtype {args.dtype!r} is not a torch float dtype (bfloat16, float16, float32)")
     try:
         layout = Layout(args.train_tp, args.train_pp, args.infer_tp, args.engines)
-        built = build_plan(module, cfg, layout, torch.empty((), dtype=dtype).element_size())
+        return build_plan(module, cfg, layout, torch.empty((), dtype=dtype).element_size())
     except (PlanError, module.ConfigError) as exc:
         raise UserError(str(exc)) from None
-    summary = summarize(built)
+
+
+def plan(args) -> int:
+    summary = summarize(planned(args, args.make_vocab_size_divisible_by))
     if args.json:
         print(json.dumps({"model": args.model, "dtype": args.dtype, **summary}, indent=2))
     else:
@@ -149,15 +154,30 @@ def _first_layer(table) -> str:
 def verify(args) -> int:
     from shardsync.verify import run_verify
 
-    load_converter(args.model)  # refuse an unknown model before starting anything
+    planned(args)  # refuse an unknown model or an impossible layout before starting anything
+    if args.source == "megatron" and args.partial:
+        raise UserError("--partial changes one layer of a plain checkpoint; a megatron-core step changes them all")
     result = run_verify(args.model, args.train_tp, args.train_pp, args.infer_tp, args.engines, dtype=args.dtype,
-                        updates=args.updates, out_dir=args.out, timeout=args.timeout, partial=args.partial)
+                        updates=args.updates, out_dir=args.out, timeout=args.timeout, partial=args.partial,
+                        source=args.source)
     print(json.dumps(result))
     return 0 if result["ok"] else 1
 
 
 def demo(args) -> int:
     from shardsync.demo import run_demo
+    from shardsync.rl_loop import LoopConfig
+
+    planned(args)
+    if args.steps < 1:
+        raise UserError("--steps must be at least 1")
+    config = LoopConfig(model=args.model, train_tp=args.train_tp, train_pp=args.train_pp, infer_tp=args.infer_tp,
+                        engines=args.engines, steps=args.steps, dtype=args.dtype, timeout=args.timeout)
+    return run_demo(config, out_dir=args.out)
+
+
+def transfer_demo(args) -> int:
+    from shardsync.transfer_demo import run_demo
 
     return run_demo(model=args.model, train_tp=args.train_tp, infer_tp=args.infer_tp, engines=args.engines,
                     dtype=args.dtype, bucket_bytes=int(args.bucket_mb * 2**20))

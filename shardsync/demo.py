@@ -1,101 +1,107 @@
-"""`shardsync demo`: a real transfer between local processes, shown channel by channel.
+"""`shardsync demo` (what `make demo` runs): the RL loop, step by step, with its evidence.
 
-Trainer ranks hold random weights cut into their Megatron shards; engine ranks hold
-plain tensors in vLLM's layout. Two updates run over the same channels; after each,
-every engine tensor is compared with the shard tables' slicing of the weights.
+Runs `shardsync.rl_loop` (megatron-core trainer ranks and vLLM engines on Ray),
+prints one row per step as it ends, and writes `summary.json` and `plot.png`. The
+train/rollout logprob gap is the end-to-end check of every sync: in float32 it must
+stay flat and tiny; a broken sync shows up as a gap that grows.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import asdict
+from pathlib import Path
 
-import torch
-
-from runtime import channels
-from runtime.plan import Layout
 from runtime.summary import human_bytes
-from runtime.tables import materialize, random_hf_tensors
-from runtime.transfer import Receiver, Sender
-from shardsync.local_cluster import free_port, run_ranks
-from shardsync.presets import model_config
+from shardsync.rl_loop import LoopConfig, RLLoop, StepRecord
 
-UPDATES = 2
+FLOAT32_BOUND = 1e-4
+_COLUMNS = f"{'step':>4} {'sync s':>8} {'moved':>10} {'|dlogp| mean':>13} {'|dlogp| max':>12} {'channels':>8} {'reward':>7}"
 
 
-def run_demo(model: str = "qwen3-tiny", train_tp: int = 2, infer_tp: int = 2, engines: int = 2,
-             dtype: str = "bfloat16", bucket_bytes: int = 1 << 20, timeout: float = 60.0) -> int:
-    hf_config = model_config(model)
-    layout = Layout(train_tp, 1, infer_tp, engines)
-    options = {"rendezvous": f"127.0.0.1:{free_port()}", "bucket_bytes": bucket_bytes, "timeout": timeout,
-               "dtype": dtype}
-    print(f"shardsync demo: {model}, trainer TP {train_tp} -> {engines} engines x TP {infer_tp} (plain tensors), "
-          f"{dtype}, buckets of {human_bytes(bucket_bytes)}")
-    ranks = [(f"trainer pp0 tp{tp}", _trainer, (hf_config, layout, tp, options)) for tp in range(train_tp)]
-    ranks += [(f"engine {e} tp{tp}", _engine, (hf_config, layout, e, tp, options))
-              for e in range(engines) for tp in range(infer_tp)]
-    print(f"starting {len(ranks)} processes (each imports torch first) ...", flush=True)
+def run_demo(config: LoopConfig, out_dir: str = "out/demo", log=print) -> int:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"shardsync demo: {config.model}, megatron-core trainer TP {config.train_tp} PP {config.train_pp} -> "
+        f"{config.engines} vLLM engine(s) x TP {config.infer_tp}, {config.dtype}, {config.steps} steps (Ray)")
+    log("starting Ray, the trainer ranks and the engines (about a minute on a small CPU machine) ...")
     started = time.monotonic()
-    results = run_ranks(ranks, deadline_s=timeout * 3)
-    failed = {who: r["error"] for who, r in results.items() if "error" in r}
-    for who, error in failed.items():
-        print(f"{who} failed:\n{error}")
-    if failed:
+    records: list[StepRecord] = []
+    initial: dict = {}
+    error = None
+    try:
+        loop = RLLoop(config, out, log=log)
+    except Exception as exc:  # noqa: BLE001 - reported in one line; Ray is already shut down
+        log(f"shardsync demo: could not start: {type(exc).__name__}: {_last_line(exc)}")
         return 1
-    trainers = [results[f"trainer pp0 tp{tp}"] for tp in range(train_tp)]
-    engine_results = [r for who, r in sorted(results.items()) if who.startswith("engine")]
-    print(f"plan {trainers[0]['plan']}: {sum(t['channels'] for t in trainers)} channels, "
-          f"connected in {max(t['connect_s'] for t in trainers):.2f} s")
-    for update in range(UPDATES):
-        print(f"\nupdate {update + 1}")
-        print(f"  {'channel':<16} {'from':<16} {'to':<16} {'copies':>6} {'bytes':>11} {'seconds':>8} {'MiB/s':>8}")
-        for trainer in trainers:
-            for name, copies, sent, seconds in trainer["reports"][update]:
-                src, dst = name.split("-to-")
-                engines_to = ",".join(str(e) for e in range(engines))
-                print(f"  {name:<16} {'trainer ' + src.replace('-', ' '):<16} {f'engine {engines_to} {dst}':<16} "
-                      f"{copies:>6} {human_bytes(sent):>11} {seconds:>8.3f} {sent / seconds / 2**20:>8.1f}")
-        exact = sum(1 for r in engine_results if not r["mismatches"][update])
-        print(f"  engine ranks exact after the update: {exact}/{len(engine_results)}")
-    at_connect = sum(r["groups_created"][0] for r in results.values())
-    during = sum(r["groups_created"][1] - r["groups_created"][0] for r in results.values())
-    print(f"\nchannel group memberships created: {at_connect} at connect, {during} during {UPDATES} updates "
-          f"(total {time.monotonic() - started:.1f} s)")
-    return 0 if all(not any(r["mismatches"]) for r in engine_results) else 1
+    try:
+        sync_s, moved, channels = loop.sync()
+        log(f"initial sync (engines start from dummy weights): {sync_s:.2f} s, {human_bytes(moved)}, "
+            f"{channels} channels created")
+        initial = {"sync_s": sync_s, "bytes": moved, "channels_created": channels}
+        _run_steps(loop, config.steps, records, log)
+    except Exception as exc:  # noqa: BLE001 - the steps so far are still written
+        error = f"{type(exc).__name__}: {_last_line(exc)}"
+        log(f"shardsync demo: stopped after {len(records)} step(s): {error}")
+    finally:
+        loop.close()
+    bound = FLOAT32_BOUND if config.dtype == "float32" else None
+    ok = error is None and (bound is None or all(r.logprob_abs_diff_max <= bound for r in records))
+    summary = {"config": asdict(config), "initial_sync": initial, "steps": [r.as_dict() for r in records],
+               "logprob_bound": bound, "ok": ok, "error": error, "seconds": time.monotonic() - started}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _plot(records, bound, out / "plot.png")
+    if records:
+        log(f"\nchannels: {initial['channels_created']} created at the first connect, "
+            f"{records[-1].channels_created - initial['channels_created']} during {len(records)} steps")
+    if bound is not None and records:
+        worst = max(r.logprob_abs_diff_max for r in records)
+        log(f"train/rollout |logprob diff|: max {worst:.2e} over all steps (bound {bound:.0e}): "
+            f"{'ok' if worst <= bound else 'EXCEEDED: a sync went wrong'}")
+    log(f"wrote {out / 'summary.json'} and {out / 'plot.png'}")
+    return 0 if ok else 1
 
 
-def _trainer(hf_config: dict, layout: Layout, tp: int, options: dict) -> dict:
-    sender = Sender(hf_config, layout, pp_rank=0, tp_rank=tp, **_with_dtype(options))
-    started = time.monotonic()
-    sender.connect()
-    connect_s = time.monotonic() - started
-    after_connect = channels.GROUPS_CREATED
-    table = sender.module.megatron_shard_table(sender.cfg, tp, layout.train_tp)
-    reports = []
-    for seed in range(UPDATES):
-        weights = random_hf_tensors(sender.module.hf_shapes(sender.cfg), seed)
-        report = sender.update(materialize(table, weights, torch.float32))
-        reports.append([(c.name, c.copies, c.bytes, c.seconds) for c in report.channels])
-    result = {"plan": sender.plan.digest[:12], "channels": len(sender.groups), "connect_s": connect_s,
-              "reports": reports, "groups_created": (after_connect, channels.GROUPS_CREATED)}
-    sender.close()
-    return result
+def _last_line(exc: Exception) -> str:
+    """Ray wraps a remote failure in its traceback: its last line says what happened."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else repr(exc)
 
 
-def _engine(hf_config: dict, layout: Layout, engine: int, tp: int, options: dict) -> dict:
-    receiver = Receiver(hf_config, layout, engine=engine, tp_rank=tp, **_with_dtype(options))
-    receiver.connect()
-    after_connect = channels.GROUPS_CREATED
-    dtype = receiver.dtype
-    params = {name: torch.zeros(shape, dtype=dtype) for name, shape in receiver.tensor_shapes().items()}
-    table = receiver.module.vllm_shard_table(receiver.cfg, tp, layout.infer_tp)
-    mismatches = []
-    for seed in range(UPDATES):
-        receiver.update(params)
-        expected = materialize(table, random_hf_tensors(receiver.module.hf_shapes(receiver.cfg), seed), dtype)
-        mismatches.append([n for n, t in expected.items() if not torch.equal(params[n], t)])
-    receiver.close()
-    return {"mismatches": mismatches, "groups_created": (after_connect, channels.GROUPS_CREATED)}
+def _run_steps(loop: RLLoop, steps: int, records: list[StepRecord], log) -> None:
+    from tqdm import tqdm
+
+    with tqdm(total=steps, desc="RL steps", unit="step", disable=None) as bar:  # no bar when not a terminal
+        bar.write(_COLUMNS)
+        for _ in range(steps):
+            record = loop.step()
+            records.append(record)
+            bar.write(f"{record.step:>4} {record.sync_s:>8.3f} {human_bytes(record.bytes):>10} "
+                      f"{record.logprob_abs_diff_mean:>13.2e} {record.logprob_abs_diff_max:>12.2e} "
+                      f"{record.channels_created:>8} {record.reward_mean:>7.3f}")
+            bar.update(1)
 
 
-def _with_dtype(options: dict) -> dict:
-    return {**options, "dtype": getattr(torch, options["dtype"])}
+def _plot(records: list[StepRecord], bound: float | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    steps = [r.step for r in records]
+    fig, (sync_ax, gap_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    sync_ax.bar(steps, [r.sync_s for r in records], color="tab:blue")
+    sync_ax.set(title="sync time per step", xlabel="step", ylabel="seconds")
+    gap_ax.plot(steps, [r.logprob_abs_diff_mean for r in records], "o-", label="mean")
+    gap_ax.plot(steps, [r.logprob_abs_diff_max for r in records], "s-", label="max")
+    if bound is not None:
+        gap_ax.axhline(bound, color="tab:red", linestyle="--", label=f"bound {bound:.0e}")
+    gap_ax.set(title="|train - rollout logprob|", xlabel="step", yscale="log")
+    for ax in (sync_ax, gap_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    gap_ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

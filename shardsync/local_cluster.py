@@ -22,12 +22,14 @@ def free_port() -> int:
 
 
 def run_ranks(ranks: list[tuple[str, Callable, tuple]], deadline_s: float,
-              stop: threading.Event | None = None) -> dict[str, dict]:
+              stop: threading.Event | None = None, fail_fast_s: float | None = None) -> dict[str, dict]:
     """Start `fn(*args)` for each (who, fn, args) in its own process; return {who: result}.
 
     `fn` returns a dict; an exception becomes {"error": traceback}. A rank that has
     not reported by the deadline, or died silently, raises RuntimeError naming it;
-    setting `stop` kills the ranks still running and raises too.
+    setting `stop` kills the ranks still running and raises too. With `fail_fast_s`,
+    ranks still running that long after one reported an error are killed and the
+    error is raised (their peers would otherwise wait out their own timeouts).
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -36,13 +38,19 @@ def run_ranks(ranks: list[tuple[str, Callable, tuple]], deadline_s: float,
         proc.start()
     collected: dict[str, dict] = {}
     deadline = time.monotonic() + deadline_s
+    first_error: float | None = None
     try:
         while len(collected) < len(procs):
             try:
                 who, result = results.get(timeout=0.5)
                 collected[who] = result
+                if "error" in result and first_error is None:
+                    first_error = time.monotonic()
             except queue.Empty:
                 missing = sorted(set(procs) - set(collected))
+                if fail_fast_s is not None and first_error is not None and time.monotonic() - first_error > fail_fast_s:
+                    errors = "\n".join(f"{w}: {r['error']}" for w, r in collected.items() if "error" in r)
+                    raise RuntimeError(f"{missing} still running {fail_fast_s:.0f}s after a rank failed:\n{errors}") from None
                 if stop is not None and stop.is_set():
                     raise RuntimeError(f"stopped while waiting for {missing}") from None
                 if time.monotonic() > deadline:

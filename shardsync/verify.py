@@ -1,8 +1,12 @@
 """`shardsync verify`: trainer ranks -> real vLLM engines, checked against vLLM's own loader.
 
-The trainer ranks (plain tensors in the Megatron layout, weights from a checkpoint
-that changes before every update) send to K real vLLM engines of TP B over
-shardsync. After each update every engine's post-processed state (packed weights
+The trainer ranks send to K real vLLM engines of TP B over shardsync. They are
+either plain tensors in the Megatron layout, cut from a checkpoint that changes
+before every update (`--source plain`), or a real megatron-core GPTModel that takes
+an optimizer step before every update (`--source megatron`): then the checkpoint is
+the seed's gather path (megatron-core's own sharded state dict, assembled on rank 0
+and converted whole), and the engines start from vLLM's dummy weights, so every
+value they hold after an update came over shardsync. After each update every engine's post-processed state (packed weights
 included) is compared bitwise with a fresh engine that loaded the same checkpoint
 from safetensors with vLLM's own loader, and greedy tokens and logprobs on a few
 prompts are compared too. The last line printed is one JSON object.
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +36,7 @@ ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobin
 
 def run_verify(model: str, train_tp: int, train_pp: int, infer_tp: int, engines: int, dtype: str = "float32",
                updates: int = 2, out_dir: str = "out/verify", timeout: float = 300.0, partial: bool = False,
-               log=print) -> dict:
+               source: str = "plain", log=print) -> dict:
     for key, value in ENGINE_ENV.items():
         os.environ.setdefault(key, value)
     hf_config = model_config(model)
@@ -42,21 +47,32 @@ def run_verify(model: str, train_tp: int, train_pp: int, infer_tp: int, engines:
 
     module = generated.for_architecture(hf_config["architectures"][0])
     cfg = module.config_from_hf(hf_config)
-    shapes = module.hf_shapes(cfg)
-    weights = _initial_weights(shapes, 0)
-    checkpoints = [_write_checkpoint(work / "ckpt-0", hf_config, weights)]
-    for update in range(1, updates + 1):
-        weights = _train_step(weights, update, only_layer=0 if partial else None)
-        checkpoints.append(_write_checkpoint(work / f"ckpt-{update}", hf_config, weights))
-    log(f"verify: {model}, trainer TP {train_tp} PP {train_pp} -> {engines} vLLM engine(s) x TP {infer_tp}, "
-        f"{dtype}, {updates} update(s){' (layer 0 only)' if partial else ''}")
-
     port = free_port()
+    if source == "megatron":
+        # written by trainer rank 0 before it sends each update; the engines start from dummy weights
+        checkpoints = [_write_checkpoint(work / "ckpt-0", hf_config, None)]
+        checkpoints += [work / f"ckpt-{update}" for update in range(1, updates + 1)]
+        dist_port = free_port()
+        ranks = [(f"trainer pp{pp} tp{tp}", _megatron_trainer,
+                  (hf_config, layout, layout.src_rank(pp, tp), dist_port, port, [str(c) for c in checkpoints[1:]],
+                   dtype, timeout))
+                 for pp in range(train_pp) for tp in range(train_tp)]
+    elif source == "plain":
+        weights = _initial_weights(module.hf_shapes(cfg), 0)
+        checkpoints = [_write_checkpoint(work / "ckpt-0", hf_config, weights)]
+        for update in range(1, updates + 1):
+            weights = _train_step(weights, update, only_layer=0 if partial else None)
+            checkpoints.append(_write_checkpoint(work / f"ckpt-{update}", hf_config, weights))
+        ranks = [(f"trainer pp{pp} tp{tp}", _trainer,
+                  (hf_config, layout, pp, tp, port, [str(c) for c in checkpoints[1:]], dtype, timeout))
+                 for pp in range(train_pp) for tp in range(train_tp)]
+    else:
+        raise ValueError(f"unknown source {source!r}: plain or megatron")
+    log(f"verify: {model}, {source} trainer TP {train_tp} PP {train_pp} -> {engines} vLLM engine(s) x TP "
+        f"{infer_tp}, {dtype}, {updates} update(s){' (layer 0 only)' if partial else ''}")
+
     trainer_results: dict = {}
     stop = threading.Event()
-    ranks = [(f"trainer pp{pp} tp{tp}", _trainer, (hf_config, layout, pp, tp, port, [str(c) for c in checkpoints[1:]],
-                                                   dtype, timeout))
-             for pp in range(train_pp) for tp in range(train_tp)]
 
     def trainers_main() -> None:
         try:
@@ -91,7 +107,8 @@ def run_verify(model: str, train_tp: int, train_pp: int, infer_tp: int, engines:
 
 def _check_engines(work, checkpoints, llms, infer_tp, dtype, engines, port, layout, updates, timeout, result, log):
     started = time.monotonic()
-    llms += [_engine(checkpoints[0], infer_tp, dtype, backend=True) for _ in range(engines)]
+    dummy = not (checkpoints[0] / "model.safetensors").exists()
+    llms += [_engine(checkpoints[0], infer_tp, dtype, backend=True, dummy=dummy) for _ in range(engines)]
     log(f"  {engines} engine(s) started in {time.monotonic() - started:.1f} s")
     init = {"rendezvous": f"127.0.0.1:{port}", "train_tp": layout.train_tp, "train_pp": layout.train_pp,
             "engines": engines, "timeout": timeout}
@@ -145,12 +162,20 @@ def _train_step(weights: dict, step: int, only_layer: int | None) -> dict[str, t
     return changed
 
 
-def _write_checkpoint(directory: Path, hf_config: dict, weights: dict) -> Path:
+def _write_checkpoint(directory: Path, hf_config: dict, weights: dict | None) -> Path:
+    """config.json and model.safetensors (config only where `weights` is None), written
+    aside and renamed into place, so a reader never sees half a checkpoint."""
     from safetensors.torch import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps({**hf_config, "torch_dtype": "float32"}, indent=2))
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / "model.safetensors"))
+    directory = Path(directory)
+    partial = directory.with_name(directory.name + ".partial")
+    for old in (directory, partial):
+        shutil.rmtree(old, ignore_errors=True)
+    partial.mkdir(parents=True)
+    (partial / "config.json").write_text(json.dumps({**hf_config, "torch_dtype": "float32"}, indent=2))
+    if weights is not None:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(partial / "model.safetensors"))
+    partial.rename(directory)
     return directory
 
 
@@ -172,11 +197,40 @@ def _trainer(hf_config, layout, pp, tp, port, checkpoints, dtype, timeout) -> di
     return {"groups_created": after_connect, "groups_during_updates": channels.GROUPS_CREATED - after_connect}
 
 
-def _engine(checkpoint: Path, infer_tp: int, dtype: str, backend: bool):
+def _megatron_trainer(hf_config, layout, rank, dist_port, port, checkpoints, dtype, timeout) -> dict:
+    """A megatron-core rank: before each update, one optimizer step on a fixed batch,
+    then the gather path writes the reference checkpoint (rank 0), then the shards go."""
+    from runtime import channels
+    from shardsync.megatron_gather import gather_hf_state
+    from shardsync.megatron_policy import PolicyRank
+
+    policy = PolicyRank(hf_config, rank, layout.src_ranks, dist_port, layout.train_tp, layout.train_pp,
+                        timeout_s=timeout)
+    source = policy.source
+    sender = source.sender(layout.infer_tp, layout.engines, rendezvous=f"127.0.0.1:{port}",
+                           dtype=getattr(torch, dtype), timeout=timeout)
+    sender.connect()
+    after_connect = channels.GROUPS_CREATED
+    generator = torch.Generator().manual_seed(7)
+    vocab = int(hf_config["vocab_size"])
+    for path in checkpoints:
+        sequences = torch.randint(0, vocab, (4, 12), generator=generator).tolist()
+        policy.train_step(sequences, [4] * len(sequences), advantages=[1.0, -0.5, 0.25, -1.0])
+        with policy.device_context():
+            full = gather_hf_state(policy.model, source.module, source.cfg)
+        if full is not None:
+            _write_checkpoint(Path(path), hf_config, full)
+        sender.update(source.tensors())
+    sender.close()
+    return {"groups_created": after_connect, "groups_during_updates": channels.GROUPS_CREATED - after_connect}
+
+
+def _engine(checkpoint: Path, infer_tp: int, dtype: str, backend: bool, dummy: bool = False):
     from vllm import LLM
     from vllm.config import WeightTransferConfig
 
     return LLM(model=str(checkpoint), skip_tokenizer_init=True, dtype=dtype, enforce_eager=True,
+               load_format="dummy" if dummy else "auto",
                tensor_parallel_size=infer_tp, max_model_len=256, seed=0,
                worker_extension_cls="runtime.vllm_extension.ShardsyncWorkerExtension",
                weight_transfer_config=WeightTransferConfig(backend="shardsync") if backend else None)

@@ -1,4 +1,4 @@
-"""`shardsync demo` (what `make demo` runs) works and says what it did."""
+"""`shardsync transfer-demo` (the transport alone) works and says what it did."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 
-def test_demo_syncs_twice_exactly_over_channels_created_once():
-    result = subprocess.run([sys.executable, "-m", "shardsync.cli", "demo"], capture_output=True, text=True, timeout=300)
+def test_transfer_demo_syncs_twice_exactly_over_channels_created_once():
+    result = subprocess.run([sys.executable, "-m", "shardsync.cli", "transfer-demo"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert out.count("engine ranks exact after the update: 4/4") == 2, out
