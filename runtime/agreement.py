@@ -26,10 +26,21 @@ def agree(store, who: str, everyone: list[str], digest: str, inputs: dict, is_re
     reference = json.loads(_get(store, REFERENCE, "the first trainer rank's plan", timeout))
     verdict = "ok" if reference["digest"] == digest else describe_difference(reference, mine)
     store.set(f"agreement/verdict/{who}", verdict)
+    refusal = None
     for other in everyone:
         theirs = _get(store, f"agreement/verdict/{other}", f"{other}'s plan check", timeout).decode()
-        if theirs != "ok":
-            raise PlanError(f"plans differ, refusing to connect: {theirs}")
+        if theirs != "ok" and refusal is None:
+            refusal = theirs
+    store.set(f"agreement/read/{who}", "1")
+    if is_reference:
+        # the store lives in this process: leaving (on a refusal) before everyone has
+        # read the verdicts would turn their refusal into a lost connection
+        try:
+            store.wait([f"agreement/read/{other}" for other in everyone], timedelta(seconds=timeout))
+        except RuntimeError:
+            pass  # a peer that never reads has its own timeout to report
+    if refusal is not None:
+        raise PlanError(f"plans differ, refusing to connect: {refusal}")
 
 
 def describe_difference(reference: dict, mine: dict) -> str:

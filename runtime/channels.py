@@ -47,6 +47,10 @@ class Group:
         options.rootTensor = 0
         return self.backend.broadcast([tensor], options)
 
+    def all_gather(self, outputs: list[torch.Tensor], tensor: torch.Tensor):
+        """Every member's `tensor` into `outputs` (one per member), on every member."""
+        return self.backend.allgather([outputs], [tensor])
+
     def max_across(self, tensor: torch.Tensor):
         options = AllreduceOptions()
         options.reduceOp = ReduceOp.MAX

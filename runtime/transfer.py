@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -19,11 +20,15 @@ import generated
 from runtime import buckets as bucketing
 from runtime.agreement import agree
 from runtime.channels import Group, create_group, open_store
+from runtime.copy_graphs import BucketCopier
 from runtime.errors import PlanError, TensorError, TransferError
+from runtime.gather_path import GatherMethod
 from runtime.plan import Channel, Layout, Plan, build_plan
 from runtime.targets import as_targets
 
 DEFAULT_BUCKET_BYTES = 64 << 20
+METHODS = ("shard", "gather")
+log = logging.getLogger("shardsync")
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,13 @@ class _Endpoint:
 
     def __init__(self, hf_config: dict, layout: Layout, *, rendezvous: str = "127.0.0.1:29555",
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout: float = 60.0, dtype: torch.dtype = torch.bfloat16,
-                 device: str | torch.device = "cpu", make_vocab_size_divisible_by: int = 128, **group_options):
+                 device: str | torch.device = "cpu", make_vocab_size_divisible_by: int = 128, method: str = "shard",
+                 overlap: bool = True, **group_options):
+        if method not in METHODS:
+            raise PlanError(f"method {method!r}: expected one of {', '.join(METHODS)}")
+        self.method = method
+        self.overlap = overlap  # pack bucket k+1 while bucket k is on the wire (off: one at a time)
+        self.gather: GatherMethod | None = None  # the baseline's state, with method="gather"
         architecture = (hf_config.get("architectures") or [None])[0]
         try:
             self.module = generated.for_architecture(architecture)
@@ -63,6 +74,7 @@ class _Endpoint:
         self.timeout = timeout
         self.dtype = dtype
         self.device = torch.device(device)
+        self.copier = BucketCopier(self.device)  # graphed on CUDA, plain foreach copies on the CPU
         self.group_options = group_options
         self.plan: Plan | None = None
         self.groups: dict[str, Group] = {}
@@ -85,7 +97,7 @@ class _Endpoint:
 
     def connect(self) -> None:
         """Plan, agree on the plan with every peer, then create this rank's channels."""
-        if self.groups:
+        if self.groups or self.gather is not None:
             return  # persistent: already connected
         elsize = torch.empty((), dtype=self.dtype).element_size()
         self.plan = build_plan(self.module, self.cfg, self.layout, elsize)
@@ -98,6 +110,11 @@ class _Endpoint:
         inputs = self._inputs()
         digest = hashlib.sha256((self.plan.digest + json.dumps(inputs, sort_keys=True)).encode()).hexdigest()
         agree(self._store, self.who, self._everyone(), digest, inputs, is_host, self.timeout)
+        if self.method == "gather":
+            self.gather = GatherMethod(self, capacity)
+            self._connect_gather(self._store)
+            log.info("%s: method gather (asked for): %s", self.who, ", ".join(self.gather.groups) or "no channel")
+            return
         for channel in mine:
             peers = (_trainer(channel.pp, channel.tp),) + tuple(_engine(e, channel.dst_tp) for e in range(channel.engines))
             self.groups[channel.name] = create_group(
@@ -105,15 +122,30 @@ class _Endpoint:
         largest = max((b.numel for s in self.schedules.values() for bs in s.values() for b in bs), default=0)
         # two buffers, shared by this rank's channels (it serves them one at a time)
         self.buffers = [torch.empty(largest, dtype=self.dtype, device=self.device) for _ in range(2)] if largest else []
+        log.info("%s: method shard (%s layout tables): %s", self.who, self.module.FAMILY,
+                 ", ".join(self.groups) or "no channel")
+
+    def _connect_gather(self, store) -> None:
+        raise NotImplementedError
 
     @property
     def buffer_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers)
+        buffers = self.gather.buffers if self.gather is not None else self.buffers
+        return sum(b.numel() * b.element_size() for b in buffers)
+
+    @property
+    def peak_temp_bytes(self) -> int:
+        """Whole tensors held beyond the buffers at any time (the gather path's; the shard
+        path packs from views and holds none)."""
+        return self.gather.peak_temp_bytes if self.gather is not None else 0
 
     def close(self) -> None:
         for group in self.groups.values():
             group.close()
         self.groups.clear()
+        if self.gather is not None:
+            self.gather.close()
+            self.gather = None
         self._store = None
 
     def _everyone(self) -> list[str]:
@@ -129,6 +161,7 @@ class _Endpoint:
             **{k: v for k, v in vars(self.layout).items()},
             "dtype": str(self.dtype).removeprefix("torch."),
             "bucket_bytes": self.bucket_bytes,
+            "method": self.method,
         }
 
     def _require_connected(self) -> None:
@@ -203,18 +236,26 @@ class Sender(_Endpoint):
     def _member(self, channel: Channel) -> int:
         return 0
 
+    def _connect_gather(self, store) -> None:
+        self.gather.connect_trainer(store, self.pp_rank, self.tp_rank, _trainer, _engine)
+
     def update(self, tensors: Mapping[str, torch.Tensor]) -> UpdateReport:
         """Send this rank's Megatron tensors (names as in its shard table) to every engine."""
         self._require_connected()
         self._check_tensors("trainer", tensors, self.plan.src_shapes[self.src_rank])
         number = self.updates + 1
+        if self.gather is not None:
+            reports = self.gather.send(self.pp_rank, self.tp_rank, tensors, number)
+            self.updates = number
+            return UpdateReport(number, tuple(ChannelReport(*r) for r in reports))
 
         def send(channel: Channel, group: Group, phase: int, schedule) -> None:
             in_flight: list = []
+            depth = 2 if self.overlap else 1
             for index, bucket in enumerate(schedule):
-                if len(in_flight) == 2:  # the buffer about to be packed is still on the wire
+                if len(in_flight) == depth:  # the buffer about to be packed is still on the wire
                     group.wait(in_flight.pop(0), f"sending bucket {index - 2} of phase {phase}", number)
-                wire = bucketing.pack(bucket, tensors, self.buffers[index % 2])
+                wire = self.copier.pack((channel.name, phase, index), bucket, tensors, self.buffers[index % 2])
                 in_flight.append(group.broadcast(wire))
             for work in in_flight:
                 group.wait(work, f"sending the last buckets of phase {phase}", number)
@@ -258,6 +299,9 @@ class Receiver(_Endpoint):
     def _member(self, channel: Channel) -> int:
         return 1 + self.engine
 
+    def _connect_gather(self, store) -> None:
+        self.gather.connect_engine(store, self.engine, self.tp_rank, _trainer, _engine)
+
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """The live tensors this rank must hand to `update`, by vLLM name."""
         return dict(self.plan.dst_shapes[self.tp_rank]) if self.plan else {
@@ -285,6 +329,20 @@ class Receiver(_Endpoint):
         counting = _CountingTargets(targets)
         number = self.updates + 1
         targets.begin_update()
+        if self.gather is not None:
+            reports = tuple(ChannelReport(*r) for r in self.gather.receive(counting, number))
+        else:
+            reports = self._receive_shards(counting, number)
+        expected = self.expected_numel()
+        if counting.counts != expected:
+            wrong = {n: (counting.counts.get(n, 0), e) for n, e in expected.items() if counting.counts.get(n, 0) != e}
+            raise TransferError(f"update {number}: {self.who}: written elements differ from the plan (written, planned): {wrong}")
+        targets.finish_update()
+        self.updates = number
+        return UpdateReport(number, reports)
+
+    def _receive_shards(self, counting, number: int) -> tuple[ChannelReport, ...]:
+        """The shard path: this rank's channels, phase by phase, written by box."""
 
         def header(channel: Channel, group: Group) -> None:
             announced = torch.zeros(2, dtype=torch.int64, device=self.device)
@@ -299,21 +357,14 @@ class Receiver(_Endpoint):
             for index, bucket in enumerate(schedule):
                 group.wait(posted[index], f"receiving bucket {index} of phase {phase}", number)
                 buffer = self.buffers[index % 2]
-                bucketing.unpack(bucket, buffer, counting)
+                self.copier.unpack((channel.name, phase, index), bucket, buffer, counting)
                 if index + 2 < len(schedule):
                     posted.append(group.broadcast(buffer[:schedule[index + 2].numel]))
 
         def finish(channel: Channel, group: Group) -> None:
             group.wait(group.max_across(self._ack()), "acknowledging", number)
 
-        reports = self._run_update(header, receive, finish)
-        expected = self.expected_numel()
-        if counting.counts != expected:
-            wrong = {n: (counting.counts.get(n, 0), e) for n, e in expected.items() if counting.counts.get(n, 0) != e}
-            raise TransferError(f"update {number}: {self.who}: written elements differ from the plan (written, planned): {wrong}")
-        targets.finish_update()
-        self.updates = number
-        return UpdateReport(number, reports)
+        return self._run_update(header, receive, finish)
 
 
 class _Shape:

@@ -36,6 +36,7 @@ class ShardsyncInitInfo(WeightTransferInitInfo):
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     timeout: float = 60.0
     make_vocab_size_divisible_by: int = 128
+    method: str = "shard"  # or "gather": the baseline, for comparisons (`shardsync bench --engine vllm`)
 
 
 @dataclass
@@ -90,14 +91,15 @@ def connect_worker(model, model_config, parallel_config, device, init_info: Shar
         model_config.hf_config.to_dict(), layout, engine=init_info.engine_index,
         tp_rank=get_tensor_model_parallel_rank(), rendezvous=init_info.rendezvous,
         bucket_bytes=init_info.bucket_bytes, timeout=init_info.timeout, dtype=model_config.dtype, device=device,
-        make_vocab_size_divisible_by=init_info.make_vocab_size_divisible_by,
+        make_vocab_size_divisible_by=init_info.make_vocab_size_divisible_by, method=init_info.method,
     )
     receiver.connect()
     table = receiver.module.vllm_shard_table(receiver.cfg, receiver.tp_rank, layout.infer_tp)
     targets = VllmTargets(model, receiver.tensor_shapes(), receiver.expected_numel(),
                           {t.name: t.padding for t in table if t.padding})
     modes = targets.mode
-    logger.info("shardsync: %s joined %d channel(s); %d parameters written in place, %d re-processed per layer",
-                receiver.who, len(receiver.groups), sum(m == "in place" for m in modes.values()),
+    channels = receiver.gather.groups if receiver.gather is not None else receiver.groups
+    logger.info("shardsync: %s (method %s) joined %d channel(s); %d parameters written in place, %d re-processed "
+                "per layer", receiver.who, receiver.method, len(channels), sum(m == "in place" for m in modes.values()),
                 sum(m != "in place" for m in modes.values()))
     return receiver, targets

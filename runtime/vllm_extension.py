@@ -6,7 +6,9 @@
     llm.collective_rpc("shardsync_update")        # once per trainer update
     llm.collective_rpc("shardsync_close")
 
-Arguments are plain data (collective_rpc cannot carry tensors). The same
+Arguments are plain data (collective_rpc cannot carry tensors). A worker may hold
+one connection per method (`"method": "gather"` in the init info connects the
+baseline too; `shardsync_update(method="gather")` uses it), for benchmarks. The same
 `connect_worker` serves the registered `shardsync` weight-transfer backend.
 `shardsync_dump` writes the worker's post-processed parameters to a file, packed
 weights unpacked, for bitwise comparison with another engine (`shardsync verify`).
@@ -22,18 +24,21 @@ from runtime.vllm_backend import ShardsyncInitInfo, connect_worker
 class ShardsyncWorkerExtension:
     def shardsync_init(self, init_info: dict) -> str:
         model = self.model_runner.get_model()
-        self._shardsync = connect_worker(model, self.vllm_config.model_config, self.vllm_config.parallel_config,
-                                         self.device, ShardsyncInitInfo(**init_info))
-        return self._shardsync[0].who
+        info = ShardsyncInitInfo(**init_info)
+        if not hasattr(self, "_shardsync"):
+            self._shardsync = {}
+        self._shardsync[info.method] = connect_worker(model, self.vllm_config.model_config,
+                                                      self.vllm_config.parallel_config, self.device, info)
+        return self._shardsync[info.method][0].who
 
-    def shardsync_update(self) -> dict:
-        receiver, targets = self._shardsync
+    def shardsync_update(self, method: str = "shard") -> dict:
+        receiver, targets = self._shardsync[method]
         report = receiver.update(targets)
-        return {"update": report.update, "bytes": report.bytes, "layers_reprocessed": targets.layers_reprocessed}
+        return {"update": report.update, "bytes": report.bytes, "layers_reprocessed": targets.layers_reprocessed,
+                "tracked_bytes": receiver.buffer_bytes + receiver.peak_temp_bytes}
 
     def shardsync_close(self) -> None:
-        receiver, _ = getattr(self, "_shardsync", (None, None))
-        if receiver is not None:
+        for receiver, _ in getattr(self, "_shardsync", {}).values():
             receiver.close()
 
     def shardsync_dump(self, prefix: str) -> str:
@@ -56,6 +61,7 @@ def engine_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
             loading = get_layerwise_info(module).restore_metadata[0]["weight"]
             identity = torch.eye(loading.shape[1], dtype=loading.dtype)
-            # x @ W^T with x = I gives W^T exactly: each output is one product with 1
-            state[f"{name}.weight (packed)"] = module.cpu_linear(identity, None, None).t().contiguous()
+            # x @ W^T with x = I gives W^T exactly: each output is one product with 1 (the weight
+            # is passed as vLLM passes it: ignored by a packed kernel, used by its torch fallback)
+            state[f"{name}.weight (packed)"] = module.cpu_linear(identity, module.weight, None).t().contiguous()
     return state

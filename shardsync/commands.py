@@ -181,3 +181,41 @@ def transfer_demo(args) -> int:
 
     return run_demo(model=args.model, train_tp=args.train_tp, infer_tp=args.infer_tp, engines=args.engines,
                     dtype=args.dtype, bucket_bytes=int(args.bucket_mb * 2**20))
+
+
+def bench_pack(args) -> int:
+    from shardsync.pack_bench import run_pack_bench
+
+    load_converter(args.model)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device here (use --device cpu)")
+    result = run_pack_bench(args.model, args.train_tp, args.infer_tp, args.device, args.src_dtype, args.wire_dtype,
+                            args.bucket_mb, args.repeat)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def bench(args) -> int:
+    from shardsync.bench import run_bench
+    from shardsync.bench_report import plot, table
+
+    planned(args)
+    if args.repeat < 1:
+        raise UserError("--repeat must be at least 1")
+    from tqdm import tqdm
+
+    with tqdm(total=2 * args.repeat, desc="updates (both methods)", unit="update", disable=None) as bar:
+        result = run_bench(args.model, args.train_tp, args.train_pp, args.infer_tp, args.engines, args.bucket_mb,
+                           args.repeat, overlap=not args.no_overlap, dtype=args.dtype, timeout=args.timeout,
+                           engine=args.engine, work_dir=args.out, progress=lambda done, total: bar.update(done - bar.n))
+    print(table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot(result, args.plot)
+    return 0 if result["engines_equal"] else 1

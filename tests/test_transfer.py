@@ -51,6 +51,48 @@ def test_two_updates_are_exact_and_reuse_channels(case):
         assert sum(r["bytes_sent"][update] for r in trainers.values()) == per_engine
 
 
+GATHER_CASES = {
+    "qwen3 tied qk-norm 2,1->2,2": Case(_config("qwen3-tiny"), 2, 1, 2, 2, method="gather"),
+    "qwen2 bias 4,1->2,1": Case(_config("qwen2-tiny"), 4, 1, 2, 1, method="gather"),
+    "llama 2,2->2,1": Case(_config("llama-tiny"), 2, 2, 2, 1, method="gather"),
+}
+
+
+@pytest.mark.parametrize("case", list(GATHER_CASES.values()), ids=list(GATHER_CASES))
+def test_the_gather_baseline_delivers_the_same_tensors_holding_whole_ones(case):
+    """method="gather" (the common path, for comparison) is exact too; its cost shows
+    in whole tensors held and in every engine rank receiving the whole stage."""
+    results = run(case)
+    for who, result in results.items():
+        assert result["groups_created"] == result["channels"] >= 1, who
+        assert result["buffer_bytes"] <= 2 * case.bucket_bytes, who
+        assert result.get("mismatches", [[]] * case.updates) == [[]] * case.updates, who
+    largest_hf = 4 * max(_numel(s) for s in _hf_shapes(case.hf_config).values())
+    for pp in range(case.train_pp):
+        assert results[f"trainer pp{pp} tp0"]["peak_temp_bytes"] >= largest_hf
+        stage_bytes = results[f"trainer pp{pp} tp0"]["bytes_sent"]
+        assert all(b > 0 for b in stage_bytes)
+        assert all(results[f"trainer pp{pp} tp{t}"]["bytes_sent"] == [0] * case.updates
+                   for t in range(1, case.train_tp))
+    for who, result in results.items():
+        if who.startswith("engine"):
+            assert result["peak_temp_bytes"] > 0, who
+
+
+def _hf_shapes(hf_config: dict) -> dict:
+    import generated
+
+    module = generated.for_architecture(hf_config["architectures"][0])
+    return module.hf_shapes(module.config_from_hf(hf_config))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 @pytest.mark.parametrize("stalled,waiting,peer_named", [
     ("engine 0 tp0", "trainer pp0 tp0", "engine 0 tp0"),
     ("trainer pp0 tp0", "engine 0 tp0", "trainer pp0 tp0"),

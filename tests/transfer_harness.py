@@ -34,6 +34,7 @@ class Case:
     updates: int = 2
     timeout: float = 60.0
     stall: str | None = None  # a rank that connects, then never takes part in an update
+    method: str = "shard"
 
     @property
     def layout(self) -> Layout:
@@ -41,7 +42,7 @@ class Case:
 
     def options(self, port: int) -> dict:
         return {"rendezvous": f"127.0.0.1:{port}", "bucket_bytes": self.bucket_bytes, "timeout": self.timeout,
-                "dtype": getattr(torch, self.dtype)}
+                "dtype": getattr(torch, self.dtype), "method": self.method}
 
 
 def run(case: Case, allow_errors: bool = False) -> dict:
@@ -75,9 +76,10 @@ def _trainer(case: Case, port: int, pp: int, tp: int) -> dict:
             return failed
     result = {
         "groups_created": channels.GROUPS_CREATED,
-        "channels": len(sender.groups),
+        "channels": len(sender.groups) + (len(sender.gather.groups) if sender.gather else 0),
         "buffer_bytes": sender.buffer_bytes,
         "bytes_sent": [r.bytes for r in reports],
+        "peak_temp_bytes": sender.peak_temp_bytes,
     }
     sender.close()
     return result
@@ -103,9 +105,10 @@ def _engine(case: Case, port: int, engine: int, tp: int) -> dict:
     element = torch.empty((), dtype=dtype).element_size()
     result = {
         "groups_created": channels.GROUPS_CREATED,
-        "channels": len(receiver.groups),
+        "channels": len(receiver.groups) + (len(receiver.gather.groups) if receiver.gather else 0),
         "buffer_bytes": receiver.buffer_bytes,
         "mismatches": mismatches,
+        "peak_temp_bytes": receiver.peak_temp_bytes,
         "real_bytes": sum(_real_numel(t, n, model, tp, case.infer_tp) for n, t in params.items()) * element,
     }
     receiver.close()

@@ -1,0 +1,41 @@
+"""`shardsync bench` runs both methods on the same processes and reports what it says.
+
+No timing is asserted (the machine is shared and noisy): only that the run is
+complete, that both methods leave the engines with the same bytes, and that the
+memory and byte counts have the shape the two methods imply.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_compares_both_methods_on_the_same_processes(tmp_path):
+    out = tmp_path / "bench.json"
+    plot = tmp_path / "bench.png"
+    command = [sys.executable, "-m", "shardsync.cli", "bench", "--model", "qwen3-tiny", "--train-tp", "2",
+               "--infer-tp", "2", "--engines", "2", "--repeat", "2", "--bucket-mb", "0.25", "--json", str(out),
+               "--plot", str(plot)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "speedup (baseline / shardsync)" in result.stdout
+    report = json.loads(out.read_text())
+    assert plot.stat().st_size > 0
+    for key in ("shardsync_s", "baseline_s", "speedup", "trainer_peak_extra_bytes", "engine_peak_extra_bytes",
+                "bytes_sent_per_trainer_rank"):
+        assert key in report, key
+    assert report["engines_equal"] is True
+    assert len(report["update_s"]["shard"]) == len(report["update_s"]["gather"]) == 2
+    bucket = report["bucket_bytes"]
+    # the shard path holds its two buffers and nothing else; the baseline holds whole tensors
+    assert all(b <= 2 * bucket for b in report["trainer_peak_extra_bytes"]["shard"])
+    assert report["trainer_peak_extra_bytes"]["gather"][0] > 2 * bucket
+    # shard to shard: both trainer ranks send; the baseline: TP rank 0 sends everything
+    shard_sent = report["bytes_sent_per_trainer_rank"]["shard"]
+    gather_sent = report["bytes_sent_per_trainer_rank"]["gather"]
+    assert min(shard_sent) > 0 and gather_sent[1] == 0
+    # the whole model either way (counted once per broadcast), but the norms, which
+    # every engine TP rank holds whole, go once per engine TP rank on the shard path
+    assert 0 < sum(shard_sent) - gather_sent[0] < 0.01 * gather_sent[0]
