@@ -132,13 +132,14 @@ class GatherMethod:
         waiting = list(stage.megatron)
         last_use = _last_bucket(stage)
         in_flight: list = []
+        depth = 2 if self.endpoint.overlap else 1
         for index, bucket in enumerate(stage.buckets):
             for entry in bucket.entries:
                 while entry.src_tensor not in full:
                     self._gather(waiting.pop(0), tensors, full, tp, number)
             if broadcast is not None:
-                if len(in_flight) == (2 if self.endpoint.overlap else 1):
-                    broadcast.wait(in_flight.pop(0), f"sending bucket {index - 2}", number)
+                if len(in_flight) == depth:
+                    broadcast.wait(in_flight.pop(0), f"sending bucket {index - depth}", number)
                 in_flight.append(broadcast.broadcast(bucketing.pack(bucket, full, self.buffers[index % 2])))
             for name in [n for n in full if last_use[n] == index]:
                 self._release(full.pop(name))

@@ -254,7 +254,7 @@ class Sender(_Endpoint):
             depth = 2 if self.overlap else 1
             for index, bucket in enumerate(schedule):
                 if len(in_flight) == depth:  # the buffer about to be packed is still on the wire
-                    group.wait(in_flight.pop(0), f"sending bucket {index - 2} of phase {phase}", number)
+                    group.wait(in_flight.pop(0), f"sending bucket {index - depth} of phase {phase}", number)
                 wire = self.copier.pack((channel.name, phase, index), bucket, tensors, self.buffers[index % 2])
                 in_flight.append(group.broadcast(wire))
             for work in in_flight:
