@@ -51,6 +51,19 @@ class Group:
         """Every member's `tensor` into `outputs` (one per member), on every member."""
         return self.backend.allgather([outputs], [tensor])
 
+    def send_header(self, update: int, buckets: int, device: torch.device) -> None:
+        """Member 0 announces the update number and how many buckets follow."""
+        self.wait(self.broadcast(torch.tensor([update, buckets], dtype=torch.int64, device=device)),
+                  "sending the header", update)
+
+    def receive_header(self, update: int, buckets: int, device: torch.device) -> None:
+        """Refuse an update whose announced number or bucket count is not the expected one."""
+        announced = torch.zeros(2, dtype=torch.int64, device=device)
+        self.wait(self.broadcast(announced), "receiving the header", update)
+        if announced.tolist() != [update, buckets]:
+            raise TransferError(f"update {update}: channel {self.name}: the sender announced update "
+                                f"{announced[0].item()} with {announced[1].item()} buckets; expected {buckets}")
+
     def max_across(self, tensor: torch.Tensor):
         options = AllreduceOptions()
         options.reduceOp = ReduceOp.MAX

@@ -22,7 +22,6 @@ from runtime import boxes
 from runtime import buckets as bucketing
 from runtime.boxes import Box
 from runtime.channels import Group, create_group
-from runtime.errors import TransferError
 
 
 @dataclass(frozen=True)
@@ -126,8 +125,7 @@ class GatherMethod:
         broadcast = self.groups.get(stage.name)
         started = time.perf_counter()
         if broadcast is not None:
-            broadcast.wait(broadcast.broadcast(torch.tensor([number, len(stage.buckets)], dtype=torch.int64,
-                                                            device=self.endpoint.device)), "sending the header", number)
+            broadcast.send_header(number, len(stage.buckets), self.endpoint.device)
         full: dict[str, torch.Tensor] = {}
         waiting = list(stage.megatron)
         last_use = _last_bucket(stage)
@@ -136,7 +134,7 @@ class GatherMethod:
         for index, bucket in enumerate(stage.buckets):
             for entry in bucket.entries:
                 while entry.src_tensor not in full:
-                    self._gather(waiting.pop(0), tensors, full, tp, number)
+                    self._gather(waiting.pop(0), stage, tensors, full, tp, number)
             if broadcast is not None:
                 if len(in_flight) == depth:
                     broadcast.wait(in_flight.pop(0), f"sending bucket {index - depth}", number)
@@ -152,7 +150,7 @@ class GatherMethod:
                      time.perf_counter() - started)]
         return [(f"gather-pp{pp}", len(stage.megatron), 0, time.perf_counter() - started)]
 
-    def _gather(self, name: str, tensors, full: dict, tp: int, number: int) -> None:
+    def _gather(self, name: str, stage: StageSchedule, tensors, full: dict, tp: int, number: int) -> None:
         """One Megatron tensor's shards from every TP rank; full HF tensors on TP rank 0.
         A name without HF tensors here (none) still takes part in the collective."""
         shard = tensors[name]
@@ -164,23 +162,17 @@ class GatherMethod:
             self._hold(sum(s.numel() * s.element_size() for s in shards))
             group.wait(group.all_gather(shards, shard.contiguous()), f"gathering {name}", number)
         if tp == 0:
-            for hf in self._hf_names(name):
+            for hf in stage.hf_of[name]:
                 full[hf] = torch.empty(self.shapes[hf], dtype=shard.dtype, device=shard.device)
                 self._hold(full[hf].numel() * full[hf].element_size())
             for rank, piece_shard in enumerate(shards):
                 for piece in self.tables[rank][name].pieces:
                     full[piece.hf_name][boxes.as_slices(piece.hf_box)] = piece_shard[boxes.as_slices(piece.local_box)]
         else:
-            for hf in self._hf_names(name):
+            for hf in stage.hf_of[name]:
                 full[hf] = None  # not held here: only TP rank 0 converts and sends
         if group is not None:
             self._release_bytes(sum(s.numel() * s.element_size() for s in shards))
-
-    def _hf_names(self, name: str) -> tuple[str, ...]:
-        for stage in self.stages:
-            if name in stage.hf_of:
-                return stage.hf_of[name]
-        raise KeyError(name)
 
     def receive(self, targets, number: int) -> list[tuple[str, int, int, float]]:
         """Every stage's buckets in order: assemble each full tensor, slice this rank's share."""
@@ -188,12 +180,7 @@ class GatherMethod:
         for stage in self.stages:
             group = self.groups[stage.name]
             started = time.perf_counter()
-            announced = torch.zeros(2, dtype=torch.int64, device=self.endpoint.device)
-            group.wait(group.broadcast(announced), "receiving the header", number)
-            if announced.tolist() != [number, len(stage.buckets)]:
-                raise TransferError(f"update {number}: channel {stage.name}: the sender announced update "
-                                    f"{announced[0].item()} with {announced[1].item()} buckets; expected "
-                                    f"{len(stage.buckets)}")
+            group.receive_header(number, len(stage.buckets), self.endpoint.device)
             remaining = {e.dst_tensor: boxes.numel(_full(self.shapes[e.dst_tensor]))
                          for b in stage.buckets for e in b.entries}
             full: dict[str, torch.Tensor] = {}

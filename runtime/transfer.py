@@ -261,9 +261,7 @@ class Sender(_Endpoint):
                 group.wait(work, f"sending the last buckets of phase {phase}", number)
 
         def header(channel: Channel, group: Group) -> None:
-            buckets = self._bucket_count(channel)
-            group.wait(group.broadcast(torch.tensor([number, buckets], dtype=torch.int64, device=self.device)),
-                       "sending the header", number)
+            group.send_header(number, self._bucket_count(channel), self.device)
 
         def finish(channel: Channel, group: Group) -> None:
             # a send completes once the bytes are on the socket: only the receivers'
@@ -345,12 +343,7 @@ class Receiver(_Endpoint):
         """The shard path: this rank's channels, phase by phase, written by box."""
 
         def header(channel: Channel, group: Group) -> None:
-            announced = torch.zeros(2, dtype=torch.int64, device=self.device)
-            group.wait(group.broadcast(announced), "receiving the header", number)
-            buckets = self._bucket_count(channel)
-            if announced.tolist() != [number, buckets]:
-                raise TransferError(f"update {number}: channel {channel.name}: the sender announced update "
-                                    f"{announced[0].item()} with {announced[1].item()} buckets; expected {buckets}")
+            group.receive_header(number, self._bucket_count(channel), self.device)
 
         def receive(channel: Channel, group: Group, phase: int, schedule) -> None:
             posted = [group.broadcast(self.buffers[i][:schedule[i].numel]) for i in range(min(2, len(schedule)))]

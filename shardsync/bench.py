@@ -116,6 +116,11 @@ def _barrier(ports, who: str, everyone: list[str], timeout: float):
     return group, store, wait
 
 
+def _order(index: int) -> tuple[str, ...]:
+    """The methods in round `index`'s order: which goes first alternates, every process alike."""
+    return METHODS if index % 2 == 0 else METHODS[::-1]
+
+
 def _everyone(layout: Layout, engine: str) -> list[str]:
     trainers = [f"trainer pp{pp} tp{tp}" for pp in range(layout.train_pp) for tp in range(layout.train_tp)]
     if engine == "vllm":  # one process per engine; its TP workers are vLLM's
@@ -136,7 +141,7 @@ def _trainer(hf_config, layout, pp, tp, ports, options, repeat, rounds, everyone
     sent = {m: 0 for m in METHODS}
     rss = {m: 0 for m in METHODS}
     for index in range(repeat):
-        for method in (METHODS if index % 2 == 0 else METHODS[::-1]):
+        for method in _order(index):
             barrier(f"{method} update {index + 1}")
             with _RssPeak() as peak:
                 started = time.perf_counter()
@@ -163,7 +168,7 @@ def _engine(hf_config, layout, engine, tp, ports, options, repeat, everyone) -> 
     rss = {m: 0 for m in METHODS}
     equal = True
     for index in range(repeat):
-        for method in (METHODS if index % 2 == 0 else METHODS[::-1]):
+        for method in _order(index):
             barrier(f"{method} update {index + 1}")
             with _RssPeak() as peak:
                 receivers[method].update(params[method])
@@ -205,7 +210,7 @@ def _vllm_engine(hf_config, layout, engine, ports, options, repeat, everyone, wo
         tracked = {m: 0 for m in METHODS}
         equal = True
         for index in range(repeat):
-            for method in (METHODS if index % 2 == 0 else METHODS[::-1]):
+            for method in _order(index):
                 barrier(f"{method} update {index + 1}")
                 reports = llm.collective_rpc("shardsync_update", kwargs={"method": method})
                 tracked[method] = max([tracked[method]] + [r["tracked_bytes"] for r in reports])
