@@ -19,7 +19,7 @@ from compiler.kinds import KINDS, Kind
 from compiler.yaml_lines import LineDict, load_yaml
 
 TOP_LEVEL = {"family": True, "architectures": True, "config": True, "derived": False, "params": True}
-PARAM_FIELDS = {"megatron": True, "split": True, "dims": True, "hf": True, "vllm": True, "when": False, "stage": False}
+PARAM_FIELDS = {"megatron": True, "split": True, "dims": True, "hf": True, "vllm": False, "when": False, "stage": False}
 CONFIG_FIELDS = {"field": True, "type": False, "default": False}
 RESERVED = {"cfg", "hf", "layer", "make_vocab_size_divisible_by"}
 STAGES = ("first", "last")
@@ -53,7 +53,7 @@ class Param:
     kind: Kind
     megatron: str
     hf: tuple[tuple[str, str], ...]  # (role, pattern); role "" for a single tensor
-    vllm: str
+    vllm: str | None  # None when the spec has no vLLM layout table
     dims: tuple[tuple[str, str], ...]  # (dim of the kind, config name)
     when: tuple[str, bool] | None  # (flag, negated)
     stage: str  # "layer", "first" or "last"
@@ -78,6 +78,12 @@ class Spec:
         """The kinds this spec uses, in the order of KINDS (stable output)."""
         used = {p.kind.name for p in self.params}
         return [kind for name, kind in KINDS.items() if name in used]
+
+    @property
+    def vllm_layout(self) -> bool:
+        """Whether the spec maps to vLLM's fused tensors (every family names one); without
+        it engines load full HF tensors with their own loader (the gather method)."""
+        return all(p.vllm is not None for p in self.params)
 
     def hf_field(self, name: str) -> str:
         """How to name a config value in an error a user reads: its HF field."""
@@ -218,10 +224,17 @@ class _Checker:
         if not isinstance(value, dict) or not value:
             self.fail(line, "params", f"expected a mapping of parameter families, got {_describe(value)}")
         params = [self.param(key, item, value.line_of(key), int_names, bool_names) for key, item in value.items()]
+        named = [key for param, key in zip(params, value) if param.vllm is not None]
+        if named and len(named) < len(params):
+            # half a table would plan some tensors and silently leave the rest to no one
+            missing = next(key for param, key in zip(params, value) if param.vllm is None)
+            self.fail(value.line_of(missing), f"params.{missing}.vllm",
+                      f"missing, but params.{named[0]} has one: give every family a vllm name, or none "
+                      f"(engines then load full HF tensors with their own loader)")
         for side in ("megatron", "vllm", "hf"):
             seen: dict[str, str] = {}
             for param, key in zip(params, value):
-                names = [n for _, n in param.hf] if side == "hf" else [getattr(param, side)]
+                names = [n for _, n in param.hf] if side == "hf" else [getattr(param, side)] * (getattr(param, side) is not None)
                 for name in names:
                     if name in seen:
                         self.fail(value.line_of(key), f"params.{key}.{side}", f"'{name}' is also the {side} name of params.{seen[name]}")
@@ -238,7 +251,7 @@ class _Checker:
         kind = KINDS[kind_name]
         megatron = self.pattern(item["megatron"], item.line_of("megatron"), f"{where}.megatron")
         layered = "{layer}" in megatron
-        vllm = self.pattern(item["vllm"], item.line_of("vllm"), f"{where}.vllm", layered)
+        vllm = self.pattern(item["vllm"], item.line_of("vllm"), f"{where}.vllm", layered) if "vllm" in item else None
         hf = self.hf_names(item["hf"], item.line_of("hf"), f"{where}.hf", kind, layered)
         dims = self.dims(item["dims"], item.line_of("dims"), f"{where}.dims", kind, int_names)
         when = None

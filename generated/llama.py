@@ -28,6 +28,7 @@ FAMILY = "llama"
 ARCHITECTURES = ("LlamaForCausalLM",)
 SPEC_SHA256 = "f0775898e64d45b7b7b75b31d2c242b47184e2b333601674b66282200d7b81d5"
 VLLM_VOCAB_MULTIPLE = 64
+VLLM_LAYOUT = True  # every family names its vLLM tensor: engines can be fed shard to shard
 
 Box = tuple[tuple[int, int], ...]
 
@@ -135,7 +136,7 @@ class Family:
 
     megatron: str
     hf: tuple[str, ...]
-    vllm: str
+    vllm: str | None  # None when the spec has no vLLM layout table
     stage: str  # "layer", "first" or "last": the pipeline stage that holds it
 
     def hf_names(self, layer: int | None) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ FAMILY = "qwen2"
 ARCHITECTURES = ("Qwen2ForCausalLM",)
 SPEC_SHA256 = "05c24fff73fe37ba20b1e10d0182ca4700ce9815af32de720e4eeabc1a5c2128"
 VLLM_VOCAB_MULTIPLE = 64
+VLLM_LAYOUT = True  # every family names its vLLM tensor: engines can be fed shard to shard
 
 Box = tuple[tuple[int, int], ...]
 
@@ -127,7 +128,7 @@ class Family:
 
     megatron: str
     hf: tuple[str, ...]
-    vllm: str
+    vllm: str | None  # None when the spec has no vLLM layout table
     stage: str  # "layer", "first" or "last": the pipeline stage that holds it
 
     def hf_names(self, layer: int | None) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ FAMILY = "qwen3"
 ARCHITECTURES = ("Qwen3ForCausalLM",)
 SPEC_SHA256 = "69928fd3c5b60f14cb763b166a9c06a836c91490b9bac7180d07803fc783402b"
 VLLM_VOCAB_MULTIPLE = 64
+VLLM_LAYOUT = True  # every family names its vLLM tensor: engines can be fed shard to shard
 
 Box = tuple[tuple[int, int], ...]
 
@@ -131,7 +132,7 @@ class Family:
 
     megatron: str
     hf: tuple[str, ...]
-    vllm: str
+    vllm: str | None  # None when the spec has no vLLM layout table
     stage: str  # "layer", "first" or "last": the pipeline stage that holds it
 
     def hf_names(self, layer: int | None) -> tuple[str, ...]:

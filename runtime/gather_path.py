@@ -4,7 +4,8 @@ Per pipeline stage, every trainer TP rank all-gathers each tensor's TP shards ov
 the stage's TP group; TP rank 0 turns them into full HF tensors, packs those in
 model order into buckets of the same size as the shard path's and broadcasts each
 bucket to every engine rank, which assembles each full tensor and slices its own
-shard from it. Same transport (groups over the same store), same bucket size, same
+shard from it (by the spec's vLLM table), or, for a spec without one, hands it to
+the engine's own loader (`load_weights`, as vLLM models have). Same transport (groups over the same store), same bucket size, same
 cast while packing: a comparison with the shard path is a comparison of methods.
 
 Whole tensors are held at the sender and at every receiver: `peak_temp_bytes`
@@ -13,6 +14,8 @@ records the most held at once (gathered shards and full tensors).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 
@@ -22,6 +25,7 @@ from runtime import boxes
 from runtime import buckets as bucketing
 from runtime.boxes import Box
 from runtime.channels import Group, create_group
+from runtime.errors import TransferError
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,14 @@ class GatherMethod:
         self._held = 0
         largest = max((b.numel for s in self.stages for b in s.buckets), default=0)
         self.buffers = [torch.empty(largest, dtype=endpoint.dtype, device=endpoint.device) for _ in range(2)]
+        self.elsize = self.buffers[0].element_size()
+
+    @property
+    def digest(self) -> str:
+        """What every endpoint must have scheduled alike: each bucket's tensors and boxes."""
+        body = [[s.stage, [[(e.dst_tensor, e.dst_box, e.offset) for e in b.entries] for b in s.buckets]]
+                for s in self.stages]
+        return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
 
     # -- set-up -----------------------------------------------------------------------
 
@@ -97,9 +109,10 @@ class GatherMethod:
         for stage in self.stages:
             self._join_broadcast(store, stage.stage, 1 + engine * ep.layout.infer_tp + tp, trainer_name, engine_name)
         self.pieces: dict[str, list] = {}  # HF name -> (vLLM tensor, piece) of this engine rank
-        for local in ep.module.vllm_shard_table(ep.cfg, tp, ep.layout.infer_tp):
-            for piece in local.pieces:
-                self.pieces.setdefault(piece.hf_name, []).append((local.name, piece))
+        if ep.module.VLLM_LAYOUT:
+            for local in ep.module.vllm_shard_table(ep.cfg, tp, ep.layout.infer_tp):
+                for piece in local.pieces:
+                    self.pieces.setdefault(piece.hf_name, []).append((local.name, piece))
 
     def _join_broadcast(self, store, pp: int, member: int, trainer_name, engine_name) -> None:
         ep, layout = self.endpoint, self.endpoint.layout
@@ -146,7 +159,7 @@ class GatherMethod:
                 broadcast.wait(work, "sending the last buckets", number)
             ack = torch.zeros(1, dtype=torch.int64, device=self.endpoint.device)
             broadcast.wait(broadcast.max_across(ack), "waiting for the receivers' acknowledgement", number)
-            return [(stage.name, len(stage.megatron), stage.numel * self.endpoint.plan.dtype_bytes,
+            return [(stage.name, len(stage.megatron), stage.numel * self.elsize,
                      time.perf_counter() - started)]
         return [(f"gather-pp{pp}", len(stage.megatron), 0, time.perf_counter() - started)]
 
@@ -176,7 +189,29 @@ class GatherMethod:
 
     def receive(self, targets, number: int) -> list[tuple[str, int, int, float]]:
         """Every stage's buckets in order: assemble each full tensor, slice this rank's share."""
-        reports = []
+        reports: list = []
+        for hf_name, tensor in self._full_tensors(number, reports):
+            self._slice(hf_name, tensor, targets)
+        return reports
+
+    def load(self, loader, number: int) -> list[tuple[str, int, int, float]]:
+        """Every full tensor, as it completes, through the engine's own loader. The stream
+        is drained whatever the loader does, so the channels stay in step for the next
+        update; a loader that stopped early fails the update."""
+        reports: list = []
+        stream = self._full_tensors(number, reports)
+        try:
+            loader.load_weights(stream)
+        finally:
+            left = [hf_name for hf_name, _ in stream]  # a loader that raised: the peers still finish
+        if left:
+            raise TransferError(f"update {number}: {self.endpoint.who}: the engine's loader stopped before taking "
+                                f"{len(left)} tensor(s), first {left[0]}")
+        return reports
+
+    def _full_tensors(self, number: int, reports: list):
+        """Yield (HF name, full tensor) as each tensor's last bucket arrives; a yielded
+        tensor is released once the consumer asks for the next one."""
         for stage in self.stages:
             group = self.groups[stage.name]
             started = time.perf_counter()
@@ -197,20 +232,20 @@ class GatherMethod:
                     full[entry.dst_tensor][boxes.as_slices(entry.dst_box)] = source
                     remaining[entry.dst_tensor] -= entry.numel
                     if remaining[entry.dst_tensor] == 0:
-                        self._slice(entry.dst_tensor, full.pop(entry.dst_tensor), targets)
+                        tensor = full.pop(entry.dst_tensor)
+                        yield entry.dst_tensor, tensor
+                        self._release(tensor)
                 if index + 2 < len(stage.buckets):
                     posted.append(group.broadcast(buffer[:stage.buckets[index + 2].numel]))
             ack = torch.zeros(1, dtype=torch.int64, device=self.endpoint.device)
             group.wait(group.max_across(ack), "acknowledging", number)
-            reports.append((stage.name, len(stage.megatron), stage.numel * self.endpoint.plan.dtype_bytes,
+            reports.append((stage.name, len(stage.megatron), stage.numel * self.elsize,
                             time.perf_counter() - started))
-        return reports
 
     def _slice(self, hf_name: str, tensor: torch.Tensor, targets) -> None:
         for local_name, piece in self.pieces.get(hf_name, ()):
             targets.tensor(local_name)[boxes.as_slices(piece.local_box)] = tensor[boxes.as_slices(piece.hf_box)]
             targets.written(local_name, boxes.numel(piece.local_box))
-        self._release(tensor)
 
     # -- what is held -----------------------------------------------------------------
 

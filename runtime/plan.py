@@ -103,6 +103,9 @@ class Plan:
 
 def build_plan(module: ModuleType, cfg, layout: Layout, dtype_bytes: int) -> Plan:
     """Intersect every trainer rank's Megatron pieces with every engine rank's vLLM pieces."""
+    if not module.VLLM_LAYOUT:
+        raise PlanError(f"the {module.FAMILY} spec has no vLLM layout table, so there is no shard-to-shard plan; "
+                        f"updates use the gather method (full HF tensors through the engine's own loader)")
     source_tables = _source_tables(module, cfg, layout)
     sources = _source_pieces(source_tables)
     engine_tables = {s: module.vllm_shard_table(cfg, s, layout.infer_tp) for s in range(layout.infer_tp)}

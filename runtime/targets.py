@@ -41,3 +41,30 @@ class TensorTargets:
 def as_targets(params) -> "TensorTargets":
     """Accept a mapping of tensors or an object with the targets interface."""
     return params if hasattr(params, "written") else TensorTargets(params)
+
+
+class HFTensors:
+    """A loader over plain full HF tensors: each arriving tensor is copied into place.
+
+    The stand-in for an engine's own loader where there is no engine (tests, tools);
+    every tensor must arrive exactly once, with the shape it has here.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def load_weights(self, weights) -> set[str]:
+        loaded = set()
+        for name, tensor in weights:
+            if name not in self.tensors:
+                raise KeyError(f"{name}: not a tensor of this engine")
+            if name in loaded:
+                raise ValueError(f"{name}: arrived twice in one update")
+            self.tensors[name].copy_(tensor)
+            loaded.add(name)
+        return loaded
+
+
+def as_loader(params):
+    """Accept an engine loader (anything with `load_weights`) or a mapping of HF tensors."""
+    return params if hasattr(params, "load_weights") else HFTensors(params)

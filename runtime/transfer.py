@@ -24,10 +24,10 @@ from runtime.copy_graphs import BucketCopier
 from runtime.errors import PlanError, TensorError, TransferError
 from runtime.gather_path import GatherMethod
 from runtime.plan import Channel, Layout, Plan, build_plan
-from runtime.targets import as_targets
+from runtime.targets import as_loader, as_targets
 
 DEFAULT_BUCKET_BYTES = 64 << 20
-METHODS = ("shard", "gather")
+METHODS = ("auto", "shard", "gather")
 log = logging.getLogger("shardsync")
 
 
@@ -54,18 +54,16 @@ class _Endpoint:
 
     def __init__(self, hf_config: dict, layout: Layout, *, rendezvous: str = "127.0.0.1:29555",
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout: float = 60.0, dtype: torch.dtype = torch.bfloat16,
-                 device: str | torch.device = "cpu", make_vocab_size_divisible_by: int = 128, method: str = "shard",
+                 device: str | torch.device = "cpu", make_vocab_size_divisible_by: int = 128, method: str = "auto",
                  overlap: bool = True, **group_options):
-        if method not in METHODS:
-            raise PlanError(f"method {method!r}: expected one of {', '.join(METHODS)}")
-        self.method = method
-        self.overlap = overlap  # pack bucket k+1 while bucket k is on the wire (off: one at a time)
-        self.gather: GatherMethod | None = None  # the baseline's state, with method="gather"
         architecture = (hf_config.get("architectures") or [None])[0]
         try:
             self.module = generated.for_architecture(architecture)
         except KeyError as exc:
             raise PlanError(str(exc.args[0])) from None
+        self.method, self.method_reason = _choose_method(method, self.module)
+        self.overlap = overlap  # pack bucket k+1 while bucket k is on the wire (off: one at a time)
+        self.gather: GatherMethod | None = None  # the baseline's state, with method="gather"
         self.cfg = self.module.config_from_hf(hf_config, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
         self.layout = layout
         host, _, port = rendezvous.rpartition(":")
@@ -100,21 +98,27 @@ class _Endpoint:
         if self.groups or self.gather is not None:
             return  # persistent: already connected
         elsize = torch.empty((), dtype=self.dtype).element_size()
-        self.plan = build_plan(self.module, self.cfg, self.layout, elsize)
         capacity = max(1, self.bucket_bytes // elsize)
-        mine = self._my_channels()
-        self.schedules = {c.name: _phased_schedule(c.copies, capacity) for c in mine}
+        # without a vLLM layout table there is nothing to plan shard to shard: the
+        # gather method's schedule (full HF tensors in model order) is the plan
+        plan = build_plan(self.module, self.cfg, self.layout, elsize) if self.module.VLLM_LAYOUT else None
+        gather = GatherMethod(self, capacity) if self.method == "gather" else None
         is_host = self.who == _trainer(0, 0)
         self._store = open_store(self.host, self.port, is_host, self.timeout)
         # the plan, and what shapes the wire beyond it (bucket size, dtype): all must agree
         inputs = self._inputs()
-        digest = hashlib.sha256((self.plan.digest + json.dumps(inputs, sort_keys=True)).encode()).hexdigest()
+        planned = plan.digest if plan is not None else gather.digest
+        digest = hashlib.sha256((planned + json.dumps(inputs, sort_keys=True)).encode()).hexdigest()
         agree(self._store, self.who, self._everyone(), digest, inputs, is_host, self.timeout)
-        if self.method == "gather":
-            self.gather = GatherMethod(self, capacity)
+        self.plan = plan
+        if gather is not None:
+            self.gather = gather
             self._connect_gather(self._store)
-            log.info("%s: method gather (asked for): %s", self.who, ", ".join(self.gather.groups) or "no channel")
+            log.info("%s: method gather (%s): %s", self.who, self.method_reason,
+                     ", ".join(self.gather.groups) or "no channel")
             return
+        mine = self._my_channels()
+        self.schedules = {c.name: _phased_schedule(c.copies, capacity) for c in mine}
         for channel in mine:
             peers = (_trainer(channel.pp, channel.tp),) + tuple(_engine(e, channel.dst_tp) for e in range(channel.engines))
             self.groups[channel.name] = create_group(
@@ -122,8 +126,7 @@ class _Endpoint:
         largest = max((b.numel for s in self.schedules.values() for bs in s.values() for b in bs), default=0)
         # two buffers, shared by this rank's channels (it serves them one at a time)
         self.buffers = [torch.empty(largest, dtype=self.dtype, device=self.device) for _ in range(2)] if largest else []
-        log.info("%s: method shard (%s layout tables): %s", self.who, self.module.FAMILY,
-                 ", ".join(self.groups) or "no channel")
+        log.info("%s: method shard (%s): %s", self.who, self.method_reason, ", ".join(self.groups) or "no channel")
 
     def _connect_gather(self, store) -> None:
         raise NotImplementedError
@@ -157,6 +160,7 @@ class _Endpoint:
         """What both sides must agree on, by field, for a readable refusal."""
         return {
             "family": self.module.FAMILY,
+            "spec_sha256": self.module.SPEC_SHA256,
             **{f"config.{k}": v for k, v in vars(self.cfg).items()},
             **{k: v for k, v in vars(self.layout).items()},
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -165,7 +169,7 @@ class _Endpoint:
         }
 
     def _require_connected(self) -> None:
-        if self.plan is None or self._store is None:
+        if self._store is None or (self.plan is None and self.gather is None):
             raise TransferError(f"{self.who}: update before connect() (or after close())")
 
     def _run_update(self, header, move, finish) -> tuple[ChannelReport, ...]:
@@ -239,10 +243,16 @@ class Sender(_Endpoint):
     def _connect_gather(self, store) -> None:
         self.gather.connect_trainer(store, self.pp_rank, self.tp_rank, _trainer, _engine)
 
+    def local_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The Megatron tensors this rank must hand to `update`, by name."""
+        table = self.module.megatron_shard_table(self.cfg, self.tp_rank, self.layout.train_tp, self.pp_rank,
+                                                 self.layout.train_pp)
+        return {local.name: tuple(local.shape) for local in table}
+
     def update(self, tensors: Mapping[str, torch.Tensor]) -> UpdateReport:
         """Send this rank's Megatron tensors (names as in its shard table) to every engine."""
         self._require_connected()
-        self._check_tensors("trainer", tensors, self.plan.src_shapes[self.src_rank])
+        self._check_tensors("trainer", tensors, self.local_shapes())
         number = self.updates + 1
         if self.gather is not None:
             reports = self.gather.send(self.pp_rank, self.tp_rank, tensors, number)
@@ -300,8 +310,16 @@ class Receiver(_Endpoint):
     def _connect_gather(self, store) -> None:
         self.gather.connect_engine(store, self.engine, self.tp_rank, _trainer, _engine)
 
+    @property
+    def loads_full_tensors(self) -> bool:
+        """No vLLM layout table: updates hand full HF tensors to the engine's own loader."""
+        return not self.module.VLLM_LAYOUT
+
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The live tensors this rank must hand to `update`, by vLLM name."""
+        """The live tensors this rank must hand to `update`: by vLLM name, or by HF
+        name (full tensors) for a spec without a vLLM layout table."""
+        if self.loads_full_tensors:
+            return self.module.hf_shapes(self.cfg)
         return dict(self.plan.dst_shapes[self.tp_rank]) if self.plan else {
             t.name: tuple(t.shape) for t in self.module.vllm_shard_table(self.cfg, self.tp_rank, self.layout.infer_tp)}
 
@@ -319,13 +337,22 @@ class Receiver(_Endpoint):
     def update(self, params) -> UpdateReport:
         """Receive one update into `params`, in place: a mapping of vLLM names to live
         tensors, or targets with the interface of `runtime.targets.TensorTargets`.
-        Every element the plan sends is counted as written, or the update fails."""
+        Every element the plan sends is counted as written, or the update fails.
+
+        For a spec without a vLLM layout table, `params` is the engine's loader (an
+        object with `load_weights(iterable of (hf_name, tensor))`, as vLLM models
+        have) or a mapping of HF names to full tensors; each full tensor is handed
+        over as soon as its last bucket arrives."""
         self._require_connected()
+        number = self.updates + 1
+        if self.loads_full_tensors:
+            reports = tuple(ChannelReport(*r) for r in self.gather.load(as_loader(params), number))
+            self.updates = number
+            return UpdateReport(number, reports)
         targets = as_targets(params)
         self._check_tensors("engine", {n: _Shape(targets.shape(n)) for n in targets.names()},
                             self.plan.dst_shapes[self.tp_rank])
         counting = _CountingTargets(targets)
-        number = self.updates + 1
         targets.begin_update()
         if self.gather is not None:
             reports = tuple(ChannelReport(*r) for r in self.gather.receive(counting, number))
@@ -380,6 +407,20 @@ class _CountingTargets:
     def written(self, name: str, numel: int) -> None:
         self.counts[name] = self.counts.get(name, 0) + numel
         self.targets.written(name, numel)
+
+
+def _choose_method(method: str, module) -> tuple[str, str]:
+    """(method, why): the shard path wherever the spec has a vLLM layout table."""
+    if method not in METHODS:
+        raise PlanError(f"method {method!r}: expected one of {', '.join(METHODS)}")
+    if method == "auto":
+        if module.VLLM_LAYOUT:
+            return "shard", f"{module.FAMILY} layout tables"
+        return "gather", f"the {module.FAMILY} spec has no vLLM layout table; the engine's loader takes full tensors"
+    if method == "shard" and not module.VLLM_LAYOUT:
+        raise PlanError(f"method 'shard' needs a vLLM layout table and the {module.FAMILY} spec names no vllm "
+                        f"tensors: add them, or use method 'auto' or 'gather'")
+    return method, "asked for"
 
 
 def _phased_schedule(copies, capacity: int) -> dict[int, tuple[bucketing.Bucket, ...]]:

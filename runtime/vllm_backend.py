@@ -19,6 +19,7 @@ from vllm.distributed.weight_transfer.base import WeightTransferEngine, WeightTr
 
 from runtime.plan import Layout
 from runtime.transfer import DEFAULT_BUCKET_BYTES, Receiver
+from runtime.vllm_loader import VllmLoader
 from runtime.vllm_params import VllmTargets
 
 logger = logging.getLogger("shardsync")
@@ -36,7 +37,7 @@ class ShardsyncInitInfo(WeightTransferInitInfo):
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     timeout: float = 60.0
     make_vocab_size_divisible_by: int = 128
-    method: str = "shard"  # or "gather": the baseline, for comparisons (`shardsync bench --engine vllm`)
+    method: str = "auto"  # shard where the spec has a vLLM layout table, else gather; "gather" forces the baseline
 
 
 @dataclass
@@ -94,11 +95,15 @@ def connect_worker(model, model_config, parallel_config, device, init_info: Shar
         make_vocab_size_divisible_by=init_info.make_vocab_size_divisible_by, method=init_info.method,
     )
     receiver.connect()
+    channels = receiver.gather.groups if receiver.gather is not None else receiver.groups
+    if receiver.loads_full_tensors:
+        logger.info("shardsync: %s (method %s) joined %d channel(s); full HF tensors go through vLLM's own loader",
+                    receiver.who, receiver.method, len(channels))
+        return receiver, VllmLoader(model, model_config)
     table = receiver.module.vllm_shard_table(receiver.cfg, receiver.tp_rank, layout.infer_tp)
     targets = VllmTargets(model, receiver.tensor_shapes(), receiver.expected_numel(),
                           {t.name: t.padding for t in table if t.padding})
     modes = targets.mode
-    channels = receiver.gather.groups if receiver.gather is not None else receiver.groups
     logger.info("shardsync: %s (method %s) joined %d channel(s); %d parameters written in place, %d re-processed "
                 "per layer", receiver.who, receiver.method, len(channels), sum(m == "in place" for m in modes.values()),
                 sum(m != "in place" for m in modes.values()))

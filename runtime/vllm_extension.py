@@ -27,14 +27,19 @@ class ShardsyncWorkerExtension:
         info = ShardsyncInitInfo(**init_info)
         if not hasattr(self, "_shardsync"):
             self._shardsync = {}
-        self._shardsync[info.method] = connect_worker(model, self.vllm_config.model_config,
-                                                      self.vllm_config.parallel_config, self.device, info)
-        return self._shardsync[info.method][0].who
+        receiver, targets = connect_worker(model, self.vllm_config.model_config, self.vllm_config.parallel_config,
+                                           self.device, info)
+        self._shardsync[receiver.method] = receiver, targets  # keyed by the method chosen ("auto" resolved)
+        return receiver.who
 
-    def shardsync_update(self, method: str = "shard") -> dict:
-        receiver, targets = self._shardsync[method]
+    def shardsync_update(self, method: str | None = None) -> dict:
+        """One update; `method` picks a connection where a worker holds more than one."""
+        if method is None and len(self._shardsync) == 1:
+            method = next(iter(self._shardsync))
+        receiver, targets = self._shardsync[method or "shard"]
         report = receiver.update(targets)
-        return {"update": report.update, "bytes": report.bytes, "layers_reprocessed": targets.layers_reprocessed,
+        return {"update": report.update, "bytes": report.bytes,
+                "layers_reprocessed": getattr(targets, "layers_reprocessed", None),  # None: vLLM's loader did it
                 "tracked_bytes": receiver.buffer_bytes + receiver.peak_temp_bytes}
 
     def shardsync_close(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shardsync import commands
+from shardsync import commands, log_lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +116,7 @@ def _engine_args(p: argparse.ArgumentParser, dtype: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log_lines.show()
     try:
         return args.run(args) or 0
     except commands.UserError as exc:

@@ -86,6 +86,9 @@ def load_converter(model: str, make_vocab_size_divisible_by: int = 128):
 
 def tables(args) -> int:
     module, cfg = load_converter(args.model)
+    if not module.VLLM_LAYOUT:
+        raise UserError(f"{args.model}: the {module.FAMILY} spec has no vLLM layout table (no vllm names): "
+                        f"nothing to show; engines load full HF tensors")
     try:
         source = module.megatron_shard_table(cfg, args.rank, args.train_tp, 0, args.train_pp)
         engines = [module.vllm_shard_table(cfg, s, args.infer_tp) for s in range(args.infer_tp)]
@@ -135,6 +138,23 @@ def planned(args, make_vocab_size_divisible_by: int = 128):
         raise UserError(str(exc)) from None
 
 
+def checked(args):
+    """Refuse an unknown model or an impossible layout before anything starts: the shard
+    plan where the spec has a vLLM layout table (None where it has none: then the trainer
+    side's tables are what can be checked; the engine's loader checks its own)."""
+    module, cfg = load_converter(args.model)
+    if module.VLLM_LAYOUT:
+        return planned(args)
+    try:
+        layout = Layout(args.train_tp, args.train_pp, args.infer_tp, args.engines)
+        for pp in range(layout.train_pp):
+            for tp in range(layout.train_tp):
+                module.megatron_shard_table(cfg, tp, layout.train_tp, pp, layout.train_pp)
+    except (PlanError, module.ConfigError) as exc:
+        raise UserError(str(exc)) from None
+    return None
+
+
 def plan(args) -> int:
     summary = summarize(planned(args, args.make_vocab_size_divisible_by))
     if args.json:
@@ -154,7 +174,7 @@ def _first_layer(table) -> str:
 def verify(args) -> int:
     from shardsync.verify import run_verify
 
-    planned(args)  # refuse an unknown model or an impossible layout before starting anything
+    checked(args)  # refuse an unknown model or an impossible layout before starting anything
     if args.source == "megatron" and args.partial:
         raise UserError("--partial changes one layer of a plain checkpoint; a megatron-core step changes them all")
     result = run_verify(args.model, args.train_tp, args.train_pp, args.infer_tp, args.engines, dtype=args.dtype,
@@ -168,7 +188,7 @@ def demo(args) -> int:
     from shardsync.demo import run_demo
     from shardsync.rl_loop import LoopConfig
 
-    planned(args)
+    checked(args)
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
     config = LoopConfig(model=args.model, train_tp=args.train_tp, train_pp=args.train_pp, infer_tp=args.infer_tp,

@@ -70,7 +70,10 @@ def run_ranks(ranks: list[tuple[str, Callable, tuple]], deadline_s: float,
 def _rank_main(who: str, fn: Callable, args: tuple, results) -> None:
     import torch
 
+    from shardsync import log_lines
+
     torch.set_num_threads(1)
+    log_lines.show()
     try:
         result = fn(*args)
     except BaseException:

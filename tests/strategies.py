@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
+                 "mistral": "MistralForCausalLM"}
 
 
 @st.composite
@@ -22,7 +23,7 @@ def hf_configs(draw, family: str, train_tp: int = 1) -> dict:
         "num_hidden_layers": draw(st.integers(1, 4)),
         "tie_word_embeddings": draw(st.booleans()),
     }
-    if family in ("qwen3", "llama"):
+    if family in ("qwen3", "llama", "mistral"):
         config["head_dim"] = draw(st.sampled_from([2, 4, 6, 8]))
     if family == "llama":
         config["attention_bias"] = draw(st.booleans())

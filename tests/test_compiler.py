@@ -25,7 +25,11 @@ MISTAKES = [
     # (what is changed, replaced by, where the error must point, words it must contain)
     ("    split: row\n", "    split: colum\n", "split: colum", ["params.linear_proj.split", "unknown split kind 'colum'", "row"]),
     ("    split: row\n", "    splt: row\n", "splt: row", ["params.linear_proj.splt", "unknown field", "split"]),
-    ("    vllm: model.norm.weight\n", "", "final_layernorm:", ["params.final_layernorm", "missing required field 'vllm'"]),
+    ("    megatron: decoder.final_layernorm.weight\n", "", "final_layernorm:",
+     ["params.final_layernorm", "missing required field 'megatron'"]),
+    # vLLM names are all or none: half a table would leave tensors to no one
+    ("    vllm: model.norm.weight\n", "", "  final_layernorm:",
+     ["params.final_layernorm.vllm", "params.word_embeddings has one", "every family a vllm name, or none"]),
     ("decoder.layers.{layer}.pre_mlp_layernorm.weight", "decoder.layers.{lyr}.pre_mlp_layernorm.weight",
      "{lyr}", ["params.pre_mlp_layernorm.megatron", "{layer}"]),
     ("model.layers.{layer}.self_attn.o_proj.weight", "model.layers.self_attn.o_proj.weight",
@@ -118,3 +122,16 @@ def test_generated_modules_import_only_torch_and_the_standard_library(path):
         else:
             continue
         assert roots <= allowed, f"{path.name} imports {roots - allowed}"
+
+
+def test_a_spec_without_vllm_names_compiles_to_hf_only_converters():
+    """No vllm names at all is a spec without a vLLM layout table: the module still
+    converts to HF (the gather method's need) and offers no vLLM tables to plan with."""
+    text = "\n".join(line for line in QWEN3.splitlines() if not line.strip().startswith("vllm:"))
+    spec = parse_spec(text, "specs/qwen3-hf-only.yaml")
+    assert not spec.vllm_layout and load_spec(ROOT / "specs" / "qwen3.yaml").vllm_layout
+    namespace: dict = {}
+    exec(compile(render_module(spec), "qwen3_hf_only", "exec"), namespace)
+    assert namespace["VLLM_LAYOUT"] is False
+    assert "vllm_shard_table" not in namespace and "convert_to_hf_shard" not in namespace
+    assert "convert_to_hf" in namespace and "megatron_shard_table" in namespace

@@ -21,6 +21,8 @@ VARIANTS = [
     ("qwen2-tiny", {"tie_word_embeddings": True, "num_key_value_heads": 1}),
     ("llama-tiny", {}),
     ("llama-tiny", {"attention_bias": True, "mlp_bias": True}),
+    ("mistral-tiny", {}),
+    ("mistral-tiny", {"tie_word_embeddings": True}),
 ]
 
 

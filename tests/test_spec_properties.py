@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tests import reference as ref
 from tests.strategies import engine_tps, hf_configs, seeds, train_tps, vocab_divisible
 
-FAMILIES = ["qwen2", "qwen3", "llama"]
+FAMILIES = ["qwen2", "qwen3", "llama", "mistral"]  # mistral: no vLLM layout table
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -64,6 +64,8 @@ def test_shard_conversion_equals_full_gather_slice(family, data):
     for hf_name, tensor in hf.items():
         assert torch.equal(gathered_hf[hf_name], tensor), hf_name
 
+    if not module.VLLM_LAYOUT:
+        return  # an HF-only spec: no vLLM tensors to compare
     for rank in range(tp):
         expected = ref.vllm_rank(model, gathered_hf, rank, tp)
         for name, per_rank in shards.items():
@@ -103,6 +105,8 @@ def test_shard_tables_rebuild_every_local_tensor(family, data):
                 pad = ref.megatron_padding_rows(local.name, model, tp_rank, train_tp, divisible)
                 _check_rebuilt(local, hf, want, pad)
 
+    if not module.VLLM_LAYOUT:
+        return  # an HF-only spec: no vLLM tables
     for rank in range(infer_tp):
         expected = ref.vllm_rank(model, hf, rank, infer_tp)
         table = module.vllm_shard_table(cfg, rank, infer_tp)

@@ -55,6 +55,8 @@ GATHER_CASES = {
     "qwen3 tied qk-norm 2,1->2,2": Case(_config("qwen3-tiny"), 2, 1, 2, 2, method="gather"),
     "qwen2 bias 4,1->2,1": Case(_config("qwen2-tiny"), 4, 1, 2, 1, method="gather"),
     "llama 2,2->2,1": Case(_config("llama-tiny"), 2, 2, 2, 1, method="gather"),
+    # no vLLM layout table in the spec: "auto" picks gather, full HF tensors go to the loader
+    "mistral (HF only, auto) 2,2->2,2": Case(_config("mistral-tiny"), 2, 2, 2, 2),
 }
 
 
@@ -64,6 +66,7 @@ def test_the_gather_baseline_delivers_the_same_tensors_holding_whole_ones(case):
     in whole tensors held and in every engine rank receiving the whole stage."""
     results = run(case)
     for who, result in results.items():
+        assert result["method"] == "gather", who
         assert result["groups_created"] == result["channels"] >= 1, who
         assert result["buffer_bytes"] <= 2 * case.bucket_bytes, who
         assert result.get("mismatches", [[]] * case.updates) == [[]] * case.updates, who
@@ -77,6 +80,22 @@ def test_the_gather_baseline_delivers_the_same_tensors_holding_whole_ones(case):
     for who, result in results.items():
         if who.startswith("engine"):
             assert result["peak_temp_bytes"] > 0, who
+
+
+def test_the_method_follows_the_spec_with_a_reason():
+    """"auto" takes the shard path where the spec has a vLLM layout table and gather
+    where it has none; asking for shard without a table is refused before connecting."""
+    from runtime.errors import PlanError
+    from runtime.transfer import Receiver, Sender
+
+    layout = Case(_config("qwen3-tiny"), 1, 1, 1, 1).layout
+    assert Sender(_config("qwen3-tiny"), layout, pp_rank=0, tp_rank=0).method == "shard"
+    hf_only = Sender(_config("mistral-tiny"), layout, pp_rank=0, tp_rank=0)
+    assert hf_only.method == "gather" and "mistral spec has no vLLM layout table" in hf_only.method_reason
+    with pytest.raises(PlanError, match="method 'shard' needs a vLLM layout table.*mistral spec names no vllm"):
+        Receiver(_config("mistral-tiny"), layout, engine=0, tp_rank=0, method="shard")
+    with pytest.raises(PlanError, match="method 'gahter': expected one of auto, shard, gather"):
+        Sender(_config("qwen3-tiny"), layout, pp_rank=0, tp_rank=0, method="gahter")
 
 
 def _hf_shapes(hf_config: dict) -> dict:

@@ -51,6 +51,14 @@ def test_qwen2_four_kv_heads_tp4_to_tp2(tmp_path):
     assert summary["mismatched"] == [] and summary["channels_created"] == 4
 
 
+def test_a_spec_without_vllm_layout_falls_back_to_vllms_own_loader(tmp_path):
+    """specs/mistral.yaml names no vLLM tensors: the update gathers full tensors per
+    stage (a TP group of 2 and one broadcast group) and vLLM's load_weights fuses them."""
+    summary = _verify(tmp_path, "mistral-tiny", "--train-tp", "2", "--infer-tp", "2", "--updates", "1")
+    assert summary["mismatched"] == [] and summary["params_checked"] > 0 and summary["tokens_equal"]
+    assert summary["channels_created"] == 3
+
+
 @pytest.mark.parametrize("train_tp, train_pp, infer_tp", [(2, 1, 2), (1, 2, 1)])
 def test_megatron_core_after_optimizer_steps_to_vllm_bitwise(tmp_path, train_tp, train_pp, infer_tp):
     """A real megatron-core GPTModel (TP 2, or PP 2 with the tied embedding on both

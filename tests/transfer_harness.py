@@ -34,7 +34,7 @@ class Case:
     updates: int = 2
     timeout: float = 60.0
     stall: str | None = None  # a rank that connects, then never takes part in an update
-    method: str = "shard"
+    method: str = "auto"
 
     @property
     def layout(self) -> Layout:
@@ -66,7 +66,7 @@ def _trainer(case: Case, port: int, pp: int, tp: int) -> dict:
     sender.connect()
     if case.stall == sender.who:
         return _stall(case)
-    names = set(sender.plan.src_shapes[sender.src_rank])
+    names = set(sender.local_shapes())
     reports = []
     for seed in SEEDS[:case.updates]:
         full = ref.megatron_full(model, ref.random_hf(model, seed), 128, case.train_tp, seed)
@@ -76,6 +76,7 @@ def _trainer(case: Case, port: int, pp: int, tp: int) -> dict:
             return failed
     result = {
         "groups_created": channels.GROUPS_CREATED,
+        "method": sender.method,
         "channels": len(sender.groups) + (len(sender.gather.groups) if sender.gather else 0),
         "buffer_bytes": sender.buffer_bytes,
         "bytes_sent": [r.bytes for r in reports],
@@ -99,17 +100,21 @@ def _engine(case: Case, port: int, engine: int, tp: int) -> dict:
         failed = _attempt(lambda: receiver.update(params))
         if failed:
             return failed
-        expected = ref.vllm_rank(model, ref.random_hf(model, seed), tp, case.infer_tp)
+        hf = ref.random_hf(model, seed)
+        # without a vLLM layout table the engine holds full HF tensors, loaded by name
+        expected = hf if receiver.loads_full_tensors else ref.vllm_rank(model, hf, tp, case.infer_tp)
         assert list(expected) == list(params)
         mismatches.append([n for n, t in expected.items() if not torch.equal(params[n], t.to(dtype))])
     element = torch.empty((), dtype=dtype).element_size()
     result = {
         "groups_created": channels.GROUPS_CREATED,
+        "method": receiver.method,
         "channels": len(receiver.groups) + (len(receiver.gather.groups) if receiver.gather else 0),
         "buffer_bytes": receiver.buffer_bytes,
         "mismatches": mismatches,
         "peak_temp_bytes": receiver.peak_temp_bytes,
-        "real_bytes": sum(_real_numel(t, n, model, tp, case.infer_tp) for n, t in params.items()) * element,
+        "real_bytes": 0 if receiver.loads_full_tensors else
+        sum(_real_numel(t, n, model, tp, case.infer_tp) for n, t in params.items()) * element,
     }
     receiver.close()
     return result
