@@ -11,6 +11,7 @@ mismatch anywhere is refused everywhere with the fields that differ.
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 
 from runtime.errors import PlanError, TransferError
@@ -19,18 +20,22 @@ REFERENCE = "agreement/reference"
 
 
 def agree(store, who: str, everyone: list[str], digest: str, inputs: dict, is_reference: bool, timeout: float) -> None:
-    """Refuse to go on unless every process in `everyone` planned with `digest`."""
+    """Refuse to go on unless every process in `everyone` planned with `digest`.
+
+    A process that differs from the reference refuses at once (it may count peers
+    that do not exist, and must not wait for them); the others wait for every
+    verdict, so they refuse too, naming the fields that differ.
+    """
     mine = {"who": who, "digest": digest, "inputs": inputs}
     if is_reference:
         store.set(REFERENCE, json.dumps(mine))
     reference = json.loads(_get(store, REFERENCE, "the first trainer rank's plan", timeout))
     verdict = "ok" if reference["digest"] == digest else describe_difference(reference, mine)
     store.set(f"agreement/verdict/{who}", verdict)
-    refusal = None
-    for other in everyone:
-        theirs = _get(store, f"agreement/verdict/{other}", f"{other}'s plan check", timeout).decode()
-        if theirs != "ok" and refusal is None:
-            refusal = theirs
+    if verdict != "ok":
+        store.set(f"agreement/read/{who}", "1")
+        raise PlanError(f"plans differ, refusing to connect: {verdict}")
+    refusal = _first_refusal(store, everyone, timeout)
     store.set(f"agreement/read/{who}", "1")
     if is_reference:
         # the store lives in this process: leaving (on a refusal) before everyone has
@@ -50,6 +55,25 @@ def describe_difference(reference: dict, mine: dict) -> str:
     if not fields:
         return f"{reference['who']} and {mine['who']} have the same inputs but different plan hashes (different converter versions?)"
     return "; ".join(f"{k}: {reference['who']} has {a.get(k)!r}, {mine['who']} has {b.get(k)!r}" for k in fields)
+
+
+def _first_refusal(store, everyone: list[str], timeout: float) -> str | None:
+    """Poll the verdicts until all are ok or one is not: a refusal ends the wait at
+    once, even while processes the refuser does not count are still missing."""
+    deadline = time.monotonic() + timeout
+    pending = list(everyone)
+    while pending:
+        for other in [o for o in pending if store.check([f"agreement/verdict/{o}"])]:
+            theirs = store.get(f"agreement/verdict/{other}").decode()
+            if theirs != "ok":
+                return theirs
+            pending.remove(other)
+        if pending and time.monotonic() > deadline:
+            raise TransferError(f"connect: no plan check from {', '.join(pending)} within {timeout:.0f}s "
+                                f"(is that process running?)")
+        if pending:
+            time.sleep(0.02)
+    return None
 
 
 def _get(store, key: str, what: str, timeout: float) -> bytes:

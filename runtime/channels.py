@@ -10,24 +10,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 from datetime import timedelta
 
 import torch
 from torch._C._distributed_c10d import AllreduceOptions, BroadcastOptions, ReduceOp
-from torch.distributed import PrefixStore, TCPStore
+from torch.distributed import PrefixStore
 
 from runtime.errors import TransferError
 
 GROUPS_CREATED = 0  # groups this process has created: updates must not add any
-
-
-def open_store(host: str, port: int, is_host: bool, timeout: float) -> TCPStore:
-    """The rendezvous store; the first trainer rank hosts it, everyone else joins."""
-    try:
-        return TCPStore(host, port, None, is_host, timeout=timedelta(seconds=timeout), wait_for_workers=False)
-    except (RuntimeError, OSError) as exc:
-        role = "host" if is_host else "reach"
-        raise TransferError(f"cannot {role} the rendezvous store at {host}:{port} within {timeout:.0f}s: {exc}") from None
 
 
 @dataclass
@@ -40,6 +32,8 @@ class Group:
     backend: object
     timeout: float
     peers: tuple[str, ...]  # a readable name per member
+    device: torch.device
+    diagnose: Callable[[tuple[str, ...]], str] | None = None  # which peers went silent, set at connect
 
     def broadcast(self, tensor: torch.Tensor):
         options = BroadcastOptions()
@@ -69,6 +63,13 @@ class Group:
         options.reduceOp = ReduceOp.MAX
         return self.backend.allreduce([tensor], options)
 
+    def acknowledge(self, problem: int, what: str, update: int) -> int:
+        """The closing exchange of an update: every member offers 0, or 1 + its own rank
+        if it received something wrong; returns the largest offered (0: all well)."""
+        value = torch.tensor([problem], dtype=torch.int64, device=self.device)
+        self.wait(self.max_across(value), what, update)
+        return int(value.item())
+
     def wait(self, work, what: str, update: int | None) -> None:
         """Wait for `work`, turning a timeout or a dead peer into a TransferError."""
         started = time.monotonic()
@@ -77,11 +78,12 @@ class Group:
         except RuntimeError as exc:
             elapsed = time.monotonic() - started
             when = f"update {update}" if update is not None else "connect"
-            peers = ", ".join(p for i, p in enumerate(self.peers) if i != self.rank)
+            others = tuple(p for i, p in enumerate(self.peers) if i != self.rank)
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            found = f"{self.diagnose(others)}; " if self.diagnose is not None else ""
             raise TransferError(
-                f"{when}: channel {self.name}: {what} with {peers} failed after {elapsed:.1f}s "
-                f"(timeout {self.timeout:.0f}s): {reason}"
+                f"{when}: channel {self.name}: {what} with {', '.join(others)} failed after {elapsed:.1f}s "
+                f"(timeout {self.timeout:.0f}s): {found}{reason}"
             ) from None
 
     def close(self) -> None:
@@ -113,7 +115,7 @@ def create_group(store: TCPStore, name: str, rank: int, peers: tuple[str, ...], 
             f"{str(exc).splitlines()[0]}"
         ) from None
     GROUPS_CREATED += 1
-    return Group(name, rank, len(peers), backend, timeout, peers)
+    return Group(name, rank, len(peers), backend, timeout, peers, device)
 
 
 def _gloo(store, rank: int, size: int, timeout: float, host: str = "127.0.0.1", **_unused):

@@ -17,3 +17,17 @@ class TensorError(ValueError):
 
 class ModelMismatchError(ValueError):
     """A live trainer model does not match the HF config it is synced as (names the field)."""
+
+
+class UpdateRefused(TransferError):
+    """An endpoint refused an update before any byte moved; every endpoint raises it
+    (the refusing one its own, more precise error). No weights changed."""
+
+
+class UpdateFailedElsewhere(TransferError):
+    """This endpoint received and wrote all of its update, but another member of one of
+    its channels did not: the update failed, this rank's weights are whole and new."""
+
+
+class StaleWeightsError(RuntimeError):
+    """An engine whose last update did not complete was asked to serve."""

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime import boxes
+from runtime import boxes, checksum
 from runtime import buckets as bucketing
 from runtime.boxes import Box
 from runtime.channels import Group, create_group
-from runtime.errors import TransferError
+from runtime.errors import TransferError, UpdateFailedElsewhere
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,12 @@ class GatherMethod:
         self.peak_temp_bytes = 0
         self._held = 0
         largest = max((b.numel for s in self.stages for b in s.buckets), default=0)
-        self.buffers = [torch.empty(largest, dtype=endpoint.dtype, device=endpoint.device) for _ in range(2)]
+        self.tail = endpoint.tail  # checksum elements after each bucket's data (verify=True)
+        self.buffers = [torch.empty(largest + self.tail, dtype=endpoint.dtype, device=endpoint.device)
+                        for _ in range(2)]
         self.elsize = self.buffers[0].element_size()
+        self.corrupted: list[str] = []  # this update's buckets that failed their checksum here
+        self.failed_elsewhere: list[str] = []  # ... and at other receivers of the same broadcast
 
     @property
     def digest(self) -> str:
@@ -151,14 +155,18 @@ class GatherMethod:
             if broadcast is not None:
                 if len(in_flight) == depth:
                     broadcast.wait(in_flight.pop(0), f"sending bucket {index - depth}", number)
-                in_flight.append(broadcast.broadcast(bucketing.pack(bucket, full, self.buffers[index % 2])))
+                buffer = self.buffers[index % 2]
+                wire = bucketing.pack(bucket, full, buffer)
+                in_flight.append(broadcast.broadcast(checksum.write(buffer, bucket.numel) if self.tail else wire))
             for name in [n for n in full if last_use[n] == index]:
                 self._release(full.pop(name))
         if broadcast is not None:
             for work in in_flight:
                 broadcast.wait(work, "sending the last buckets", number)
-            ack = torch.zeros(1, dtype=torch.int64, device=self.endpoint.device)
-            broadcast.wait(broadcast.max_across(ack), "waiting for the receivers' acknowledgement", number)
+            problem = broadcast.acknowledge(0, "waiting for the receivers' acknowledgement", number)
+            if problem:
+                raise TransferError(f"update {number}: channel {stage.name}: {broadcast.peers[problem - 1]} "
+                                    f"received a bucket that failed its checksum")
             return [(stage.name, len(stage.megatron), stage.numel * self.elsize,
                      time.perf_counter() - started)]
         return [(f"gather-pp{pp}", len(stage.megatron), 0, time.perf_counter() - started)]
@@ -204,14 +212,23 @@ class GatherMethod:
             loader.load_weights(stream)
         finally:
             left = [hf_name for hf_name, _ in stream]  # a loader that raised: the peers still finish
+        who = self.endpoint.who
+        if self.corrupted:
+            raise TransferError(f"update {number}: {who}: {'; '.join(self.corrupted)}")
         if left:
-            raise TransferError(f"update {number}: {self.endpoint.who}: the engine's loader stopped before taking "
+            raise TransferError(f"update {number}: {who}: the engine's loader stopped before taking "
                                 f"{len(left)} tensor(s), first {left[0]}")
+        if self.failed_elsewhere:
+            raise UpdateFailedElsewhere(f"update {number}: failed: {'; '.join(self.failed_elsewhere)} ({who} took "
+                                        f"all of its share)")
         return reports
 
     def _full_tensors(self, number: int, reports: list):
         """Yield (HF name, full tensor) as each tensor's last bucket arrives; a yielded
-        tensor is released once the consumer asks for the next one."""
+        tensor is released once the consumer asks for the next one. A bucket that fails
+        its checksum is recorded (the update then fails) and the stream goes on, so
+        every member finishes the exchange."""
+        self.corrupted, self.failed_elsewhere = [], []
         for stage in self.stages:
             group = self.groups[stage.name]
             started = time.perf_counter()
@@ -219,10 +236,17 @@ class GatherMethod:
             remaining = {e.dst_tensor: boxes.numel(_full(self.shapes[e.dst_tensor]))
                          for b in stage.buckets for e in b.entries}
             full: dict[str, torch.Tensor] = {}
-            posted = [group.broadcast(self.buffers[i][:stage.buckets[i].numel]) for i in range(min(2, len(stage.buckets)))]
+            size = [bucket.numel + self.tail for bucket in stage.buckets]
+            posted = [group.broadcast(self.buffers[i][:size[i]]) for i in range(min(2, len(stage.buckets)))]
+            bad = False
             for index, bucket in enumerate(stage.buckets):
                 group.wait(posted[index], f"receiving bucket {index}", number)
                 buffer = self.buffers[index % 2]
+                mismatch = checksum.check(buffer, bucket.numel) if self.tail else None
+                if mismatch is not None:
+                    bad = True
+                    self.corrupted.append(f"channel {stage.name}: bucket {index} failed its checksum "
+                                          f"(sent {mismatch[0]}, computed {mismatch[1]})")
                 for entry in bucket.entries:
                     if entry.dst_tensor not in full:
                         full[entry.dst_tensor] = torch.empty(self.shapes[entry.dst_tensor], dtype=buffer.dtype,
@@ -236,9 +260,12 @@ class GatherMethod:
                         yield entry.dst_tensor, tensor
                         self._release(tensor)
                 if index + 2 < len(stage.buckets):
-                    posted.append(group.broadcast(buffer[:stage.buckets[index + 2].numel]))
-            ack = torch.zeros(1, dtype=torch.int64, device=self.endpoint.device)
-            group.wait(group.max_across(ack), "acknowledging", number)
+                    posted.append(group.broadcast(buffer[:size[index + 2]]))
+            mine = 1 + group.rank if bad else 0
+            problem = group.acknowledge(mine, "acknowledging", number)
+            if problem and problem != mine:
+                self.failed_elsewhere.append(f"channel {stage.name}: {group.peers[problem - 1]} received a bucket "
+                                             f"that failed its checksum")
             reports.append((stage.name, len(stage.megatron), stage.numel * self.elsize,
                             time.perf_counter() - started))
 

@@ -25,6 +25,9 @@ class TensorTargets:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.tensors[name].shape)
 
+    def dtype(self, name: str) -> torch.dtype:
+        return self.tensors[name].dtype
+
     def tensor(self, name: str) -> torch.Tensor:
         return self.tensors[name]
 

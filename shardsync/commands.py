@@ -239,3 +239,35 @@ def bench(args) -> int:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot(result, args.plot)
     return 0 if result["engines_equal"] else 1
+
+
+def chaos(args) -> int:
+    """Last line: one JSON object; exit 0 only when detected, recovered and nothing hung."""
+    args.train_pp, args.dtype = 1, "float32"
+    checked(args)
+    if args.engine == "vllm":
+        from shardsync.chaos_vllm import run_scenario
+    else:
+        from shardsync.chaos import run_scenario
+    result = run_scenario(args.scenario, model=args.model, train_tp=args.train_tp, infer_tp=args.infer_tp,
+                          engines=args.engines, timeout=args.timeout)
+    print(json.dumps(result))
+    return 0 if result["detected"] and result["recovered"] and not result["hung"] else 1
+
+
+def soak(args) -> int:
+    """Last line: one JSON object; exit 0 when every update was exact, no channel was
+    created after connect, and no rank grew beyond the margins."""
+    from tqdm import tqdm
+
+    from shardsync.soak import run_soak
+
+    args.train_pp, args.dtype = 1, "float32"
+    checked(args)
+    if args.updates < 1:
+        raise UserError("--updates must be at least 1")
+    with tqdm(total=args.updates, desc="updates", unit="update", disable=None) as bar:
+        result = run_soak(args.model, args.train_tp, args.infer_tp, args.engines, args.updates,
+                          progress=lambda _: bar.update(1))
+    print(json.dumps(result))
+    return 0 if result["ok"] else 1

@@ -1,0 +1,65 @@
+"""A cheap per-bucket checksum, carried in the bucket's own message (`verify=True`).
+
+Two sums over the bucket's bytes read as integer words: the plain sum catches a
+changed value, the position-weighted sum a moved one. One pass, no extra message:
+the sender writes them into a tail of TAIL_BYTES after the packed data and the
+receiver recomputes them over what arrived. Integer sums wrap identically on every
+device, so a CPU sender and a GPU receiver agree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TAIL_BYTES = 16  # two int64 sums
+_WEIGHT_PERIOD = 65521  # a prime: a shifted run of words changes the weighted sum
+
+_CHUNK = 1 << 20
+_weights: dict[torch.device, torch.Tensor] = {}
+
+
+def tail_elements(dtype: torch.dtype) -> int:
+    """Buffer elements of `dtype` the tail takes."""
+    return TAIL_BYTES // torch.empty((), dtype=dtype).element_size()
+
+
+def compute(data: torch.Tensor) -> torch.Tensor:
+    """The two sums over `data` (a flat buffer slice), as an int64 tensor of 2."""
+    raw = data.view(torch.uint8)
+    words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw.view(torch.int16)
+    plain = words.sum(dtype=torch.int64)
+    return torch.stack([plain, _weighted(words, _weights_for(words.device))])
+
+
+def write(buffer: torch.Tensor, numel: int) -> torch.Tensor:
+    """Checksum `buffer[:numel]` into the tail after it; returns the slice to send."""
+    tail = tail_elements(buffer.dtype)
+    buffer[numel:numel + tail].view(torch.int64).copy_(compute(buffer[:numel]))
+    return buffer[:numel + tail]
+
+
+def check(buffer: torch.Tensor, numel: int) -> tuple[list[int], list[int]] | None:
+    """None when `buffer[:numel]` matches the tail, else (sent, computed)."""
+    tail = tail_elements(buffer.dtype)
+    sent = buffer[numel:numel + tail].view(torch.int64)
+    computed = compute(buffer[:numel])
+    if torch.equal(sent, computed):
+        return None
+    return sent.tolist(), computed.tolist()
+
+
+def _weights_for(device: torch.device) -> torch.Tensor:
+    """One weight vector per device (8 MiB), sliced for shorter buckets."""
+    if device not in _weights:
+        _weights[device] = torch.arange(_CHUNK, device=device, dtype=torch.int64) % _WEIGHT_PERIOD + 1
+    return _weights[device]
+
+
+def _weighted(words: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The weighted sum, _CHUNK words at a time (bounded temporaries); each chunk's
+    sum is scaled by its index + 1, so a word's position counts across chunks too."""
+    total = torch.zeros((), dtype=torch.int64, device=words.device)
+    for index, start in enumerate(range(0, words.numel(), _CHUNK)):
+        chunk = words[start:start + _CHUNK].to(torch.int64)
+        total += (chunk * weights[:chunk.numel()]).sum() * (index + 1)
+    return total

@@ -1,0 +1,65 @@
+"""Which peer stopped: heartbeats through the rendezvous store.
+
+A collective that fails says little (gloo: "connection closed by peer"; a timeout:
+nothing), and one broadcast has several peers. Each endpoint bumps a counter in
+the store twice a second from a thread with its own store connection; when a wait
+fails, the peers whose counters stopped are the ones named. Counters, not clocks,
+so hosts need not agree on the time. A store that cannot be reached means its
+host, the first trainer rank, is gone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+BEAT_S = 0.5
+SILENT_AFTER_S = 2.0  # no beat for this long: the peer is taken to be gone
+
+
+def _key(who: str) -> str:
+    return f"alive/{who}"
+
+
+class Heartbeat:
+    """Bumps `alive/{who}` every BEAT_S on a clone of the store, until stopped."""
+
+    def __init__(self, store, who: str):
+        self.who = who
+        self._store = store.clone()  # its own connection: the endpoint's may be blocked in a wait
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"shardsync heartbeat {who}", daemon=True)
+        self._store.add(_key(who), 1)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(BEAT_S):
+            try:
+                self._store.add(_key(self.who), 1)
+            except RuntimeError:
+                return  # the store is gone; waits will say so
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2 * BEAT_S)
+
+
+def silent_peers(store, peers: tuple[str, ...], host: str) -> str:
+    """A sentence naming the peers that stopped beating (watched for SILENT_AFTER_S).
+    Uses the endpoint's own connection: a new one to a dead host would retry for
+    the whole store timeout, an open one fails at once."""
+    try:
+        _beats(store, host)  # reaching the store at all says whether its host lives
+        before = {p: _beats(store, p) for p in peers}
+        time.sleep(SILENT_AFTER_S)
+        after = {p: _beats(store, p) for p in peers}
+    except RuntimeError:
+        return f"the rendezvous store is unreachable: its host, {host}, is gone"
+    silent = [p for p in peers if before[p] == after[p]]
+    if not silent:
+        return f"{', '.join(peers)} still alive (heartbeats go on), so stuck rather than gone"
+    return f"{', '.join(silent)} stopped responding (no heartbeat for {SILENT_AFTER_S:.0f}s)"
+
+
+def _beats(store, who: str) -> int:
+    return store.add(_key(who), 0)

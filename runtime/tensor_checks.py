@@ -1,0 +1,85 @@
+"""What an endpoint checks in the tensors it is handed, before any byte moves.
+
+Each finding is one sentence naming the tensor; the endpoint turns it into its vote
+(so every peer refuses the update too) and raises it as a TensorError.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+
+
+def as_named(tensors) -> tuple[dict[str, torch.Tensor], str | None]:
+    """A mapping, or (name, tensor) pairs in which no name may repeat."""
+    if isinstance(tensors, Mapping):
+        return dict(tensors), None
+    named: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors:
+        if name in named:
+            return named, f"{name}: given twice"
+        named[name] = tensor
+    return named, None
+
+
+def trainer_findings(given: Mapping[str, torch.Tensor], shapes: dict[str, tuple], device: torch.device,
+                     allow_nonfinite: bool) -> str | None:
+    """The first problem with a trainer rank's tensors, or None."""
+    problem = _names_and_shapes("trainer", given, shapes)
+    if problem:
+        return problem
+    for name in shapes:
+        tensor = given[name]
+        if not tensor.is_floating_point():
+            return f"{name}: dtype {_dtype(tensor)} is not a floating-point weight"
+        if tensor.device.type != device.type:
+            return f"{name}: on {tensor.device}, the sender sends from {device}"
+        if not allow_nonfinite:
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                return (f"{name}: {bad} NaN/Inf value(s) of {tensor.numel()} "
+                        f"(pass allow_nonfinite=True to send them anyway)")
+    return None
+
+
+def engine_findings(names: Iterable[str], shape_of, dtype_of, shapes: dict[str, tuple],
+                    dtype: torch.dtype) -> str | None:
+    """The first problem with an engine rank's write targets, or None."""
+    given = {name: _Shape(shape_of(name)) for name in names}
+    problem = _names_and_shapes("engine", given, shapes)
+    if problem:
+        return problem
+    for name in shapes:
+        found = dtype_of(name)
+        if found is not None and found != dtype:
+            return f"{name}: dtype {str(found).removeprefix('torch.')}, the update carries {str(dtype).removeprefix('torch.')}"
+    return None
+
+
+def _names_and_shapes(kind: str, given: Mapping, shapes: dict[str, tuple]) -> str | None:
+    missing = [n for n in shapes if n not in given]
+    extra = [n for n in given if n not in shapes]
+    if missing:
+        return f"{missing[0]}: missing from the {kind} tensors ({len(missing)} missing{_and_extra(extra)})"
+    if extra:
+        return f"{extra[0]}: not a {kind} tensor of this plan ({len(extra)} unexpected)"
+    for name, shape in shapes.items():
+        if tuple(given[name].shape) != tuple(shape):
+            return f"{name}: expected shape {tuple(shape)}, got {tuple(given[name].shape)}"
+    return None
+
+
+def _and_extra(extra: list[str]) -> str:
+    return f", {len(extra)} unexpected, first {extra[0]}" if extra else ""
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+class _Shape:
+    """Stands in for a tensor where only the shape is checked."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = shape
