@@ -32,6 +32,16 @@ from runtime.liveness import Heartbeat, silent_peers
 EPOCH = "epoch"
 
 
+def local_address(rendezvous_host: str) -> str:
+    """This process's address on the rendezvous network, for its channels to listen on:
+    loopback when the rendezvous is (the default), else the interface that routes there."""
+    if rendezvous_host in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((rendezvous_host, 9))  # no packet is sent: this only picks the route
+        return probe.getsockname()[0]
+
+
 class Session:
     def __init__(self, who: str, everyone: list[str], host_name: str, address: str, port: int, timeout: float):
         self.who = who
@@ -65,7 +75,11 @@ class Session:
         if self.is_host:
             self.store.set(key, str(mine))
             return mine
-        self.store.wait([key], timedelta(seconds=self.timeout))
+        try:
+            self.store.wait([key], timedelta(seconds=self.timeout))
+        except RuntimeError:
+            raise TransferError(f"connect: {self.host_name} did not say where updates resume within "
+                                f"{self.timeout:.0f}s: {self.diagnose((self.host_name,))}") from None
         return int(self.store.get(key))
 
     def groups_store(self) -> PrefixStore:

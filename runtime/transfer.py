@@ -30,7 +30,7 @@ from runtime.copy_graphs import BucketCopier
 from runtime.errors import PlanError, StaleWeightsError, TensorError, TransferError, UpdateFailedElsewhere
 from runtime.gather_path import GatherMethod
 from runtime.plan import Channel, Layout, Plan, build_plan
-from runtime.session import Session
+from runtime.session import Session, local_address
 from runtime.targets import as_loader, as_targets
 from runtime.tensor_checks import as_named, engine_findings, trainer_findings
 
@@ -82,7 +82,8 @@ class _Endpoint:
         self.dtype = dtype
         self.device = torch.device(device)
         self.copier = BucketCopier(self.device)  # graphed on CUDA, plain foreach copies on the CPU
-        self.group_options = group_options
+        # channels listen where the rendezvous is reachable: loopback by default
+        self.group_options = {"host": local_address(self.host), **group_options}
         self.plan: Plan | None = None
         self.groups: dict[str, Group] = {}
         self.schedules: dict[str, dict[int, tuple[bucketing.Bucket, ...]]] = {}  # channel -> phase -> buckets
@@ -160,6 +161,7 @@ class _Endpoint:
             self.session.drop_client()
             self.session.epoch = None
         self.connect()
+
     def _connect_gather(self, store) -> None:
         raise NotImplementedError
 

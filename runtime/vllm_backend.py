@@ -38,6 +38,7 @@ class ShardsyncInitInfo(WeightTransferInitInfo):
     timeout: float = 60.0
     make_vocab_size_divisible_by: int = 128
     method: str = "auto"  # shard where the spec has a vLLM layout table, else gather; "gather" forces the baseline
+    verify: bool = False  # a checksum per bucket (both sides must agree)
 
 
 @dataclass
@@ -55,6 +56,12 @@ class ShardsyncWeightTransferEngine(WeightTransferEngine[ShardsyncInitInfo, Shar
     last_report = None
 
     def init_transfer_engine(self, init_info: ShardsyncInitInfo) -> None:
+        """Connect; called again on a connected worker, reconnect (after a failed update,
+        or when the trainer restarted): channels re-created, this engine stays stale until
+        an update completes."""
+        if self.receiver is not None:
+            self.receiver.reconnect()
+            return
         self.receiver, self.targets = connect_worker(
             self.model, self.model_config, self.parallel_config, self.device, init_info)
 
@@ -93,6 +100,7 @@ def connect_worker(model, model_config, parallel_config, device, init_info: Shar
         tp_rank=get_tensor_model_parallel_rank(), rendezvous=init_info.rendezvous,
         bucket_bytes=init_info.bucket_bytes, timeout=init_info.timeout, dtype=model_config.dtype, device=device,
         make_vocab_size_divisible_by=init_info.make_vocab_size_divisible_by, method=init_info.method,
+        verify=init_info.verify,
     )
     receiver.connect()
     channels = receiver.gather.groups if receiver.gather is not None else receiver.groups
@@ -108,3 +116,16 @@ def connect_worker(model, model_config, parallel_config, device, init_info: Shar
                 "per layer", receiver.who, receiver.method, len(channels), sum(m == "in place" for m in modes.values()),
                 sum(m != "in place" for m in modes.values()))
     return receiver, targets
+
+
+
+def check_engine_fresh(llm) -> None:
+    """Raise StaleWeightsError if any worker of this vLLM engine holds an incomplete
+    update; call before generating. Needs the engine built with
+    `worker_extension_cls="runtime.vllm_extension.ShardsyncWorkerExtension"`."""
+    from runtime.errors import StaleWeightsError
+
+    reasons = [r for worker in llm.collective_rpc("shardsync_state") for r in worker["stale"] if r is not None]
+    if reasons:
+        raise StaleWeightsError(f"this vLLM engine holds a mix of old and new weights: {reasons[0]}; a later "
+                                f"update must complete before it serves")

@@ -42,6 +42,20 @@ class ShardsyncWorkerExtension:
                 "layers_reprocessed": getattr(targets, "layers_reprocessed", None),  # None: vLLM's loader did it
                 "tracked_bytes": receiver.buffer_bytes + receiver.peak_temp_bytes}
 
+    def shardsync_reconnect(self) -> None:
+        """After a failed update or a trainer restart: every connection's channels anew."""
+        for receiver, _ in getattr(self, "_shardsync", {}).values():
+            receiver.reconnect()
+
+    def shardsync_state(self) -> dict:
+        """Why this worker's weights are stale (None: they are not), per receiver it
+        holds: the registered backend's and this extension's own connections."""
+        receivers = [receiver for receiver, _ in getattr(self, "_shardsync", {}).values()]
+        backend = getattr(self, "weight_transfer_engine", None)
+        if getattr(backend, "receiver", None) is not None:
+            receivers.append(backend.receiver)
+        return {"stale": [r.stale for r in receivers], "updates": [r.updates for r in receivers]}
+
     def shardsync_close(self) -> None:
         for receiver, _ in getattr(self, "_shardsync", {}).values():
             receiver.close()

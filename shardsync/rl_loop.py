@@ -75,7 +75,7 @@ class TrainerRank:
         from runtime import channels
 
         self.sender = self.policy.source.sender(infer_tp, engines, rendezvous=rendezvous,
-                                                dtype=getattr(torch, dtype), timeout=timeout)
+                                                dtype=getattr(torch, dtype), timeout=timeout, verify=True)
         self.sender.connect()
         return channels.GROUPS_CREATED
 
@@ -114,7 +114,8 @@ class Engine:
 
         self.llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype=dtype,
                        enforce_eager=True, tensor_parallel_size=infer_tp, distributed_executor_backend="mp",
-                       max_model_len=256, seed=seed, weight_transfer_config=WeightTransferConfig(backend="shardsync"))
+                       max_model_len=256, seed=seed, weight_transfer_config=WeightTransferConfig(backend="shardsync"),
+                       worker_extension_cls="runtime.vllm_extension.ShardsyncWorkerExtension")  # stale checks
 
     def ready(self) -> bool:
         return True
@@ -129,6 +130,10 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], max_tokens: int, seed: int) -> list[tuple[list[int], list[float]]]:
         from vllm import SamplingParams
+
+        from runtime.vllm_backend import check_engine_fresh
+
+        check_engine_fresh(self.llm)  # an engine whose last update did not complete must not serve
 
         params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, logprobs=1, detokenize=False,
                                  seed=seed + i, ignore_eos=True) for i in range(len(prompts))]
@@ -197,7 +202,7 @@ class RLLoop:
         self.reporter = next(t for t, reports in zip(self.trainers, ready) if reports)
         log(f"started {world} trainer rank(s) and {config.engines} engine(s) in {time.monotonic() - started:.1f} s")
         init = {"rendezvous": f"127.0.0.1:{self.port}", "train_tp": config.train_tp, "train_pp": config.train_pp,
-                "engines": config.engines, "timeout": config.timeout}
+                "engines": config.engines, "timeout": config.timeout, "verify": True}
         created = self._get([t.connect.remote(config.infer_tp, config.engines, init["rendezvous"], config.dtype,
                                               config.timeout) for t in self.trainers] +
                             [e.init_transfer.remote({**init, "engine_index": i}) for i, e in enumerate(self.engines)],

@@ -111,7 +111,7 @@ def _check_engines(work, checkpoints, llms, infer_tp, dtype, engines, port, layo
     llms += [_engine(checkpoints[0], infer_tp, dtype, backend=True, dummy=dummy) for _ in range(engines)]
     log(f"  {engines} engine(s) started in {time.monotonic() - started:.1f} s")
     init = {"rendezvous": f"127.0.0.1:{port}", "train_tp": layout.train_tp, "train_pp": layout.train_pp,
-            "engines": engines, "timeout": timeout}
+            "engines": engines, "timeout": timeout, "verify": True}
     _on_all(llms, lambda i, llm: llm.init_weight_transfer_engine({"init_info": {**init, "engine_index": i}}))
     for update in range(1, updates + 1):
         started = time.monotonic()
@@ -186,7 +186,7 @@ def _trainer(hf_config, layout, pp, tp, port, checkpoints, dtype, timeout) -> di
     from runtime.transfer import Sender
 
     sender = Sender(hf_config, layout, pp_rank=pp, tp_rank=tp, rendezvous=f"127.0.0.1:{port}",
-                    dtype=getattr(torch, dtype), timeout=timeout)
+                    dtype=getattr(torch, dtype), timeout=timeout, verify=True)
     sender.connect()
     after_connect = channels.GROUPS_CREATED
     table = sender.module.megatron_shard_table(sender.cfg, tp, layout.train_tp, pp, layout.train_pp)
@@ -208,7 +208,7 @@ def _megatron_trainer(hf_config, layout, rank, dist_port, port, checkpoints, dty
                         timeout_s=timeout)
     source = policy.source
     sender = source.sender(layout.infer_tp, layout.engines, rendezvous=f"127.0.0.1:{port}",
-                           dtype=getattr(torch, dtype), timeout=timeout)
+                           dtype=getattr(torch, dtype), timeout=timeout, verify=True)
     sender.connect()
     after_connect = channels.GROUPS_CREATED
     generator = torch.Generator().manual_seed(7)

@@ -160,3 +160,20 @@ def test_two_hundred_updates_with_checksums_are_exact_and_leak_nothing():
         assert growth["threads"] <= 0 and growth["fds"] <= 0, (who, growth)
         assert growth["rss"] <= 16 << 20, (who, growth)
     assert result["ok"]
+
+
+def test_the_store_listens_on_loopback_only_unless_given_an_address():
+    import psutil
+
+    from runtime.session import Session, local_address
+
+    port = free_port()
+    session = Session("trainer pp0 tp0", ["trainer pp0 tp0"], "trainer pp0 tp0", "127.0.0.1", port, 5.0)
+    session.open()
+    try:
+        listening = [c.laddr for c in psutil.Process().net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+        assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+    finally:
+        session.close()
+    assert local_address("127.0.0.1") == "127.0.0.1"
