@@ -5,8 +5,9 @@ the stage's TP group; TP rank 0 turns them into full HF tensors, packs those in
 model order into buckets of the same size as the shard path's and broadcasts each
 bucket to every engine rank, which assembles each full tensor and slices its own
 shard from it (by the spec's vLLM table), or, for a spec without one, hands it to
-the engine's own loader (`load_weights`, as vLLM models have). Same transport (groups over the same store), same bucket size, same
-cast while packing: a comparison with the shard path is a comparison of methods.
+the engine's own loader (`load_weights`, as vLLM models have). Same transport
+(groups over the same store), same bucket size, same cast while packing: a
+comparison with the shard path is a comparison of methods.
 
 Whole tensors are held at the sender and at every receiver: `peak_temp_bytes`
 records the most held at once (gathered shards and full tensors).

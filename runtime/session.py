@@ -32,6 +32,22 @@ from runtime.liveness import Heartbeat, silent_peers
 EPOCH = "epoch"
 
 
+def open_store(address: str, port: int, is_host: bool, timeout: float) -> TCPStore:
+    """Host the store (bound to `address` only: loopback unless another is given; a
+    plain TCPStore would listen on every interface), or reach it."""
+    try:
+        if not is_host:
+            return TCPStore(address, port, None, False, timeout=timedelta(seconds=timeout))
+        listener = socket.create_server((address, port), backlog=256)
+        # the store owns the socket from here on
+        return TCPStore(address, port, None, True, timeout=timedelta(seconds=timeout), wait_for_workers=False,
+                        master_listen_fd=listener.detach())
+    except (RuntimeError, OSError) as exc:
+        role = "host" if is_host else "reach"
+        raise TransferError(f"cannot {role} the rendezvous store at {address}:{port} within {timeout:.0f}s: "
+                            f"{str(exc).splitlines()[0] if str(exc) else exc}") from None
+
+
 def local_address(rendezvous_host: str) -> str:
     """This process's address on the rendezvous network, for its channels to listen on:
     loopback when the rendezvous is (the default), else the interface that routes there."""
@@ -60,7 +76,7 @@ class Session:
     def open(self) -> None:
         """Reach (or host) the store and take this endpoint's epoch; beat from now on."""
         if self.store is None:
-            self.store = self._open_store()
+            self.store = open_store(self.address, self.port, self.is_host, self.timeout)
         self.epoch = self._take_epoch()
         if self.heartbeat is None:
             self.heartbeat = Heartbeat(self.store, self.who)
@@ -142,42 +158,34 @@ class Session:
 
     def _hear(self, stage: str, when: str, update: int, failed=TransferError):
         """Poll everyone's verdict until all are ok (None) or one is not: (who, verdict,
-        those not heard from yet). Silence past the timeout raises `failed`."""
+        those not heard from yet). Silence past the timeout raises `failed`. Polls with
+        a growing pause (1 to 20 ms): a store wait with a short timeout would log a
+        warning at every expiry."""
         keys = {other: f"e{self.epoch}/{stage}/{other}" for other in self.everyone}
         deadline = time.monotonic() + self.timeout
-        pending = list(self.everyone)
+        pending, pause = list(self.everyone), 0.001
         try:
             while pending:
-                for other in [o for o in pending if self._has(keys[o])]:
-                    verdict = self.store.get(keys[other]).decode()
+                if self.store.check([keys[o] for o in pending]):
+                    arrived = list(pending)
+                else:
+                    arrived = [o for o in pending if self._has(keys[o])]
+                verdicts = self.store.multi_get([keys[o] for o in arrived]) if arrived else []
+                for other, verdict in zip(arrived, verdicts):
                     pending.remove(other)
-                    if verdict != "ok":
-                        return other, verdict, [o for o in pending if not self._has(keys[o])]
+                    if verdict != b"ok":
+                        return other, verdict.decode(), [o for o in pending if not self._has(keys[o])]
                 if pending and time.monotonic() > deadline:
                     raise failed(f"update {update}: no word from {', '.join(pending)} {when} within "
                                  f"{self.timeout:.0f}s: {self.diagnose(tuple(pending))}")
                 if pending:
-                    time.sleep(0.002)
+                    time.sleep(pause)
+                    pause = min(2 * pause, 0.02)
         except RuntimeError as exc:
             if isinstance(exc, TransferError):
                 raise
             raise failed(f"update {update}: {self.diagnose(())}") from None
         return None
-
-    def _open_store(self) -> TCPStore:
-        try:
-            if not self.is_host:
-                return TCPStore(self.address, self.port, None, False, timeout=timedelta(seconds=self.timeout))
-            # bound to the rendezvous address only (loopback unless one is given); TCPStore
-            # alone would listen on every interface
-            listener = socket.create_server((self.address, self.port), backlog=256)
-            # the store owns the socket from here on
-            return TCPStore(self.address, self.port, None, True, timeout=timedelta(seconds=self.timeout),
-                            wait_for_workers=False, master_listen_fd=listener.detach())
-        except (RuntimeError, OSError) as exc:
-            role = "host" if self.is_host else "reach"
-            raise TransferError(f"cannot {role} the rendezvous store at {self.address}:{self.port} within "
-                                f"{self.timeout:.0f}s: {str(exc).splitlines()[0] if str(exc) else exc}") from None
 
     def _take_epoch(self) -> int:
         if self.is_host:

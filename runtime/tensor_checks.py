@@ -53,7 +53,7 @@ def engine_findings(names: Iterable[str], shape_of, dtype_of, shapes: dict[str, 
     for name in shapes:
         found = dtype_of(name)
         if found is not None and found != dtype:
-            return f"{name}: dtype {str(found).removeprefix('torch.')}, the update carries {str(dtype).removeprefix('torch.')}"
+            return f"{name}: dtype {_name(found)}, the update carries {_name(dtype)}"
     return None
 
 
@@ -75,7 +75,11 @@ def _and_extra(extra: list[str]) -> str:
 
 
 def _dtype(tensor: torch.Tensor) -> str:
-    return str(tensor.dtype).removeprefix("torch.")
+    return _name(tensor.dtype)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class _Shape:

@@ -435,7 +435,8 @@ class Receiver(_Endpoint):
             self.stale = None  # this rank's weights are whole and new; the caller learns the update failed
             raise
         except BaseException as exc:
-            self.stale = f"update {number} did not complete ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.stale = f"update {number} did not complete ({why})"
             raise
         self.stale = None
         return UpdateReport(number, reports)

@@ -105,7 +105,8 @@ def _endpoints(kind, hf_config, layout, ports, options, **position):
 
 def _barrier(ports, who: str, everyone: list[str], timeout: float):
     """A group over every bench process, so both methods' updates start together."""
-    from runtime.channels import create_group, open_store
+    from runtime.channels import create_group
+    from runtime.session import open_store
 
     store = open_store("127.0.0.1", ports["barrier"], who == everyone[0], timeout)
     group = create_group(store, "bench-barrier", everyone.index(who), tuple(everyone), torch.device("cpu"), timeout)

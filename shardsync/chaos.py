@@ -99,8 +99,9 @@ def run_scenario(scenario: str, model: str = "qwen3-tiny", train_tp: int = 2, in
         raise ValueError(f"unknown scenario {scenario!r}: one of {', '.join(SCENARIOS)}")
     hf_config = model_config(model)
     layout = Layout(train_tp, 1, infer_tp, engines)
-    result = {"scenario": scenario, "engine": engine, "model": model, "train_tp": train_tp, "infer_tp": infer_tp, "engines": engines,
-              "timeout": timeout, "detected": False, "seconds_to_error": None, "engine_state_after_fault": None,
+    result = {"scenario": scenario, "engine": engine, "model": model, "train_tp": train_tp, "infer_tp": infer_tp,
+              "engines": engines, "timeout": timeout, "detected": False, "seconds_to_error": None,
+              "engine_state_after_fault": None,
               "recovered": False, "hung": False, "errors": {}}
     odd = {**hf_config, "num_hidden_layers": hf_config["num_hidden_layers"] + 1}
     drill = _Drill(hf_config, layout, timeout, log, engine_config=odd if scenario == "config-mismatch" else None,
@@ -132,8 +133,9 @@ def _kill_receiver(drill: _Drill, result: dict) -> None:
         return
     replies = collect(others, 3 * drill.timeout)
     drill.log(f"  killed {victim.who} mid-update")
-    _detected(result, replies, fault_at, must_name=victim.who, ranks=[r for r in others if r.spec.position[0] != victim_engine or r.spec.role == "trainer"])
     survivors = [e for e in range(drill.layout.engines) if e != victim_engine]
+    told = drill.trainers() + [r for e in survivors for r in drill.engines(e)]
+    _detected(result, replies, fault_at, must_name=victim.who, ranks=told)
     _engine_states(drill, result, survivors, dead=victim_engine)
     restarted = drill.restart(drill.engines(victim_engine))
     stayed = [r for r in drill.all() if r not in restarted]
@@ -190,9 +192,8 @@ def _config_mismatch(drill: _Drill, hf_config: dict, result: dict) -> None:
               f"{hf_config['num_hidden_layers'] + 1} instead of {hf_config['num_hidden_layers']}")
     _detected(result, replies, fault_at, must_name="config.layers", ranks=drill.all())
     result["engine_state_after_fault"] = "refused at connect (no byte moved)"
-    restarted = drill.restart(odd, hf_config)
+    drill.restart(odd, hf_config)
     joined = drill.call("connect")
-    del restarted
     _recover(drill, joined, result, seed=2)
 
 

@@ -75,7 +75,8 @@ class VllmEngineRank:
         return {"served": True}
 
     def check(self, seed: int) -> dict:
-        return {"mismatched": [m for worker in self.llm.collective_rpc("chaos_mismatched", args=(seed,)) for m in worker]}
+        workers = self.llm.collective_rpc("chaos_mismatched", args=(seed,))
+        return {"mismatched": [name for worker in workers for name in worker]}
 
     def close(self) -> dict:
         return {}

