@@ -35,11 +35,9 @@ def trainer_findings(given: Mapping[str, torch.Tensor], shapes: dict[str, tuple]
             return f"{name}: dtype {_dtype(tensor)} is not a floating-point weight"
         if tensor.device.type != device.type:
             return f"{name}: on {tensor.device}, the sender sends from {device}"
-        if not allow_nonfinite:
+        if not allow_nonfinite and not _all_finite(tensor):
             bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                return (f"{name}: {bad} NaN/Inf value(s) of {tensor.numel()} "
-                        f"(pass allow_nonfinite=True to send them anyway)")
+            return f"{name}: {bad} NaN/Inf value(s) of {tensor.numel()} (pass allow_nonfinite=True to send them anyway)"
     return None
 
 
@@ -55,6 +53,14 @@ def engine_findings(names: Iterable[str], shape_of, dtype_of, shapes: dict[str, 
         if found is not None and found != dtype:
             return f"{name}: dtype {_name(found)}, the update carries {_name(dtype)}"
     return None
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """One pass, no temporary the size of the tensor: a NaN or Inf makes the float32
+    sum non-finite (weights are far too small for a finite sum to overflow); only
+    then are the bad values counted."""
+    total = tensor.sum(dtype=torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
 
 
 def _names_and_shapes(kind: str, given: Mapping, shapes: dict[str, tuple]) -> str | None:
