@@ -32,20 +32,24 @@ def compute(data: torch.Tensor) -> torch.Tensor:
 
 
 def write(buffer: torch.Tensor, numel: int) -> torch.Tensor:
-    """Checksum `buffer[:numel]` into the tail after it; returns the slice to send."""
-    tail = tail_elements(buffer.dtype)
-    buffer[numel:numel + tail].view(torch.int64).copy_(compute(buffer[:numel]))
-    return buffer[:numel + tail]
+    """Checksum `buffer[:numel]` into the tail after it; returns the slice to send.
+    The tail is written as bytes: after an odd count of 2-byte elements it is not
+    aligned for int64."""
+    _tail(buffer, numel).copy_(compute(buffer[:numel]).view(torch.uint8))
+    return buffer[:numel + tail_elements(buffer.dtype)]
 
 
 def check(buffer: torch.Tensor, numel: int) -> tuple[list[int], list[int]] | None:
     """None when `buffer[:numel]` matches the tail, else (sent, computed)."""
-    tail = tail_elements(buffer.dtype)
-    sent = buffer[numel:numel + tail].view(torch.int64)
+    sent = _tail(buffer, numel).clone().view(torch.int64)
     computed = compute(buffer[:numel])
     if torch.equal(sent, computed):
         return None
     return sent.tolist(), computed.tolist()
+
+
+def _tail(buffer: torch.Tensor, numel: int) -> torch.Tensor:
+    return buffer[numel:numel + tail_elements(buffer.dtype)].view(torch.uint8)
 
 
 def _weights_for(device: torch.device) -> torch.Tensor:
