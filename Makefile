@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/shardsync demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest --hypothesis-show-statistics
+	$(BIN)/python -m pytest --hypothesis-show-statistics --durations=15
 
 compile: $(STAMP)
 	$(BIN)/shardsync compile --all

@@ -15,7 +15,7 @@ from datetime import timedelta
 
 import torch
 from torch._C._distributed_c10d import AllreduceOptions, BroadcastOptions, ReduceOp
-from torch.distributed import PrefixStore
+from torch.distributed import PrefixStore, Store
 
 from runtime.errors import TransferError
 
@@ -93,7 +93,7 @@ class Group:
             pass  # a peer already gone; nothing left to release here
 
 
-def create_group(store: TCPStore, name: str, rank: int, peers: tuple[str, ...], device: torch.device,
+def create_group(store: Store, name: str, rank: int, peers: tuple[str, ...], device: torch.device,
                  timeout: float, **options) -> Group:
     """Join channel `name` as member `rank`. Blocks until every member has joined.
 

@@ -46,15 +46,10 @@ def test_kv_heads_1_tp1_to_tp2_partial_update_leaves_other_layers_exact(tmp_path
     assert summary["mismatched"] == []
 
 
-def test_qwen2_four_kv_heads_tp4_to_tp2(tmp_path):
-    summary = _verify(tmp_path, "qwen2-tiny", "--train-tp", "4", "--infer-tp", "2", "--updates", "1")
-    assert summary["mismatched"] == [] and summary["channels_created"] == 4
-
-
 def test_a_spec_without_vllm_layout_falls_back_to_vllms_own_loader(tmp_path):
     """specs/mistral.yaml names no vLLM tensors: the update gathers full tensors per
     stage (a TP group of 2 and one broadcast group) and vLLM's load_weights fuses them."""
-    summary = _verify(tmp_path, "mistral-tiny", "--train-tp", "2", "--infer-tp", "2", "--updates", "1")
+    summary = _verify(tmp_path, "mistral-tiny", "--train-tp", "2", "--infer-tp", "1", "--updates", "1")
     assert summary["mismatched"] == [] and summary["params_checked"] > 0 and summary["tokens_equal"]
     assert summary["channels_created"] == 3
 
