@@ -35,7 +35,12 @@ def agree(store, who: str, everyone: list[str], digest: str, inputs: dict, is_re
     if verdict != "ok":
         store.set(f"agreement/read/{who}", "1")
         raise PlanError(f"plans differ, refusing to connect: {verdict}")
-    refusal = _first_refusal(store, everyone, timeout)
+    try:
+        found = first_refusal(store, {o: f"agreement/verdict/{o}" for o in everyone}, timeout)
+    except Silence as silence:
+        raise TransferError(f"connect: no plan check from {silence} within {timeout:.0f}s "
+                            f"(is that process running?)") from None
+    refusal = found[1] if found is not None else None
     store.set(f"agreement/read/{who}", "1")
     if is_reference:
         # the store lives in this process: leaving (on a refusal) before everyone has
@@ -57,22 +62,37 @@ def describe_difference(reference: dict, mine: dict) -> str:
     return "; ".join(f"{k}: {reference['who']} has {a.get(k)!r}, {mine['who']} has {b.get(k)!r}" for k in fields)
 
 
-def _first_refusal(store, everyone: list[str], timeout: float) -> str | None:
-    """Poll the verdicts until all are ok or one is not: a refusal ends the wait at
-    once, even while processes the refuser does not count are still missing."""
+class Silence(Exception):
+    """Some verdicts did not come within the timeout; `pending` names whose."""
+
+    def __init__(self, pending: list[str]):
+        super().__init__(", ".join(pending))
+        self.pending = pending
+
+
+def first_refusal(store, keys: dict[str, str], timeout: float) -> tuple[str, str, list[str]] | None:
+    """Poll verdicts (who -> store key) until all are "ok" (None) or one is not: (who,
+    verdict, those not heard from yet). A refusal ends the wait at once, even while
+    processes the refuser does not count are missing; silence past the timeout raises
+    Silence. Polls with a growing pause (1 to 20 ms): a store wait with a short
+    timeout would log a warning at every expiry."""
     deadline = time.monotonic() + timeout
-    pending = list(everyone)
+    pending, pause = list(keys), 0.001
     while pending:
-        for other in [o for o in pending if store.check([f"agreement/verdict/{o}"])]:
-            theirs = store.get(f"agreement/verdict/{other}").decode()
-            if theirs != "ok":
-                return theirs
+        if store.check([keys[o] for o in pending]):
+            arrived = list(pending)
+        else:
+            arrived = [o for o in pending if store.check([keys[o]])]
+        verdicts = store.multi_get([keys[o] for o in arrived]) if arrived else []
+        for other, verdict in zip(arrived, verdicts):
             pending.remove(other)
+            if verdict != b"ok":
+                return other, verdict.decode(), [o for o in pending if not store.check([keys[o]])]
         if pending and time.monotonic() > deadline:
-            raise TransferError(f"connect: no plan check from {', '.join(pending)} within {timeout:.0f}s "
-                                f"(is that process running?)")
+            raise Silence(pending)
         if pending:
-            time.sleep(0.02)
+            time.sleep(pause)
+            pause = min(2 * pause, 0.02)
     return None
 
 

@@ -25,7 +25,7 @@ from datetime import timedelta
 
 from torch.distributed import PrefixStore, TCPStore
 
-from runtime.agreement import agree
+from runtime.agreement import Silence, agree, first_refusal
 from runtime.errors import TransferError, UpdateFailedElsewhere, UpdateRefused
 from runtime.liveness import Heartbeat, silent_peers
 
@@ -157,35 +157,17 @@ class Session:
             self.store.delete_key(f"e{self.epoch}/{stage.rstrip('0123456789')}{update - 2}/{self.who}")
 
     def _hear(self, stage: str, when: str, update: int, failed=TransferError):
-        """Poll everyone's verdict until all are ok (None) or one is not: (who, verdict,
-        those not heard from yet). Silence past the timeout raises `failed`. Polls with
-        a growing pause (1 to 20 ms): a store wait with a short timeout would log a
-        warning at every expiry."""
+        """Everyone's verdict on this stage of the update: None when all are ok, else
+        (who, verdict, those not heard from yet). Silence past the timeout, or a store
+        that cannot be reached, raises `failed`."""
         keys = {other: f"e{self.epoch}/{stage}/{other}" for other in self.everyone}
-        deadline = time.monotonic() + self.timeout
-        pending, pause = list(self.everyone), 0.001
         try:
-            while pending:
-                if self.store.check([keys[o] for o in pending]):
-                    arrived = list(pending)
-                else:
-                    arrived = [o for o in pending if self._has(keys[o])]
-                verdicts = self.store.multi_get([keys[o] for o in arrived]) if arrived else []
-                for other, verdict in zip(arrived, verdicts):
-                    pending.remove(other)
-                    if verdict != b"ok":
-                        return other, verdict.decode(), [o for o in pending if not self._has(keys[o])]
-                if pending and time.monotonic() > deadline:
-                    raise failed(f"update {update}: no word from {', '.join(pending)} {when} within "
-                                 f"{self.timeout:.0f}s: {self.diagnose(tuple(pending))}")
-                if pending:
-                    time.sleep(pause)
-                    pause = min(2 * pause, 0.02)
-        except RuntimeError as exc:
-            if isinstance(exc, TransferError):
-                raise
+            return first_refusal(self.store, keys, self.timeout)
+        except Silence as silence:
+            raise failed(f"update {update}: no word from {silence} {when} within {self.timeout:.0f}s: "
+                         f"{self.diagnose(tuple(silence.pending))}") from None
+        except RuntimeError:
             raise failed(f"update {update}: {self.diagnose(())}") from None
-        return None
 
     def _take_epoch(self) -> int:
         if self.is_host:
