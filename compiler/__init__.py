@@ -4,8 +4,8 @@
 Nothing here is imported by the runtime or by generated modules.
 """
 
-from compiler.errors import SpecError
-from compiler.render import render_index, render_module
-from compiler.spec import Spec, load_spec
+from shardsync.compiler.errors import SpecError
+from shardsync.compiler.render import render_index, render_module
+from shardsync.compiler.spec import Spec, load_spec
 
 __all__ = ["Spec", "SpecError", "load_spec", "render_index", "render_module"]

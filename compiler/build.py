@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from compiler.errors import SpecError
-from compiler.render import render_index, render_module
-from compiler.spec import Spec, load_spec
+from shardsync.compiler.errors import SpecError
+from shardsync.compiler.render import render_index, render_module
+from shardsync.compiler.spec import Spec, load_spec
 
 INDEX = "__init__.py"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import jinja2
 
-from compiler.spec import Spec
+from shardsync.compiler.spec import Spec
 
 _TEMPLATES = Path(__file__).parent / "templates"
 _ENV = jinja2.Environment(

@@ -13,10 +13,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from compiler.errors import SpecError
-from compiler.expressions import ExpressionError, condition, int_expression
-from compiler.kinds import KINDS, Kind
-from compiler.yaml_lines import LineDict, load_yaml
+from shardsync.compiler.errors import SpecError
+from shardsync.compiler.expressions import ExpressionError, condition, int_expression
+from shardsync.compiler.kinds import KINDS, Kind
+from shardsync.compiler.yaml_lines import LineDict, load_yaml
 
 TOP_LEVEL = {"family": True, "architectures": True, "config": True, "derived": False, "params": True}
 PARAM_FIELDS = {"megatron": True, "split": True, "dims": True, "hf": True, "vllm": False, "when": False, "stage": False}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import yaml
 
-from compiler.errors import SpecError
+from shardsync.compiler.errors import SpecError
 
 
 class LineDict(dict):

@@ -2,7 +2,7 @@
 
 Plain tensors take each piece in place. Engines whose parameters are not in the
 loading format after loading (vLLM on CPU repacks linears for oneDNN) need more:
-the vLLM targets in `runtime/vllm_params.py` restore a layer's loading-format
+the vLLM targets in `runtime/integrations/vllm/params.py` restore a layer's loading-format
 parameters before its first piece and re-run its post-processing after its last.
 """
 

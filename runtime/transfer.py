@@ -22,17 +22,17 @@ from dataclasses import dataclass
 
 import torch
 
-import generated
-from runtime import buckets as bucketing
-from runtime import checksum
-from runtime.channels import Group, create_group
-from runtime.copy_graphs import BucketCopier
-from runtime.errors import PlanError, StaleWeightsError, TensorError, TransferError, UpdateFailedElsewhere
-from runtime.gather_path import GatherMethod
-from runtime.plan import Channel, Layout, Plan, build_plan
-from runtime.session import Session, local_address
-from runtime.targets import as_loader, as_targets
-from runtime.tensor_checks import as_named, engine_findings, trainer_findings
+from shardsync import generated
+from shardsync.runtime.plan import buckets as bucketing
+from shardsync.runtime.wire import checksum
+from shardsync.runtime.wire.channels import Group, create_group
+from shardsync.runtime.wire.copy_graphs import BucketCopier
+from shardsync.runtime.errors import PlanError, StaleWeightsError, TensorError, TransferError, UpdateFailedElsewhere
+from shardsync.runtime.methods.gather import GatherMethod
+from shardsync.runtime.plan import Channel, Layout, Plan, build_plan
+from shardsync.runtime.session import Session, local_address
+from shardsync.runtime.targets import as_loader, as_targets
+from shardsync.runtime.tensor_checks import as_named, engine_findings, trainer_findings
 
 DEFAULT_BUCKET_BYTES = 64 << 20
 METHODS = ("auto", "shard", "gather")

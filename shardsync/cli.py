@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shardsync import commands, log_lines
+from shardsync import commands
+from shardsync import log_lines
 
 
 def build_parser() -> argparse.ArgumentParser:

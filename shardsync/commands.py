@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-import compiler
-from compiler import build
-from runtime import boxes
-from runtime.errors import PlanError
-from runtime.plan import Layout, build_plan
-from runtime.summary import as_table, summarize
+from shardsync import compiler
+from shardsync.compiler import build
+from shardsync.runtime.plan import boxes
+from shardsync.runtime.errors import PlanError
+from shardsync.runtime.plan import Layout, build_plan
+from shardsync.runtime.plan.summary import as_table, summarize
 from shardsync.presets import model_config
 
 PROJECT = Path(compiler.__file__).resolve().parent.parent
@@ -67,7 +67,7 @@ def _shown(path: Path) -> str:
 
 def load_converter(model: str, make_vocab_size_divisible_by: int = 128):
     """The generated module and Config for a preset name or config.json path."""
-    import generated
+    from shardsync import generated
 
     try:
         hf = model_config(model)
@@ -172,7 +172,7 @@ def _first_layer(table) -> str:
 
 
 def verify(args) -> int:
-    from shardsync.verify import run_verify
+    from shardsync.drills.verify import run_verify
 
     checked(args)  # refuse an unknown model or an impossible layout before starting anything
     if args.source == "megatron" and args.partial:
@@ -185,8 +185,8 @@ def verify(args) -> int:
 
 
 def demo(args) -> int:
-    from shardsync.demo import run_demo
-    from shardsync.rl_loop import LoopConfig
+    from shardsync.demo.rl import run_demo
+    from shardsync.demo.rl_loop import LoopConfig
 
     checked(args)
     if args.steps < 1:
@@ -197,14 +197,14 @@ def demo(args) -> int:
 
 
 def transfer_demo(args) -> int:
-    from shardsync.transfer_demo import run_demo
+    from shardsync.demo.transfer import run_demo
 
     return run_demo(model=args.model, train_tp=args.train_tp, infer_tp=args.infer_tp, engines=args.engines,
                     dtype=args.dtype, bucket_bytes=int(args.bucket_mb * 2**20))
 
 
 def bench_pack(args) -> int:
-    from shardsync.pack_bench import run_pack_bench
+    from shardsync.bench.pack import run_pack_bench
 
     load_converter(args.model)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -219,8 +219,8 @@ def bench_pack(args) -> int:
 
 
 def bench(args) -> int:
-    from shardsync.bench import run_bench
-    from shardsync.bench_report import plot, table
+    from shardsync.bench.transfer import run_bench
+    from shardsync.bench.report import plot, table
 
     planned(args)
     if args.repeat < 1:
@@ -245,7 +245,7 @@ def chaos(args) -> int:
     """Last line: one JSON object; exit 0 only when detected, recovered and nothing hung."""
     args.train_pp, args.dtype = 1, "float32"
     checked(args)
-    from shardsync.chaos import run_scenario
+    from shardsync.drills.chaos import run_scenario
 
     result = run_scenario(args.scenario, model=args.model, train_tp=args.train_tp, infer_tp=args.infer_tp,
                           engines=args.engines, timeout=args.timeout, engine=args.engine)
@@ -258,7 +258,7 @@ def soak(args) -> int:
     created after connect, and no rank grew beyond the margins."""
     from tqdm import tqdm
 
-    from shardsync.soak import run_soak
+    from shardsync.drills.soak import run_soak
 
     args.train_pp, args.dtype = 1, "float32"
     checked(args)

@@ -6,10 +6,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime import boxes
-from runtime.buckets import pack, schedule, unpack
-from runtime.plan import Copy
-from runtime.targets import TensorTargets
+from shardsync.runtime.plan import boxes
+from shardsync.runtime.plan.buckets import schedule
+from shardsync.runtime.wire.pack import pack, unpack
+from shardsync.runtime.plan import Copy
+from shardsync.runtime.targets import TensorTargets
 
 
 @st.composite

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime import checksum
+from shardsync.runtime.wire import checksum
 
 
 @pytest.mark.parametrize("dtype, numel", [(torch.bfloat16, 3_000_001), (torch.bfloat16, 5), (torch.float32, 4097),

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from compiler import SpecError, load_spec, render_module
-from compiler.spec import parse_spec
+from shardsync.compiler import SpecError, load_spec, render_module
+from shardsync.compiler.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))

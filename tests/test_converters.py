@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-import generated
-from generated import qwen2, qwen3
+from shardsync import generated
+from shardsync.generated import qwen2, qwen3
 from shardsync.presets import model_config, preset_names
 
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.errors import PlanError
-from runtime.plan import Layout
-from runtime.transfer import Receiver, Sender
-from shardsync.chaos import run_scenario
-from shardsync.local_cluster import free_port
+from shardsync.runtime.errors import PlanError
+from shardsync.runtime.plan import Layout
+from shardsync.runtime.transfer import Receiver, Sender
+from shardsync.drills.chaos import run_scenario
+from shardsync.harness.local_cluster import free_port
 from shardsync.presets import model_config
-from shardsync.rank_actors import RankProcess, RankSpec, call, collect
-from shardsync.soak import run_soak
+from shardsync.harness.rank_actors import RankProcess, RankSpec, call, collect
+from shardsync.drills.soak import run_soak
 
 TIMEOUT = 4.0
 SLACK = 4.0  # naming the silent peer watches heartbeats for 2 s; process scheduling on 2 busy cores
@@ -165,7 +165,7 @@ def test_two_hundred_updates_with_checksums_are_exact_and_leak_nothing():
 def test_the_store_listens_on_loopback_only_unless_given_an_address():
     import psutil
 
-    from runtime.session import Session, local_address
+    from shardsync.runtime.session import Session, local_address
 
     port = free_port()
     session = Session("trainer pp0 tp0", ["trainer pp0 tp0"], "trainer pp0 tp0", "127.0.0.1", port, 5.0)

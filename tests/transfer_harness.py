@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime import channels
-from runtime.plan import Layout
-from runtime.transfer import Receiver, Sender
-from shardsync.local_cluster import free_port, run_ranks
+from shardsync.runtime.wire import channels
+from shardsync.runtime.plan import Layout
+from shardsync.runtime.transfer import Receiver, Sender
+from shardsync.harness.local_cluster import free_port, run_ranks
 from tests import reference as ref
 
 SEEDS = (11, 23)  # one per update: the trainer's weights change between updates

@@ -1,0 +1,1 @@
+"""A live megatron-core model stage as a Sender's tensors."""

@@ -1,0 +1,159 @@
+"""A live megatron-core model stage as a sender's tensors.
+
+The trainer keeps its model; this reads its parameters where they are (views, no
+copy), under the global-layer Megatron names the shard tables use, after checking
+that the model is the one the HF config describes. A mismatch in a shape-changing
+field would be caught by the plan's shape check; one that only changes numbers
+(norm epsilon, RoPE base, the vocab padding) would not, so each is compared and
+refused by name. Works on any device: mixed dtypes (bf16 linears, fp32 norms) are
+cast to the wire dtype while packing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from shardsync import generated
+from shardsync.runtime.errors import ModelMismatchError, TensorError
+from shardsync.runtime.plan import Layout
+
+_LAYERS = "decoder.layers."
+_OUTPUT = "output_layer.weight"
+
+
+def transformer_fields(hf_config: dict, tp_size: int, make_vocab_size_divisible_by: int = 128) -> tuple[dict, dict]:
+    """What a megatron-core GPT model for this HF config has: (TransformerConfig fields,
+    GPTModel arguments). The source checks a live model against these; the demo builds
+    its model from them."""
+    module = generated.for_architecture((hf_config.get("architectures") or [None])[0])
+    cfg = module.config_from_hf(hf_config, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    families = module.families(cfg)
+    embedding = next(f for f in families if f.stage == "first")
+    fields = {
+        "num_layers": cfg.layers,
+        "hidden_size": cfg.hidden,
+        "num_attention_heads": cfg.heads,
+        "num_query_groups": cfg.kv_heads,
+        "kv_channels": cfg.head_dim,
+        "ffn_hidden_size": cfg.ffn,
+        "gated_linear_unit": any(type(f).__name__ == "MergedColumnParallel" for f in families),
+        "add_bias_linear": False,
+        "add_qkv_bias": any(f.megatron.endswith("self_attention.linear_qkv.bias") for f in families),
+        "qk_layernorm": any(f.megatron.endswith("self_attention.q_layernorm.weight") for f in families),
+        "normalization": "RMSNorm",
+        "layernorm_epsilon": float(hf_config.get("rms_norm_eps", 1e-6)),
+    }
+    model = {
+        "vocab_size": embedding.megatron_tensor(cfg, None, 0, tp_size).shape[0] * tp_size,
+        "share_embeddings_and_output_weights": cfg.tied,
+        "rotary_base": float(hf_config.get("rope_theta", 10000.0)),
+    }
+    return fields, model
+
+
+class MegatronSource:
+    """One trainer rank's model stage: position from `parallel_state`, tensors by name."""
+
+    def __init__(self, model, hf_config: dict, make_vocab_size_divisible_by: int = 128):
+        from megatron.core import parallel_state
+
+        self.model = unwrap_model(model)
+        self.hf_config = hf_config
+        self.make_vocab_size_divisible_by = make_vocab_size_divisible_by
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        self.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+        self.module = generated.for_architecture((hf_config.get("architectures") or [None])[0])
+        self.cfg = self.module.config_from_hf(hf_config, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+        check_model(self.model, hf_config, self.tp_size, make_vocab_size_divisible_by)
+        self._params = self._index()
+
+    def layout(self, infer_tp: int, engines: int) -> Layout:
+        return Layout(self.tp_size, self.pp_size, infer_tp, engines)
+
+    def sender(self, infer_tp: int, engines: int, **options):
+        """A Sender for this rank; `options` as for `runtime.transfer.Sender`."""
+        from shardsync.runtime.transfer import Sender
+
+        return Sender(self.hf_config, self.layout(infer_tp, engines), pp_rank=self.pp_rank, tp_rank=self.tp_rank,
+                      make_vocab_size_divisible_by=self.make_vocab_size_divisible_by, **options)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The live parameters, as detached views (no copy), by global Megatron name."""
+        return {name: param.detach() for name, param in self._params.items()}
+
+    def _index(self) -> dict[str, torch.nn.Parameter]:
+        table = self.module.megatron_shard_table(self.cfg, self.tp_rank, self.tp_size, self.pp_rank, self.pp_size)
+        wanted = [local.name for local in table]
+        offsets = _layer_offsets(self.model)
+        found = {_global_name(name, offsets): param for name, param in self.model.named_parameters()}
+        if self.cfg.tied and self.pp_size > 1 and self.pp_rank == self.pp_size - 1:
+            found.pop(_OUTPUT, None)  # the last stage's copy of the tied embedding: the first stage sends
+        missing = [n for n in wanted if n not in found]
+        extra = [n for n in found if n not in set(wanted)]
+        if missing or extra:
+            raise TensorError(
+                f"trainer pp{self.pp_rank} tp{self.tp_rank}: the model's parameters differ from the "
+                f"{self.module.FAMILY} spec: missing {missing[:4]}, unexpected {extra[:4]} (shardsync reads "
+                f"megatron-core's local layer spec names; a Transformer-Engine spec fuses norms into linears)")
+        return {name: found[name] for name in wanted}
+
+
+def check_model(model, hf_config: dict, tp_size: int, make_vocab_size_divisible_by: int = 128) -> None:
+    """Refuse a model whose config differs from the HF config, naming the first field."""
+    model = unwrap_model(model)
+    fields, model_fields = transformer_fields(hf_config, tp_size, make_vocab_size_divisible_by)
+    config = model.config
+    for field, expected in fields.items():
+        actual = getattr(config, field, None)
+        if not _same(actual, expected):
+            raise ModelMismatchError(f"TransformerConfig.{field} is {actual!r}; the HF config implies {expected!r}")
+    act = getattr(config.activation_func, "__name__", str(config.activation_func))
+    if act != hf_config.get("hidden_act", "silu"):
+        raise ModelMismatchError(f"TransformerConfig.activation_func is {act}; the HF config has hidden_act="
+                                 f"{hf_config.get('hidden_act')!r}")
+    if model.vocab_size != model_fields["vocab_size"]:
+        raise ModelMismatchError(
+            f"GPTModel.vocab_size is {model.vocab_size}; vocab_size={hf_config['vocab_size']} padded for TP "
+            f"{tp_size} with make_vocab_size_divisible_by={make_vocab_size_divisible_by} gives "
+            f"{model_fields['vocab_size']} (pass the trainer's make_vocab_size_divisible_by)")
+    tied = bool(getattr(model, "share_embeddings_and_output_weights", False))
+    if tied != model_fields["share_embeddings_and_output_weights"]:
+        raise ModelMismatchError(f"GPTModel.share_embeddings_and_output_weights is {tied}; the HF config has "
+                                 f"tie_word_embeddings={model_fields['share_embeddings_and_output_weights']}")
+    rotary = getattr(model, "rotary_pos_emb", None)
+    if rotary is not None and hasattr(rotary, "inv_freq"):
+        dim = 2 * rotary.inv_freq.numel()
+        base = float(rotary.inv_freq[1].double() ** (-dim / 2)) if rotary.inv_freq.numel() > 1 else None
+        if base is not None and not math.isclose(base, model_fields["rotary_base"], rel_tol=1e-3):
+            raise ModelMismatchError(f"GPTModel rotary_base is {base:.6g}; the HF config has "
+                                     f"rope_theta={model_fields['rotary_base']:.6g}")
+
+
+def _same(actual, expected) -> bool:
+    if isinstance(expected, float):
+        return isinstance(actual, (int, float)) and math.isclose(actual, expected, rel_tol=1e-9)
+    return actual == expected
+
+
+def unwrap_model(model):
+    """The GPTModel inside DDP / Float16Module wrappers (each keeps it as `.module`)."""
+    while not hasattr(model, "decoder") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _layer_offsets(model) -> dict[int, int]:
+    """Local layer index -> global layer index (0-based), from each layer's `layer_number`."""
+    layers = getattr(getattr(model, "decoder", None), "layers", [])
+    return {index: layer.layer_number - 1 for index, layer in enumerate(layers)}
+
+
+def _global_name(name: str, offsets: dict[int, int]) -> str:
+    if not name.startswith(_LAYERS):
+        return name
+    local, _, rest = name[len(_LAYERS):].partition(".")
+    return f"{_LAYERS}{offsets[int(local)]}.{rest}"

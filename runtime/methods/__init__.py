@@ -1,0 +1,1 @@
+"""Transfer methods: how an endpoint's share of an update reaches the engines."""

@@ -1,0 +1,193 @@
+"""The transfer plan: which bytes go from which trainer rank to which engine ranks.
+
+Pure Python over the generated shard tables: the Megatron pieces of every trainer
+rank are intersected with the vLLM pieces of every engine TP rank. Each non-empty
+intersection is a copy from a source box to a destination box, and never passes
+through a full tensor. Copies are grouped by channel — one source rank and the
+same TP rank of every engine replica — so identical bytes for replicas travel in
+one broadcast. Trainer and engines build the plan independently from the same
+inputs and compare its hash before any byte moves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from types import ModuleType
+
+from shardsync.runtime.plan import boxes
+from shardsync.runtime.plan.boxes import Box
+from shardsync.runtime.errors import PlanError
+from shardsync.runtime.plan.layout import Layout
+from shardsync.runtime.plan.check import check_plan
+
+
+@dataclass(frozen=True)
+class Copy:
+    """A box of a source's local tensor to a box of a destination's local tensor."""
+
+    src_tensor: str
+    src_box: Box
+    dst_tensor: str
+    dst_box: Box
+    hf_name: str
+    phase: int = 0  # 0: embedding, 1 + layer: that layer, layers + 1: final norm and head
+
+    @property
+    def numel(self) -> int:
+        return boxes.numel(self.dst_box)
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One source rank feeding one TP rank of every engine replica."""
+
+    src_rank: int
+    pp: int
+    tp: int
+    dst_tp: int
+    engines: int
+    copies: tuple[Copy, ...]
+
+    @property
+    def name(self) -> str:
+        return f"pp{self.pp}-tp{self.tp}-to-tp{self.dst_tp}"
+
+    @property
+    def numel(self) -> int:
+        return sum(c.numel for c in self.copies)
+
+
+@dataclass(frozen=True)
+class Plan:
+    family: str
+    layout: Layout
+    dtype_bytes: int
+    channels: tuple[Channel, ...]
+    src_shapes: dict = field(repr=False)  # src rank -> {tensor: shape}
+    dst_shapes: dict = field(repr=False)  # dst tp -> {tensor: shape}
+    digest: str = ""
+
+    def channels_of_source(self, src_rank: int) -> list[Channel]:
+        return [c for c in self.channels if c.src_rank == src_rank]
+
+    def channels_of_engine_rank(self, dst_tp: int) -> list[Channel]:
+        return [c for c in self.channels if c.dst_tp == dst_tp]
+
+
+def build_plan(module: ModuleType, cfg, layout: Layout, dtype_bytes: int) -> Plan:
+    """Intersect every trainer rank's Megatron pieces with every engine rank's vLLM pieces."""
+    if not module.VLLM_LAYOUT:
+        raise PlanError(f"the {module.FAMILY} spec has no vLLM layout table, so there is no shard-to-shard plan; "
+                        f"updates use the gather method (full HF tensors through the engine's own loader)")
+    source_tables = _source_tables(module, cfg, layout)
+    sources = _source_pieces(source_tables)
+    engine_tables = {s: module.vllm_shard_table(cfg, s, layout.infer_tp) for s in range(layout.infer_tp)}
+
+    wanted: list[tuple[int, _Need]] = []  # (dst_tp, need) in model order per engine rank
+    for dst_tp, table in engine_tables.items():
+        for local in table:
+            for piece in local.pieces:
+                for src_box, holders in sources.get(piece.hf_name, {}).items():
+                    common = boxes.intersect(src_box, piece.hf_box)
+                    if common is not None:
+                        wanted.append((dst_tp, _Need(local.name, piece, src_box, holders, common)))
+
+    # Single-holder pieces fix the channels; a replicated piece then goes to a holder
+    # that already feeds that engine rank (equal TP stays one-to-one), spreading the
+    # replicated bytes evenly over those holders.
+    feeds = {(need.holders[0][0], dst_tp) for dst_tp, need in wanted if len(need.holders) == 1}
+    replicated_load = {rank: 0 for rank in range(layout.src_ranks)}
+    chosen: list[int] = []
+    for dst_tp, need in wanted:
+        ranks = [rank for rank, _ in need.holders]
+        if len(ranks) > 1:
+            preferred = [r for r in ranks if (r, dst_tp) in feeds] or ranks
+            ranks = [min(preferred, key=lambda r: (replicated_load[r], r))]
+            replicated_load[ranks[0]] += boxes.numel(need.common)
+            feeds.add((ranks[0], dst_tp))
+        chosen.append(ranks[0])
+
+    per_channel: dict[tuple[int, int], list[Copy]] = {}
+    for rank, (dst_tp, need) in zip(chosen, wanted):
+        src_tensor, src_local_box = dict(need.holders)[rank]
+        per_channel.setdefault((rank, dst_tp), []).append(Copy(
+            src_tensor=src_tensor,
+            src_box=boxes.translate(need.common, need.src_hf_box, src_local_box),
+            dst_tensor=need.dst_tensor,
+            dst_box=boxes.translate(need.common, need.piece.hf_box, need.piece.local_box),
+            hf_name=need.piece.hf_name,
+            phase=_phase(module, cfg, src_tensor),
+        ))
+
+    channels = tuple(
+        Channel(rank, *layout.src_position(rank), dst_tp, layout.engines, tuple(copies))
+        for (rank, dst_tp), copies in sorted(per_channel.items())
+    )
+    src_shapes = {
+        rank: {t.name: tuple(t.shape) for t in table} for rank, table in source_tables.items()
+    }
+    dst_shapes = {s: {t.name: tuple(t.shape) for t in table} for s, table in engine_tables.items()}
+    check_plan(channels, src_shapes, engine_tables)
+    digest = plan_digest(module.FAMILY, cfg, layout, dtype_bytes, channels)
+    return Plan(module.FAMILY, layout, dtype_bytes, channels, src_shapes, dst_shapes, digest)
+
+
+@dataclass(frozen=True)
+class _Need:
+    dst_tensor: str
+    piece: object  # the vLLM Piece
+    src_hf_box: Box
+    holders: tuple[tuple[int, tuple[str, Box]], ...]  # (src rank, (src tensor, src local box))
+    common: Box
+
+
+def _source_pieces(source_tables: dict[int, list]) -> dict[str, dict[Box, tuple]]:
+    """hf name -> hf box -> the source ranks holding exactly that box (replicas)."""
+    found: dict[str, dict[Box, list]] = {}
+    for rank, table in source_tables.items():
+        for local in table:
+            for piece in local.pieces:
+                found.setdefault(piece.hf_name, {}).setdefault(piece.hf_box, []).append(
+                    (rank, (local.name, piece.local_box)))
+    for hf_name, by_box in found.items():
+        distinct = list(by_box)
+        for i, a in enumerate(distinct):
+            for b in distinct[i + 1:]:
+                if boxes.intersect(a, b) is not None:
+                    raise PlanError(f"{hf_name}: trainer pieces {boxes.fmt(a)} and {boxes.fmt(b)} overlap without being replicas")
+    return {name: {box: tuple(holders) for box, holders in by_box.items()} for name, by_box in found.items()}
+
+
+def _phase(module: ModuleType, cfg, megatron_name: str) -> int:
+    """Which part of the model a tensor belongs to, in model order: updates move
+    one phase at a time on every channel, so an engine completes layers in order."""
+    family, layer = module.resolve(megatron_name, cfg)
+    if layer is not None:
+        return 1 + layer
+    return 0 if family.stage == "first" else cfg.layers + 1
+
+
+def _source_tables(module: ModuleType, cfg, layout: Layout) -> dict[int, list]:
+    return {
+        layout.src_rank(pp, tp): module.megatron_shard_table(cfg, tp, layout.train_tp, pp, layout.train_pp)
+        for pp in range(layout.train_pp)
+        for tp in range(layout.train_tp)
+    }
+
+
+def plan_digest(family: str, cfg, layout: Layout, dtype_bytes: int, channels) -> str:
+    """A stable hash of everything both sides must agree on."""
+    body = {
+        "family": family,
+        "config": dict(sorted(vars(cfg).items())),
+        "layout": vars(layout),
+        "dtype_bytes": dtype_bytes,
+        "channels": [
+            [c.src_rank, c.dst_tp, c.engines,
+             [[x.src_tensor, x.src_box, x.dst_tensor, x.dst_box, x.phase] for x in c.copies]]
+            for c in channels
+        ],
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

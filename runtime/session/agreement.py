@@ -1,0 +1,104 @@
+"""Plan agreement: every process checks it planned the same transfer before any
+group is created or any byte moves.
+
+Through the rendezvous store, not a channel: processes that disagree on the
+layout would disagree on the channels too, and would wait on groups that never
+form. The first trainer rank publishes its plan inputs and hash; every process
+compares, publishes a verdict, and waits for the verdicts of all the others, so a
+mismatch anywhere is refused everywhere with the fields that differ.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+
+from shardsync.runtime.errors import PlanError, TransferError
+
+REFERENCE = "agreement/reference"
+
+
+def agree(store, who: str, everyone: list[str], digest: str, inputs: dict, is_reference: bool, timeout: float) -> None:
+    """Refuse to go on unless every process in `everyone` planned with `digest`.
+
+    A process that differs from the reference refuses at once (it may count peers
+    that do not exist, and must not wait for them); the others wait for every
+    verdict, so they refuse too, naming the fields that differ.
+    """
+    mine = {"who": who, "digest": digest, "inputs": inputs}
+    if is_reference:
+        store.set(REFERENCE, json.dumps(mine))
+    reference = json.loads(_get(store, REFERENCE, "the first trainer rank's plan", timeout))
+    verdict = "ok" if reference["digest"] == digest else describe_difference(reference, mine)
+    store.set(f"agreement/verdict/{who}", verdict)
+    if verdict != "ok":
+        store.set(f"agreement/read/{who}", "1")
+        raise PlanError(f"plans differ, refusing to connect: {verdict}")
+    try:
+        found = first_refusal(store, {o: f"agreement/verdict/{o}" for o in everyone}, timeout)
+    except Silence as silence:
+        raise TransferError(f"connect: no plan check from {silence} within {timeout:.0f}s "
+                            f"(is that process running?)") from None
+    refusal = found[1] if found is not None else None
+    store.set(f"agreement/read/{who}", "1")
+    if is_reference:
+        # the store lives in this process: leaving (on a refusal) before everyone has
+        # read the verdicts would turn their refusal into a lost connection
+        try:
+            store.wait([f"agreement/read/{other}" for other in everyone], timedelta(seconds=timeout))
+        except RuntimeError:
+            pass  # a peer that never reads has its own timeout to report
+    if refusal is not None:
+        raise PlanError(f"plans differ, refusing to connect: {refusal}")
+
+
+def describe_difference(reference: dict, mine: dict) -> str:
+    """The inputs that differ, as `field: <who> has X, <who> has Y`."""
+    a, b = reference["inputs"], mine["inputs"]
+    fields = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if not fields:
+        return f"{reference['who']} and {mine['who']} have the same inputs but different plan hashes (different converter versions?)"
+    return "; ".join(f"{k}: {reference['who']} has {a.get(k)!r}, {mine['who']} has {b.get(k)!r}" for k in fields)
+
+
+class Silence(Exception):
+    """Some verdicts did not come within the timeout; `pending` names whose."""
+
+    def __init__(self, pending: list[str]):
+        super().__init__(", ".join(pending))
+        self.pending = pending
+
+
+def first_refusal(store, keys: dict[str, str], timeout: float) -> tuple[str, str, list[str]] | None:
+    """Poll verdicts (who -> store key) until all are "ok" (None) or one is not: (who,
+    verdict, those not heard from yet). A refusal ends the wait at once, even while
+    processes the refuser does not count are missing; silence past the timeout raises
+    Silence. Polls with a growing pause (1 to 20 ms): a store wait with a short
+    timeout would log a warning at every expiry."""
+    deadline = time.monotonic() + timeout
+    pending, pause = list(keys), 0.001
+    while pending:
+        if store.check([keys[o] for o in pending]):
+            arrived = list(pending)
+        else:
+            arrived = [o for o in pending if store.check([keys[o]])]
+        verdicts = store.multi_get([keys[o] for o in arrived]) if arrived else []
+        for other, verdict in zip(arrived, verdicts):
+            pending.remove(other)
+            if verdict != b"ok":
+                return other, verdict.decode(), [o for o in pending if not store.check([keys[o]])]
+        if pending and time.monotonic() > deadline:
+            raise Silence(pending)
+        if pending:
+            time.sleep(pause)
+            pause = min(2 * pause, 0.02)
+    return None
+
+
+def _get(store, key: str, what: str, timeout: float) -> bytes:
+    try:
+        store.wait([key], timedelta(seconds=timeout))
+        return store.get(key)
+    except RuntimeError:
+        raise TransferError(f"connect: no answer for {what} within {timeout:.0f}s (is that process running?)") from None

@@ -1,0 +1,138 @@
+"""Persistent channels: one stateless process group per plan channel.
+
+Groups are built over a shared `TCPStore` (never the processes' default group,
+which the trainer and the engine own), created once at connect, reused by every
+update and shut down at close. Gloo carries CPU tensors, NCCL CUDA tensors. Every
+blocking call has a timeout and fails with the channel, the peer and the update.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+from datetime import timedelta
+
+import torch
+from torch._C._distributed_c10d import AllreduceOptions, BroadcastOptions, ReduceOp
+from torch.distributed import PrefixStore, Store
+
+from shardsync.runtime.errors import TransferError
+
+GROUPS_CREATED = 0  # groups this process has created: updates must not add any
+
+
+@dataclass
+class Group:
+    """One channel's group: member 0 is the source, 1..K the engine replicas."""
+
+    name: str
+    rank: int
+    size: int
+    backend: object
+    timeout: float
+    peers: tuple[str, ...]  # a readable name per member
+    device: torch.device
+    diagnose: Callable[[tuple[str, ...]], str] | None = None  # which peers went silent, set at connect
+
+    def broadcast(self, tensor: torch.Tensor):
+        options = BroadcastOptions()
+        options.rootRank = 0
+        options.rootTensor = 0
+        return self.backend.broadcast([tensor], options)
+
+    def all_gather(self, outputs: list[torch.Tensor], tensor: torch.Tensor):
+        """Every member's `tensor` into `outputs` (one per member), on every member."""
+        return self.backend.allgather([outputs], [tensor])
+
+    def send_header(self, update: int, buckets: int, device: torch.device) -> None:
+        """Member 0 announces the update number and how many buckets follow."""
+        self.wait(self.broadcast(torch.tensor([update, buckets], dtype=torch.int64, device=device)),
+                  "sending the header", update)
+
+    def receive_header(self, update: int, buckets: int, device: torch.device) -> None:
+        """Refuse an update whose announced number or bucket count is not the expected one."""
+        announced = torch.zeros(2, dtype=torch.int64, device=device)
+        self.wait(self.broadcast(announced), "receiving the header", update)
+        if announced.tolist() != [update, buckets]:
+            raise TransferError(f"update {update}: channel {self.name}: the sender announced update "
+                                f"{announced[0].item()} with {announced[1].item()} buckets; expected {buckets}")
+
+    def max_across(self, tensor: torch.Tensor):
+        options = AllreduceOptions()
+        options.reduceOp = ReduceOp.MAX
+        return self.backend.allreduce([tensor], options)
+
+    def acknowledge(self, problem: int, what: str, update: int) -> int:
+        """The closing exchange of an update: every member offers 0, or 1 + its own rank
+        if it received something wrong; returns the largest offered (0: all well)."""
+        value = torch.tensor([problem], dtype=torch.int64, device=self.device)
+        self.wait(self.max_across(value), what, update)
+        return int(value.item())
+
+    def wait(self, work, what: str, update: int | None) -> None:
+        """Wait for `work`, turning a timeout or a dead peer into a TransferError."""
+        started = time.monotonic()
+        try:
+            work.wait(timedelta(seconds=self.timeout))
+        except RuntimeError as exc:
+            elapsed = time.monotonic() - started
+            when = f"update {update}" if update is not None else "connect"
+            others = tuple(p for i, p in enumerate(self.peers) if i != self.rank)
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            found = f"{self.diagnose(others)}; " if self.diagnose is not None else ""
+            raise TransferError(
+                f"{when}: channel {self.name}: {what} with {', '.join(others)} failed after {elapsed:.1f}s "
+                f"(timeout {self.timeout:.0f}s): {found}{reason}"
+            ) from None
+
+    def close(self) -> None:
+        try:
+            self.backend.shutdown()
+        except RuntimeError:
+            pass  # a peer already gone; nothing left to release here
+
+
+def create_group(store: Store, name: str, rank: int, peers: tuple[str, ...], device: torch.device,
+                 timeout: float, **options) -> Group:
+    """Join channel `name` as member `rank`. Blocks until every member has joined.
+
+    Extra keyword options are accepted and forwarded so that callers (engine
+    workers set up through a framework's hooks) can pass what they are given.
+    """
+    global GROUPS_CREATED
+    prefixed = PrefixStore(f"shardsync/{name}", store)
+    started = time.monotonic()
+    try:
+        if device.type == "cuda":
+            backend = _nccl(prefixed, rank, len(peers), timeout, device, **options)
+        else:
+            backend = _gloo(prefixed, rank, len(peers), timeout, **options)
+    except RuntimeError as exc:
+        others = ", ".join(p for i, p in enumerate(peers) if i != rank)
+        raise TransferError(
+            f"connect: channel {name}: joining with {others} failed after {time.monotonic() - started:.1f}s: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    GROUPS_CREATED += 1
+    return Group(name, rank, len(peers), backend, timeout, peers, device)
+
+
+def _gloo(store, rank: int, size: int, timeout: float, host: str = "127.0.0.1", **_unused):
+    from torch._C._distributed_c10d import ProcessGroupGloo
+
+    options = ProcessGroupGloo._Options()
+    options._timeout = timedelta(seconds=timeout)
+    options._devices = [ProcessGroupGloo.create_device(hostname=host)]
+    return ProcessGroupGloo(store, rank, size, options)
+
+
+def _nccl(store, rank: int, size: int, timeout: float, device: torch.device, **_unused):
+    from torch._C._distributed_c10d import ProcessGroupNCCL
+
+    options = ProcessGroupNCCL.Options()
+    options._timeout = timedelta(seconds=timeout)
+    torch.cuda.set_device(device)
+    backend = ProcessGroupNCCL(store, rank, size, options)
+    backend.eager_connect_single_device(device)
+    return backend

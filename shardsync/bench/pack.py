@@ -1,0 +1,181 @@
+"""`shardsync bench-pack`: the pack / cast / unpack code alone, against the device's copy rate.
+
+One trainer rank's channel (for a real model shape, e.g. Qwen3-4B at TP 2) is
+packed into wire buckets and unpacked into engine-layout tensors with the runtime's
+own copier (`runtime.wire.copy_graphs`, graphed on CUDA) and, for reference, the eager
+`wire.pack.pack` / `wire.pack.unpack`, on any device. Each pass is one read and one
+write of the payload, so each is compared with one plain contiguous copy of the same
+bytes measured in the same run. On CUDA it also measures the pack replayed as a CUDA
+graph (the plan and the live tensors' addresses do not change between updates) and
+staging buckets to pinned vs pageable host memory, for a CPU (gloo) wire.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from shardsync import generated
+from shardsync.runtime.plan import buckets as bucketing
+from shardsync.runtime.wire import pack as packing
+from shardsync.runtime.wire.copy_graphs import BucketCopier
+from shardsync.runtime.plan import Layout, build_plan
+from shardsync.runtime.targets import TensorTargets
+from shardsync.presets import model_config
+
+
+def run_pack_bench(model: str = "qwen3-4b", train_tp: int = 2, infer_tp: int = 2, device: str = "cuda",
+                   src_dtype: str = "bfloat16", wire_dtype: str = "bfloat16", bucket_mb: float = 64.0,
+                   repeat: int = 5) -> dict:
+    device = torch.device(device)
+    src, wire = getattr(torch, src_dtype), getattr(torch, wire_dtype)
+    hf_config = model_config(model)
+    module = generated.for_architecture(hf_config["architectures"][0])
+    cfg = module.config_from_hf(hf_config)
+    elsize = torch.empty((), dtype=wire).element_size()
+    plan = build_plan(module, cfg, Layout(train_tp, 1, infer_tp, 1), elsize)
+    channel = plan.channels_of_source(0)[0]  # trainer tp0 -> engine tp0
+    schedule = bucketing.schedule(channel.copies, max(1, int(bucket_mb * 2**20) // elsize))
+    sources = {name: torch.randn(shape, dtype=src, device=device) for name, shape in plan.src_shapes[0].items()}
+    dests = {name: torch.zeros(shape, dtype=wire, device=device) for name, shape in plan.dst_shapes[channel.dst_tp].items()}
+    targets = TensorTargets(dests)
+    buffer = torch.empty(max(b.numel for b in schedule), dtype=wire, device=device)
+    payload = channel.numel * elsize
+
+    copier = BucketCopier(device)  # what the Sender and Receiver use
+
+    def pack_all():
+        for index, bucket in enumerate(schedule):
+            copier.pack(("bench", 0, index), bucket, sources, buffer)
+
+    def unpack_all():
+        for index, bucket in enumerate(schedule):
+            copier.unpack(("bench", 0, index), bucket, buffer, targets)
+
+    def pack_eager():
+        for bucket in schedule:
+            packing.pack(bucket, sources, buffer)
+
+    def unpack_eager():
+        for bucket in schedule:
+            packing.unpack(bucket, buffer, targets)
+
+    for _ in range(2):  # the runtime captures a bucket's graph when it sees the same tensors twice
+        pack_all()
+        unpack_all()
+
+    flat_a = torch.empty(channel.numel, dtype=wire, device=device)
+    flat_b = torch.empty_like(flat_a)
+    result = {
+        "model": model, "device": _device_name(device), "train_tp": train_tp, "infer_tp": infer_tp,
+        "src_dtype": src_dtype, "wire_dtype": wire_dtype, "bucket_mb": bucket_mb, "buckets": len(schedule),
+        "copies": len(channel.copies), "pieces": sum(len(b.entries) for b in schedule), "payload_bytes": payload,
+        "copy_s": _time(lambda: flat_b.copy_(flat_a), device, repeat),
+        "pack_s": _time(pack_all, device, repeat),
+        "unpack_s": _time(unpack_all, device, repeat),
+        "pack_eager_s": _time(pack_eager, device, repeat),
+        "unpack_eager_s": _time(unpack_eager, device, repeat),
+        "graphs_captured": copier.captures,
+    }
+    result["runtime_equals_eager"] = _same_result(schedule, sources, buffer, dests)
+    result["copy_GBps"] = payload / result["copy_s"] / 1e9
+    result["pack_unpack_vs_copy"] = 2 * result["copy_s"] / (result["pack_s"] + result["unpack_s"])
+    for name in ("pack", "unpack", "pack_eager", "unpack_eager"):
+        result[f"{name}_GBps"] = payload / result[f"{name}_s"] / 1e9
+        result[f"{name}_vs_copy"] = result["copy_s"] / result[f"{name}_s"]
+    if device.type == "cuda":
+        result.update(_cuda_extras(pack_eager, buffer, schedule, sources, payload, repeat, device))
+    return result
+
+
+def _cuda_extras(pack_all, buffer, schedule, sources, payload, repeat, device) -> dict:
+    """The pack as one CUDA graph replay, and device-to-host staging (pinned vs pageable)."""
+    extras = {}
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        pack_all()  # warm-up on the capture stream
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pack_all()
+    extras["pack_graph_s"] = _time(graph.replay, device, repeat)
+    extras["pack_graph_GBps"] = payload / extras["pack_graph_s"] / 1e9
+    for lanes in (2, 4, 8):
+        # the same copies spread over several streams inside the graph: small copies overlap
+        graph = _lanes_graph(schedule, sources, buffer, lanes, device)
+        extras[f"pack_graph_{lanes}streams_s"] = _time(graph.replay, device, repeat)
+        extras[f"pack_graph_{lanes}streams_GBps"] = payload / extras[f"pack_graph_{lanes}streams_s"] / 1e9
+    largest = buffer.numel()
+    for kind, pinned in (("pinned", True), ("pageable", False)):
+        host = torch.empty(largest, dtype=buffer.dtype, pin_memory=pinned)
+
+        def stage():
+            for bucket in schedule:
+                used = packing.pack(bucket, sources, buffer)
+                host[: bucket.numel].copy_(used, non_blocking=pinned)
+
+        extras[f"pack_to_{kind}_host_s"] = _time(stage, device, repeat)
+        extras[f"pack_to_{kind}_host_GBps"] = payload / extras[f"pack_to_{kind}_host_s"] / 1e9
+    host = torch.empty(largest, dtype=buffer.dtype, pin_memory=True)
+    extras["d2h_pinned_GBps"] = largest * buffer.element_size() / _time(
+        lambda: host.copy_(buffer, non_blocking=True), device, repeat) / 1e9
+    return extras
+
+
+def _same_result(schedule, sources, buffer, dests) -> bool:
+    """The runtime's (graphed) copies leave the engine tensors as the eager ones do."""
+    copier = BucketCopier(buffer.device)
+    for tensor in dests.values():
+        tensor.zero_()
+    for _ in range(3):  # eager, then captured, then replayed
+        for index, bucket in enumerate(schedule):
+            copier.unpack(("check", index), bucket, copier.pack(("check", index), bucket, sources, buffer),
+                          TensorTargets(dests))
+    reference = {name: torch.zeros_like(t) for name, t in dests.items()}
+    for bucket in schedule:
+        packing.unpack(bucket, packing.pack(bucket, sources, buffer), TensorTargets(reference))
+    return all(torch.equal(dests[name], reference[name]) for name in dests)
+
+
+def _lanes_graph(schedule, sources, buffer, lanes: int, device):
+    from shardsync.runtime.plan import boxes
+
+    pairs = [(buffer[e.offset:e.offset + e.numel].view(boxes.shape(e.src_box)),
+              sources[e.src_tensor][boxes.as_slices(e.src_box)]) for bucket in schedule for e in bucket.entries]
+    streams = [torch.cuda.Stream(device) for _ in range(lanes)]
+    graph = torch.cuda.CUDAGraph()
+    capture = torch.cuda.Stream(device)
+    capture.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.graph(graph, stream=capture):
+        for stream in streams:
+            stream.wait_stream(capture)
+        for index, (dst, src) in enumerate(pairs):
+            with torch.cuda.stream(streams[index % lanes]):
+                dst.copy_(src)
+        for stream in streams:
+            capture.wait_stream(stream)
+    return graph
+
+
+def _time(fn, device: torch.device, repeat: int) -> float:
+    """Median seconds of `repeat` runs after one warm-up, synchronised on CUDA."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -1,0 +1,68 @@
+"""The gather path, as an oracle: a live megatron-core model as full HF tensors.
+
+Every rank sends its shards, with the global offsets megatron-core's own
+`sharded_state_dict()` gives them (its checkpoint format, independent of the shard
+tables), to global rank 0, which assembles full Megatron tensors and converts them
+with the generated `convert_to_hf`. This is what the seed's full-gather sync did;
+`shardsync verify --source megatron` loads its output into a fresh vLLM engine to
+judge the shard-to-shard transfer. Not for the hot path: rank 0 holds the model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shardsync.runtime.integrations.megatron.source import unwrap_model
+
+_LAYERS = "decoder.layers."
+
+
+def gather_hf_state(model, module, cfg) -> dict[str, torch.Tensor] | None:
+    """Full HF tensors on global rank 0 (None on the others). A collective: every rank calls it."""
+    from megatron.core.dist_checkpointing.mapping import is_main_replica
+
+    model = unwrap_model(model)
+    pieces = []
+    for name, sharded in model.sharded_state_dict().items():
+        for tensor in _built(sharded):
+            if not is_main_replica(tensor.replica_id):
+                continue
+            prepend = tensor.prepend_axis_num
+            global_name = _global_name(name, tensor.global_offset[:prepend])
+            pieces.append((global_name, tuple(tensor.global_shape[prepend:]), tuple(tensor.global_offset[prepend:]),
+                           tensor.data.detach().cpu().clone()))
+    gathered = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
+    torch.distributed.gather_object(pieces, gathered, dst=0)
+    if gathered is None:
+        return None
+    full: dict[str, torch.Tensor] = {}
+    for name, shape, offset, data in (piece for rank_pieces in gathered for piece in rank_pieces):
+        target = full.setdefault(name, torch.zeros(shape, dtype=data.dtype))
+        target[tuple(slice(o, o + n) for o, n in zip(offset, data.shape))] = data
+    hf: dict[str, torch.Tensor] = {}
+    for name, tensor in full.items():
+        if name == "output_layer.weight" and cfg.tied:
+            continue  # the last stage's copy of the tied embedding
+        hf.update(module.convert_to_hf(name, tensor, cfg))
+    return hf
+
+
+def _built(sharded) -> list:
+    """ShardedTensors of one state-dict entry: factories (SwiGLU's fc1) are built into
+    theirs; objects (extra state) have none."""
+    kind = type(sharded).__name__
+    if kind == "ShardedTensor":
+        return [sharded]
+    if kind == "ShardedTensorFactory":
+        built = sharded.build()
+        built = built.values() if isinstance(built, dict) else built
+        return [t for t in built if type(t).__name__ == "ShardedTensor"]
+    return []
+
+
+def _global_name(name: str, layer_offset: tuple[int, ...]) -> str:
+    """`decoder.layers.<local>.rest` with megatron-core's global layer number."""
+    if not name.startswith(_LAYERS) or not layer_offset:
+        return name
+    _, _, rest = name[len(_LAYERS):].partition(".")
+    return f"{_LAYERS}{layer_offset[0]}.{rest}"
