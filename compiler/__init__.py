@@ -5,7 +5,7 @@ Nothing here is imported by the runtime or by generated modules.
 """
 
 from shardsync.compiler.errors import SpecError
-from shardsync.compiler.render import render_index, render_module
+from shardsync.compiler.render import render_index, render_kinds, render_module
 from shardsync.compiler.spec import Spec, load_spec
 
-__all__ = ["Spec", "SpecError", "load_spec", "render_index", "render_module"]
+__all__ = ["Spec", "SpecError", "load_spec", "render_index", "render_kinds", "render_module"]

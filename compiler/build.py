@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardsync.compiler.errors import SpecError
-from shardsync.compiler.render import render_index, render_module
+from shardsync.compiler.render import render_index, render_kinds, render_module
 from shardsync.compiler.spec import Spec, load_spec
 
 INDEX = "__init__.py"
+KINDS = "_kinds.py"  # the layout library every module imports, the same for all
 
 
 @dataclass(frozen=True)
@@ -22,10 +23,12 @@ class Output:
 
 
 def outputs(spec_paths: list[Path], out_dir: Path, index: bool) -> list[Output]:
-    """What compiling these specs writes; the package index only for a full build."""
+    """What compiling these specs writes: their modules and the layout library they import;
+    the package index only for a full build."""
     specs = [load_spec(path) for path in spec_paths]
     _refuse_clashes(specs)
-    result = [Output(out_dir / f"{spec.family}.py", render_module(spec)) for spec in specs]
+    result = [Output(out_dir / KINDS, render_kinds())]
+    result += [Output(out_dir / f"{spec.family}.py", render_module(spec)) for spec in specs]
     if index:
         result.append(Output(out_dir / INDEX, render_index(specs)))
     return result
@@ -34,7 +37,7 @@ def outputs(spec_paths: list[Path], out_dir: Path, index: bool) -> list[Output]:
 def stale_modules(spec_paths: list[Path], out_dir: Path) -> list[Path]:
     """Modules in `out_dir` that no spec produces any more."""
     families = {load_spec(path).family for path in spec_paths}
-    return sorted(p for p in out_dir.glob("*.py") if p.name != INDEX and p.stem not in families)
+    return sorted(p for p in out_dir.glob("*.py") if p.name not in (INDEX, KINDS) and p.stem not in families)
 
 
 def write(outs: list[Output]) -> list[Path]:

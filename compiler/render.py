@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import jinja2
@@ -10,6 +11,7 @@ import jinja2
 from shardsync.compiler.spec import Spec
 
 _TEMPLATES = Path(__file__).parent / "templates"
+_KINDS = Path(__file__).parent / "_kinds.py"
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(_TEMPLATES)),
     trim_blocks=True,
@@ -22,7 +24,14 @@ _ENV = jinja2.Environment(
 
 def render_module(spec: Spec) -> str:
     """The source of `generated/<family>.py` for one spec; same spec, same bytes."""
-    return _tidy(_ENV.get_template("module.py.j2").render(spec=spec, qkv_checks=_qkv_checks(spec)))
+    template = _ENV.get_template("module.py.j2")
+    return _tidy(template.render(spec=spec, qkv_checks=_qkv_checks(spec), config_arguments=_config_arguments(spec),
+                                 all_families=_wrapped([param.const_name for param in spec.params])))
+
+
+def render_kinds() -> str:
+    """The source of `generated/_kinds.py`: the layout library, copied verbatim."""
+    return _KINDS.read_text()
 
 
 def render_index(specs: list[Spec]) -> str:
@@ -40,6 +49,17 @@ def _qkv_checks(spec: Spec) -> list[tuple[str, str]]:
             if pair not in pairs:
                 pairs.append(pair)
     return pairs
+
+
+def _config_arguments(spec: Spec) -> list[str]:
+    """`name=name, ...` for every Config field, wrapped to fit the line length."""
+    names = [e.name for e in spec.config] + [d.name for d in spec.derived] + ["make_vocab_size_divisible_by"]
+    return _wrapped([f"{name}={name}" for name in names])
+
+
+def _wrapped(items: list[str]) -> list[str]:
+    """Items of a call or tuple, comma-separated, in lines that fit indented."""
+    return textwrap.wrap(", ".join(items) + ",", width=110, break_long_words=False, break_on_hyphens=False)
 
 
 def _tidy(source: str) -> str:

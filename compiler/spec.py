@@ -16,11 +16,13 @@ from pathlib import Path
 from shardsync.compiler.errors import SpecError
 from shardsync.compiler.expressions import ExpressionError, condition, int_expression
 from shardsync.compiler.kinds import KINDS, Kind
+from shardsync.compiler.megatron import NORMALIZATIONS, SECTION, Megatron, megatron_facts, missing_families
 from shardsync.compiler.yaml_lines import LineDict, load_yaml
 
-TOP_LEVEL = {"family": True, "architectures": True, "config": True, "derived": False, "params": True}
+TOP_LEVEL = {"family": True, "architectures": True, "config": True, "derived": False, "megatron": True, "params": True}
 PARAM_FIELDS = {"megatron": True, "split": True, "dims": True, "hf": True, "vllm": False, "when": False, "stage": False}
 CONFIG_FIELDS = {"field": True, "type": False, "default": False}
+CONFIG_TYPES = ("int", "bool", "float")
 RESERVED = {"cfg", "hf", "layer", "make_vocab_size_divisible_by"}
 STAGES = ("first", "last")
 
@@ -35,7 +37,7 @@ class ConfigEntry:
 
     name: str
     field: str
-    type: str  # "int" or "bool"
+    type: str  # "int", "bool" or "float"
     default: str | None  # Python source of the default, over names defined earlier
 
 
@@ -70,6 +72,7 @@ class Spec:
     config: tuple[ConfigEntry, ...]
     derived: tuple[Derived, ...]
     params: tuple[Param, ...]
+    megatron: Megatron
     source_name: str
     sha256: str
 
@@ -120,12 +123,15 @@ def parse_spec(text: str, path: str) -> Spec:
     params = check.params(raw["params"], raw.line_of("params"), int_names, bool_names)
     if any(p.stage == "layer" for p in params) and "layers" not in int_names:
         check.fail(raw.line_of("config"), "config", "missing 'layers': params with {layer} need the number of layers")
+    float_names = {e.name for e in config if e.type == "float"}
+    megatron = check.megatron(raw["megatron"], raw.line_of("megatron"), params, float_names)
     return Spec(
         family=family,
         architectures=architectures,
         config=config,
         derived=derived,
         params=params,
+        megatron=megatron,
         source_name=Path(path).name,
         sha256=hashlib.sha256(text.encode()).hexdigest(),
     )
@@ -179,8 +185,8 @@ class _Checker:
                 self.fail(item_line, where, f"expected an HF field name or {{field, type, default}}, got {_describe(item)}")
             field = self.identifier(item["field"], item_line, f"{where}.field")
             kind = item.get("type", "int")
-            if kind not in ("int", "bool"):
-                self.fail(item_line, f"{where}.type", f"expected 'int' or 'bool', got {_describe(kind)}")
+            if kind not in CONFIG_TYPES:
+                self.fail(item_line, f"{where}.type", f"expected 'int', 'bool' or 'float', got {_describe(kind)}")
             default = item.get("default")
             if default is not None:
                 default = self.default(default, kind, item_line, where, {e.name for e in entries if e.type == "int"})
@@ -192,6 +198,11 @@ class _Checker:
             if not isinstance(value, bool):
                 self.fail(line, f"{where}.default", f"expected true or false, got {_describe(value)}")
             return repr(value)
+        if kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                hint = " (YAML reads 1e-6 as a string: write 1.0e-6)" if isinstance(value, str) else ""
+                self.fail(line, f"{where}.default", f"expected a positive number, got {_describe(value)}{hint}")
+            return repr(float(value))
         if isinstance(value, bool):
             self.fail(line, f"{where}.default", "expected an integer expression, got a boolean")
         try:
@@ -212,6 +223,22 @@ class _Checker:
                 self.fail(item_line, f"derived.{name}", str(exc))
             result.append(Derived(name, str(text)))
         return tuple(result)
+
+    def megatron(self, value, line: int, params: tuple[Param, ...], float_names: set[str]) -> Megatron:
+        self.mapping(value, "megatron", SECTION, line)
+        normalization = value["normalization"]
+        if normalization not in NORMALIZATIONS:
+            self.fail(value.line_of("normalization"), "megatron.normalization",
+                      f"expected one of: {', '.join(NORMALIZATIONS)}, got {_describe(normalization)}")
+        for field in ("layernorm_epsilon", "rotary_base"):
+            if value[field] not in float_names:
+                known = ", ".join(sorted(float_names)) or "none"
+                self.fail(value.line_of(field), f"megatron.{field}",
+                          f"expected a float config name ({known}), got {_describe(value[field])}")
+        missing = missing_families(params)
+        if missing:
+            self.fail(line, "megatron", f"a megatron-core GPTModel is sized by families the spec lacks: {', '.join(missing)}")
+        return megatron_facts(params, normalization, value["layernorm_epsilon"], value["rotary_base"])
 
     def name(self, name: str, line: int, where: str, taken: set[str]):
         self.identifier(name, line, where)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from shardsync.compiler import SpecError, load_spec, render_module
+from shardsync.compiler import SpecError, load_spec, render_kinds, render_module
 from shardsync.compiler.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +42,17 @@ MISTAKES = [
     ("  ffn: intermediate_size\n", "  ffn: intermediate_size\n  ffn2: [1, 2]\n", "ffn2:", ["config.ffn2", "expected an HF field name"]),
     ("family: qwen3\n", "family: qwen3\nfamily: qwen4\n", "family: qwen4", ["family", "duplicate key"]),
     ("    split: vocab\n", "    split: vocab\n   bad: [\n", "bad: [", ["not valid YAML"]),
+    # floats: YAML reads 1e-6 without a dot as a string
+    ("default: 1.0e-6}", "default: 1e-6}", "norm_eps:", ["config.norm_eps.default", "positive number", "1.0e-6"]),
+    ("type: float, default: 1.0e-6", "type: double, default: 1.0e-6", "norm_eps:", ["config.norm_eps.type", "'float'"]),
+    ("    dims: {rows: hidden, cols: attn_width}\n", "    dims: {rows: hidden, cols: norm_eps}\n", "cols: norm_eps",
+     ["params.linear_proj.dims.cols", "'norm_eps'"]),
+    ("  layernorm_epsilon: norm_eps\n", "  layernorm_epsilon: hidden\n", "layernorm_epsilon: hidden",
+     ["megatron.layernorm_epsilon", "float config name (norm_eps, rope_theta)", "'hidden'"]),
+    ("  normalization: RMSNorm\n", "  normalization: RMSnorm\n", "normalization: RMSnorm",
+     ["megatron.normalization", "RMSNorm, LayerNorm"]),
+    ("  rotary_base: rope_theta\n", "  rotary_base: rope_theta\n  rope_scaling: 2\n", "rope_scaling",
+     ["megatron.rope_scaling", "unknown field"]),
 ]
 
 
@@ -98,6 +110,13 @@ def test_check_fails_when_output_differs_or_is_stale(tmp_path):
     (tmp_path / "mixtral.py").write_text("")
     result = run("--check")
     assert result.returncode == 1 and "mixtral.py has no spec" in result.stderr
+    (tmp_path / "mixtral.py").unlink()
+    kinds = tmp_path / "_kinds.py"  # the layout library, copied from compiler/_kinds.py
+    assert kinds.read_text() == (ROOT / "compiler" / "_kinds.py").read_text()
+    kinds.write_text(kinds.read_text().replace("VLLM_VOCAB_MULTIPLE = 64", "VLLM_VOCAB_MULTIPLE = 128"))
+    result = run("--check")
+    assert result.returncode == 1 and "out of date: " in result.stderr and "_kinds.py" in result.stderr
+    assert run().returncode == 0 and run("--check").returncode == 0
 
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
@@ -112,26 +131,45 @@ def test_output_is_deterministic_and_formatted(path):
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "generated").glob("*.py")), ids=lambda p: p.name)
-def test_generated_modules_import_only_torch_and_the_standard_library(path):
+def test_generated_modules_import_only_torch_the_standard_library_and_kinds(path):
+    """So a trainer can vendor generated/ alone: family modules import torch, the standard
+    library and their sibling `_kinds` (relatively); `_kinds` itself nothing more than torch."""
     allowed = set(sys.stdlib_module_names) | {"torch"}
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             roots = {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            roots = {(node.module or "").split(".")[0]}
         elif isinstance(node, ast.ImportFrom):
-            roots = {(node.module or "").split(".")[0]} if node.level == 0 else {"<relative>"}
+            sibling = node.module or ".".join(alias.name for alias in node.names)
+            assert node.level == 1 and sibling == "_kinds" and path.name not in ("_kinds.py", "__init__.py"), (
+                f"{path.name}: from {'.' * node.level}{node.module or ''} import ...")
+            continue
         else:
             continue
         assert roots <= allowed, f"{path.name} imports {roots - allowed}"
 
 
-def test_a_spec_without_vllm_names_compiles_to_hf_only_converters():
+def test_kinds_library_is_copied_verbatim():
+    assert render_kinds() == (ROOT / "compiler" / "_kinds.py").read_text() == (ROOT / "generated" / "_kinds.py").read_text()
+
+
+def test_a_spec_without_vllm_names_compiles_to_hf_only_converters(tmp_path):
     """No vllm names at all is a spec without a vLLM layout table: the module still
     converts to HF (the gather method's need) and offers no vLLM tables to plan with."""
     text = "\n".join(line for line in QWEN3.splitlines() if not line.strip().startswith("vllm:"))
     spec = parse_spec(text, "specs/qwen3-hf-only.yaml")
     assert not spec.vllm_layout and load_spec(ROOT / "specs" / "qwen3.yaml").vllm_layout
-    namespace: dict = {}
-    exec(compile(render_module(spec), "qwen3_hf_only", "exec"), namespace)
+    package = tmp_path / "vendored"  # as a trainer would vendor generated/: the module and _kinds
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "_kinds.py").write_text(render_kinds())
+    (package / "qwen3_hf_only.py").write_text(render_module(spec))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        namespace = vars(importlib.import_module("vendored.qwen3_hf_only"))
+    finally:
+        sys.path.remove(str(tmp_path))
     assert namespace["VLLM_LAYOUT"] is False
     assert "vllm_shard_table" not in namespace and "convert_to_hf_shard" not in namespace
     assert "convert_to_hf" in namespace and "megatron_shard_table" in namespace

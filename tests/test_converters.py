@@ -29,7 +29,7 @@ def test_qkv_bias_comes_out_fused_as_qkv_proj_bias_in_q_k_v_order():
         [(vllm_name, fused)] = qwen2.convert_to_hf_shard(name, shard, rank, 2, cfg)
         assert vllm_name == "model.layers.1.self_attn.qkv_proj.bias"
         assert fused.tolist() == q[4 * rank:4 * rank + 4] + k[2 * rank:2 * rank + 2] + v[2 * rank:2 * rank + 2]
-    converted = dict(qwen2.convert_to_hf(name, full, cfg))
+    converted = dict(qwen2.convert_to_hf(name, full, cfg, layout="tp1"))
     assert converted["model.layers.1.self_attn.q_proj.bias"].tolist() == q
     assert converted["model.layers.1.self_attn.k_proj.bias"].tolist() == k
     assert converted["model.layers.1.self_attn.v_proj.bias"].tolist() == v
@@ -78,9 +78,61 @@ def test_wrong_shard_shape_and_unknown_names_are_refused():
     with pytest.raises(ValueError, match=r"linear_fc2.weight: expected shape \(128, 192\), got \(128, 384\)"):
         qwen3.convert_to_hf_shard("decoder.layers.0.mlp.linear_fc2.weight", torch.zeros(128, 384), 0, 2, cfg)
     with pytest.raises(KeyError, match="layer 7 out of range"):
-        qwen3.convert_to_hf("decoder.layers.7.mlp.linear_fc2.weight", torch.zeros(128, 384), cfg)
+        qwen3.convert_to_hf("decoder.layers.7.mlp.linear_fc2.weight", torch.zeros(128, 384), cfg, layout="tp1")
     with pytest.raises(KeyError, match="output_layer.weight: not a parameter"):  # tied embeddings
-        qwen3.convert_to_hf("output_layer.weight", torch.zeros(1024, 128), cfg)
+        qwen3.convert_to_hf("output_layer.weight", torch.zeros(1024, 128), cfg, layout="tp1")
+
+
+def test_concatenated_tp2_shards_of_linear_fc1_cannot_be_split_wrongly():
+    """torch.cat of TP-2 linear_fc1 shards, [g0; u0; g1; u1], has the TP-1 shape of [gate; up]:
+    the full-tensor form refuses it unless its layout is stated, and the shards form converts it."""
+    cfg = qwen3.config_from_hf(model_config("qwen3-tiny"))
+    name = "decoder.layers.0.mlp.linear_fc1.weight"
+    gate, up = torch.randn(384, 128), torch.randn(384, 128)
+    shards = [torch.cat([gate[:192], up[:192]]), torch.cat([gate[192:], up[192:]])]
+    with pytest.raises(ValueError, match=r"layout='tp1'.*convert_shards_to_hf"):
+        qwen3.convert_to_hf(name, torch.cat(shards), cfg)
+    with pytest.raises(TypeError):
+        qwen3.convert_to_hf(name, torch.cat(shards), cfg, "tp1")
+    converted = dict(qwen3.convert_shards_to_hf(name, shards, cfg))
+    assert torch.equal(converted["model.layers.0.mlp.gate_proj.weight"], gate)
+    assert torch.equal(converted["model.layers.0.mlp.up_proj.weight"], up)
+    tp1 = dict(qwen3.convert_to_hf(name, torch.cat([gate, up]), cfg, layout="tp1"))
+    assert torch.equal(tp1["model.layers.0.mlp.up_proj.weight"], up)
+    with pytest.raises(ValueError, match=r"shard 0 of 1: expected shape \(768, 128\)"):
+        qwen3.convert_shards_to_hf(name, [shards[0]], cfg)
+    with pytest.raises(ValueError, match="sequence of every TP rank's shard"):
+        qwen3.convert_shards_to_hf(name, torch.cat(shards), cfg)
+
+
+def test_every_module_raises_one_config_error_class():
+    from shardsync.generated import _kinds, llama, mistral
+
+    assert qwen3.ConfigError is qwen2.ConfigError is llama.ConfigError is mistral.ConfigError is _kinds.ConfigError
+    assert qwen3.Piece is llama.Piece and qwen3.LocalTensor is mistral.LocalTensor
+    with pytest.raises(qwen2.ConfigError):  # caught by another module's name
+        qwen3.config_from_hf({**model_config("qwen3-tiny"), "hidden_size": 0})
+
+
+def test_megatron_config_follows_the_spec_families():
+    qwen3_fields = qwen3.megatron_config(qwen3.config_from_hf(model_config("qwen3-tiny")))
+    assert qwen3_fields == {
+        "num_layers": 2, "hidden_size": 128, "num_attention_heads": 4, "num_query_groups": 2, "kv_channels": 32,
+        "ffn_hidden_size": 384, "gated_linear_unit": True, "add_bias_linear": False, "add_qkv_bias": False,
+        "qk_layernorm": True, "normalization": "RMSNorm", "layernorm_epsilon": 1e-6}
+    from shardsync.generated import llama
+
+    llama_tiny = model_config("llama-tiny")
+    biased = llama.config_from_hf({**llama_tiny, "attention_bias": True, "mlp_bias": True})
+    assert llama.megatron_config(biased)["add_bias_linear"] and llama.megatron_config(biased)["add_qkv_bias"]
+    assert not llama.megatron_config(biased)["qk_layernorm"]
+    assert llama.megatron_model_args(biased) == {"share_embeddings_and_output_weights": False,
+                                                 "rotary_base": float(llama_tiny.get("rope_theta", 10000.0))}
+    # megatron-core gives linear_proj, linear_fc1 and linear_fc2 a bias together
+    with pytest.raises(llama.ConfigError, match="add_bias_linear switches.*has linear_proj.bias but not linear_fc1.bias"):
+        llama.megatron_config(llama.config_from_hf({**llama_tiny, "attention_bias": True}))
+    with pytest.raises(qwen3.ConfigError, match="rms_norm_eps: expected a positive number, got 'small'"):
+        qwen3.config_from_hf({**model_config("qwen3-tiny"), "rms_norm_eps": "small"})
 
 
 def test_every_preset_has_a_converter_and_a_valid_config():

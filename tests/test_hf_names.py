@@ -41,7 +41,7 @@ def test_converted_names_are_the_real_models_parameters(preset, overrides):
     for family, layer in module.megatron_params(cfg):
         local = family.megatron_tensor(cfg, layer, 0, 1)
         full = torch.zeros(local.shape)
-        for name, tensor in module.convert_to_hf(local.name, full, cfg):
+        for name, tensor in module.convert_to_hf(local.name, full, cfg, layout="tp1"):
             converted[name] = tuple(tensor.shape)
     assert converted == real
     assert module.hf_shapes(cfg) == real

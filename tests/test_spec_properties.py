@@ -21,7 +21,7 @@ PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_ch
 
 
 def _module(family):
-    return importlib.import_module(f"generated.{family}")
+    return importlib.import_module(f"shardsync.generated.{family}")
 
 
 @st.composite
@@ -57,7 +57,7 @@ def test_shard_conversion_equals_full_gather_slice(family, data):
 
     gathered_hf = {}
     for name, per_rank in shards.items():
-        for hf_name, tensor in module.convert_to_hf(name, ref.megatron_gather(name, per_rank), cfg):
+        for hf_name, tensor in module.convert_to_hf(name, ref.megatron_gather(name, per_rank), cfg, layout="tp1"):
             assert hf_name not in gathered_hf
             gathered_hf[hf_name] = tensor
     assert sorted(gathered_hf) == sorted(hf)
@@ -135,3 +135,32 @@ def _check_rebuilt(local, hf, want, padding_rows):
 
 def _slices(box):
     return tuple(slice(start, stop) for start, stop in box)
+
+
+SHARDS_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@SHARDS_SETTINGS
+@given(data=st.data())
+def test_shards_convert_to_the_hf_tensors_and_concatenated_shards_are_refused(family, data):
+    """(c) every TP rank's shard, as megatron-core holds it, through convert_shards_to_hf
+    == the HF tensors; torch.cat of the shards given to the full-tensor form is refused
+    unless its TP-1 layout is stated (for TP > 1 it is not that layout)."""
+    config, tp, divisible, seed = data.draw(equal_tp_cases(family))
+    module, model = _module(family), ref.Model.from_hf(config)
+    cfg = module.config_from_hf(config, make_vocab_size_divisible_by=divisible)
+    hf = ref.random_hf(model, seed)
+    full = ref.megatron_full(model, hf, divisible, tp, seed)
+
+    converted = {}
+    for name, tensor in full.items():
+        shards = [ref.megatron_shard(name, tensor, r, tp) for r in range(tp)]
+        for hf_name, out in module.convert_shards_to_hf(name, shards, cfg):
+            assert hf_name not in converted
+            converted[hf_name] = out
+        with pytest.raises(ValueError, match="convert_shards_to_hf"):
+            module.convert_to_hf(name, torch.cat(shards), cfg)
+    assert sorted(converted) == sorted(hf)
+    for hf_name, tensor in hf.items():
+        assert torch.equal(converted[hf_name], tensor), hf_name

@@ -107,7 +107,7 @@ def build_gpt_model(hf_config: dict, *, make_vocab_size_divisible_by: int = 128,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, pipeline_dtype=params_dtype,
         params_dtype=params_dtype, use_cpu_initialization=True, init_method_std=0.02,
         bf16=params_dtype == torch.bfloat16)
-    spec = get_gpt_layer_local_spec(qk_layernorm=fields["qk_layernorm"], normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(qk_layernorm=fields["qk_layernorm"], normalization=fields["normalization"])
     return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=model_fields["vocab_size"],
                     max_sequence_length=seq_length, pre_process=parallel_state.is_pipeline_first_stage(),
                     post_process=parallel_state.is_pipeline_last_stage(),

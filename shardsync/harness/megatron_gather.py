@@ -2,10 +2,11 @@
 
 Every rank sends its shards, with the global offsets megatron-core's own
 `sharded_state_dict()` gives them (its checkpoint format, independent of the shard
-tables), to global rank 0, which assembles full Megatron tensors and converts them
-with the generated `convert_to_hf`. This is what the seed's full-gather sync did;
-`shardsync verify --source megatron` loads its output into a fresh vLLM engine to
-judge the shard-to-shard transfer. Not for the hot path: rank 0 holds the model.
+tables), to global rank 0, which assembles full Megatron tensors in the TP-1 layout
+whatever the trainer's TP, and converts them with the generated `convert_to_hf`. This
+is what the seed's full-gather sync did; `shardsync verify --source megatron` loads its
+output into a fresh vLLM engine to judge the shard-to-shard transfer. Not for the hot
+path: rank 0 holds the model.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def gather_hf_state(model, module, cfg) -> dict[str, torch.Tensor] | None:
     for name, tensor in full.items():
         if name == "output_layer.weight" and cfg.tied:
             continue  # the last stage's copy of the tied embedding
-        hf.update(module.convert_to_hf(name, tensor, cfg))
+        hf.update(module.convert_to_hf(name, tensor, cfg, layout="tp1"))  # sharded_state_dict assembles TP 1
     return hf
 
 

@@ -25,32 +25,16 @@ _OUTPUT = "output_layer.weight"
 
 def transformer_fields(hf_config: dict, tp_size: int, make_vocab_size_divisible_by: int = 128) -> tuple[dict, dict]:
     """What a megatron-core GPT model for this HF config has: (TransformerConfig fields,
-    GPTModel arguments). The source checks a live model against these; the demo builds
-    its model from them."""
+    GPTModel arguments), as the spec's generated module states them. The source checks a
+    live model against these; the demo builds its model from them."""
     module = generated.for_architecture((hf_config.get("architectures") or [None])[0])
     cfg = module.config_from_hf(hf_config, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
-    families = module.families(cfg)
-    embedding = next(f for f in families if f.stage == "first")
-    fields = {
-        "num_layers": cfg.layers,
-        "hidden_size": cfg.hidden,
-        "num_attention_heads": cfg.heads,
-        "num_query_groups": cfg.kv_heads,
-        "kv_channels": cfg.head_dim,
-        "ffn_hidden_size": cfg.ffn,
-        "gated_linear_unit": any(type(f).__name__ == "MergedColumnParallel" for f in families),
-        "add_bias_linear": False,
-        "add_qkv_bias": any(f.megatron.endswith("self_attention.linear_qkv.bias") for f in families),
-        "qk_layernorm": any(f.megatron.endswith("self_attention.q_layernorm.weight") for f in families),
-        "normalization": "RMSNorm",
-        "layernorm_epsilon": float(hf_config.get("rms_norm_eps", 1e-6)),
-    }
+    embedding = next(f for f in module.families(cfg) if f.stage == "first")
     model = {
         "vocab_size": embedding.megatron_tensor(cfg, None, 0, tp_size).shape[0] * tp_size,
-        "share_embeddings_and_output_weights": cfg.tied,
-        "rotary_base": float(hf_config.get("rope_theta", 10000.0)),
+        **module.megatron_model_args(cfg),
     }
-    return fields, model
+    return module.megatron_config(cfg), model
 
 
 class MegatronSource:
