@@ -8,9 +8,42 @@ parameters before its first piece and re-run its post-processing after its last.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterable, Mapping, Protocol
 
 import torch
+
+
+class Targets(Protocol):
+    """What a receiver writes an update into, by the plan's destination names.
+
+    `begin_update` comes after the vote and before the first piece; `tensor(name)`
+    gives the live tensor a piece is copied into (restoring a layer first where it
+    must); `written(name, numel)` follows each piece; `finish_update` comes once
+    every planned element was counted. `names`, `shape` and `dtype` are checked
+    against the plan before the vote (`dtype` may answer None: not checked).
+    """
+
+    def names(self) -> set[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> torch.dtype | None: ...
+
+    def tensor(self, name: str) -> torch.Tensor: ...
+
+    def written(self, name: str, numel: int) -> None: ...
+
+    def begin_update(self) -> None: ...
+
+    def finish_update(self) -> None: ...
+
+
+class Loader(Protocol):
+    """An engine's own loader of full HF tensors (vLLM models have one): the receiving
+    end for a spec without a vLLM layout table. Each tensor is handed over as soon as
+    its last bucket arrived, and released once the loader asks for the next."""
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]): ...
 
 
 class TensorTargets:
@@ -41,7 +74,7 @@ class TensorTargets:
         pass
 
 
-def as_targets(params) -> "TensorTargets":
+def as_targets(params) -> Targets:
     """Accept a mapping of tensors or an object with the targets interface."""
     return params if hasattr(params, "written") else TensorTargets(params)
 
@@ -68,6 +101,6 @@ class HFTensors:
         return loaded
 
 
-def as_loader(params):
+def as_loader(params) -> Loader:
     """Accept an engine loader (anything with `load_weights`) or a mapping of HF tensors."""
     return params if hasattr(params, "load_weights") else HFTensors(params)

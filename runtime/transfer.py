@@ -10,6 +10,9 @@ names the channel, the silent peer and the update, `verify=True` checks each
 bucket's checksum, and a Receiver whose update did not complete is `stale` until a
 later one does. After a failure, `reconnect()` on every endpoint (and `connect()` on
 a restarted one) re-creates the channels under a new connection epoch.
+
+The endpoints own that session; the bytes are the method's (`runtime/methods/`),
+which the endpoints hold without knowing which one it is.
 """
 
 from __future__ import annotations
@@ -17,62 +20,41 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
-from dataclasses import dataclass
 
 import torch
 
 from shardsync import generated
-from shardsync.runtime.plan import buckets as bucketing
-from shardsync.runtime.wire import checksum
-from shardsync.runtime.wire.channels import Group, create_group
-from shardsync.runtime.wire.copy_graphs import BucketCopier
+from shardsync.runtime import methods
 from shardsync.runtime.errors import PlanError, StaleWeightsError, TensorError, TransferError, UpdateFailedElsewhere
-from shardsync.runtime.methods.gather import GatherMethod
-from shardsync.runtime.plan import Channel, Layout, Plan, build_plan
+from shardsync.runtime.methods import METHODS, Context, Method
+from shardsync.runtime.methods.base import engine_name, trainer_name
+from shardsync.runtime.plan import Layout, Plan, build_plan
+from shardsync.runtime.reports import ChannelReport, Receipt, UpdateReport
 from shardsync.runtime.session import Session, local_address
 from shardsync.runtime.targets import as_loader, as_targets
 from shardsync.runtime.tensor_checks import as_named, engine_findings, trainer_findings
 
 DEFAULT_BUCKET_BYTES = 64 << 20
-METHODS = ("auto", "shard", "gather")
 log = logging.getLogger("shardsync")
 
-
-@dataclass(frozen=True)
-class ChannelReport:
-    name: str
-    copies: int
-    bytes: int
-    seconds: float
-
-
-@dataclass(frozen=True)
-class UpdateReport:
-    update: int
-    channels: tuple[ChannelReport, ...]
-
-    @property
-    def bytes(self) -> int:
-        return sum(c.bytes for c in self.channels)
+__all__ = ["DEFAULT_BUCKET_BYTES", "METHODS", "ChannelReport", "Receiver", "Sender", "UpdateReport"]
 
 
 class _Endpoint:
-    """What senders and receivers share: the plan, the store, the groups, the buffers."""
+    """What senders and receivers share: the plan, the session, and the method."""
 
     def __init__(self, hf_config: dict, layout: Layout, *, rendezvous: str = "127.0.0.1:29555",
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout: float = 60.0, dtype: torch.dtype = torch.bfloat16,
                  device: str | torch.device = "cpu", make_vocab_size_divisible_by: int = 128, method: str = "auto",
-                 overlap: bool = True, verify: bool = False, **group_options):
+                 overlap: bool = True, verify: bool = False, **channel_options):
         architecture = (hf_config.get("architectures") or [None])[0]
         try:
             self.module = generated.for_architecture(architecture)
         except KeyError as exc:
             raise PlanError(str(exc.args[0])) from None
-        self.method, self.method_reason = _choose_method(method, self.module)
+        self.method, self.method_reason = methods.choose(method, self.module)
         self.overlap = overlap  # pack bucket k+1 while bucket k is on the wire (off: one at a time)
         self.verify = verify  # a checksum per bucket, checked by the receivers
-        self.gather: GatherMethod | None = None  # the baseline's state, with method="gather"
         self.cfg = self.module.config_from_hf(hf_config, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
         self.layout = layout
         host, _, port = rendezvous.rpartition(":")
@@ -81,14 +63,10 @@ class _Endpoint:
         self.timeout = timeout
         self.dtype = dtype
         self.device = torch.device(device)
-        self.copier = BucketCopier(self.device)  # graphed on CUDA, plain foreach copies on the CPU
         # channels listen where the rendezvous is reachable: loopback by default
-        self.group_options = {"host": local_address(self.host), **group_options}
+        self.channel_options = {"host": local_address(self.host), **channel_options}
         self.plan: Plan | None = None
-        self.groups: dict[str, Group] = {}
-        self.schedules: dict[str, dict[int, tuple[bucketing.Bucket, ...]]] = {}  # channel -> phase -> buckets
-        self.buffers: list[torch.Tensor] = []
-        self.tail = checksum.tail_elements(dtype) if verify else 0  # buffer elements after each bucket's data
+        self.transport: Method | None = None  # built at the first connect, kept until the endpoint goes
         self.updates = 0
         self.session: Session | None = None
 
@@ -98,102 +76,88 @@ class _Endpoint:
     def who(self) -> str:
         raise NotImplementedError
 
-    def _my_channels(self) -> list[Channel]:
-        raise NotImplementedError
-
-    def _member(self, channel: Channel) -> int:
+    def _position(self) -> dict:
+        """The `trainer` or `engine` position of this endpoint, for the method's Context."""
         raise NotImplementedError
 
     def connect(self) -> None:
         """Plan, agree on the plan with every peer, then create this rank's channels."""
-        if self.groups or self.gather is not None or (self.session is not None and self.session.epoch is not None):
+        if self.session is not None and self.session.epoch is not None:
             return  # persistent: already connected
-        elsize = torch.empty((), dtype=self.dtype).element_size()
-        capacity = max(1, self.bucket_bytes // elsize)
-        # without a vLLM layout table there is nothing to plan shard to shard: the
-        # gather method's schedule (full HF tensors in model order) is the plan
-        plan = build_plan(self.module, self.cfg, self.layout, elsize) if self.module.VLLM_LAYOUT else None
-        gather = GatherMethod(self, capacity) if self.method == "gather" else None
+        if self.transport is None:
+            self.transport = self._build_method()
         if self.session is None:
-            self.session = Session(self.who, self._everyone(), _trainer(0, 0), self.host, self.port, self.timeout)
+            self.session = Session(self.who, self._everyone(), trainer_name(0, 0), self.host, self.port, self.timeout)
         self.session.open()
         try:
             # the plan, and what shapes the wire beyond it (bucket size, dtype, checksums): all must agree
             inputs = self._inputs()
-            planned = plan.digest if plan is not None else gather.digest
-            digest = hashlib.sha256((planned + json.dumps(inputs, sort_keys=True)).encode()).hexdigest()
+            digest = hashlib.sha256((self.transport.digest + json.dumps(inputs, sort_keys=True)).encode()).hexdigest()
             self.session.agree(digest, inputs)
             self.updates = self.session.updates_so_far(self.updates)
-            self.plan = plan
-            self._create_channels(gather, capacity)
+            self.transport.connect(self.session.groups_store(), self.session.diagnose)
         except BaseException:
-            self.session.epoch = None  # not connected: a later connect() tries again
+            self.transport.close()  # what was joined is left: a later connect() tries again from scratch
+            self.session.epoch = None
             raise
-        groups = self.gather.groups if self.gather is not None else self.groups
-        for group in groups.values():
-            group.diagnose = self.session.diagnose
-        log.info("%s: method %s (%s): %s", self.who, self.method, self.method_reason, ", ".join(groups) or "no channel")
+        log.info("%s: method %s (%s): %s", self.who, self.method, self.method_reason,
+                 ", ".join(self.channels) or "no channel")
 
-    def _create_channels(self, gather: GatherMethod | None, capacity: int) -> None:
-        store = self.session.groups_store()
-        if gather is not None:
-            self.gather = gather
-            self._connect_gather(store)
-            return
-        mine = self._my_channels()
-        self.schedules = {c.name: _phased_schedule(c.copies, capacity) for c in mine}
-        for channel in mine:
-            peers = (_trainer(channel.pp, channel.tp),) + tuple(_engine(e, channel.dst_tp) for e in range(channel.engines))
-            self.groups[channel.name] = create_group(
-                store, channel.name, self._member(channel), peers, self.device, self.timeout, **self.group_options)
-        largest = max((b.numel for s in self.schedules.values() for bs in s.values() for b in bs), default=0)
-        # two buffers, shared by this rank's channels (it serves them one at a time)
-        if largest and not self.buffers:
-            self.buffers = [torch.empty(largest + self.tail, dtype=self.dtype, device=self.device) for _ in range(2)]
+    def _build_method(self) -> Method:
+        """Plan (without a vLLM layout table there is nothing to plan shard to shard: the
+        gather method's schedule of full HF tensors is the plan), then the method."""
+        elsize = torch.empty((), dtype=self.dtype).element_size()
+        if self.module.VLLM_LAYOUT:
+            self.plan = build_plan(self.module, self.cfg, self.layout, elsize)
+        context = Context(module=self.module, cfg=self.cfg, layout=self.layout, plan=self.plan,
+                          dtype=self.dtype, device=self.device, capacity=max(1, self.bucket_bytes // elsize),
+                          timeout=self.timeout, verify=self.verify, overlap=self.overlap,
+                          channel_options=self.channel_options, **self._position())
+        return methods.build(self.method, context)
 
     def reconnect(self) -> None:
         """Re-create every channel of this endpoint under a new connection epoch: after a
         failed update (its channels may hold half an exchange), or when a peer restarted.
         Every endpoint of the transfer calls it (a restarted one calls connect()); the
         plan, buffers and the store's host stay."""
-        self._close_channels()
+        if self.transport is not None:
+            self.transport.close()
         if self.session is not None:
             self.session.drop_client()
             self.session.epoch = None
         self.connect()
 
-    def _connect_gather(self, store) -> None:
-        raise NotImplementedError
+    @property
+    def channels(self) -> dict:
+        """This endpoint's live channels by name (empty before connect and after close)."""
+        return dict(self.transport.channels) if self.transport is not None else {}
+
+    @property
+    def channels_created(self) -> int:
+        """Channels this endpoint created, over every connect: at connect, 0 during updates."""
+        return self.transport.channels_created if self.transport is not None else 0
 
     @property
     def buffer_bytes(self) -> int:
-        buffers = self.gather.buffers if self.gather is not None else self.buffers
-        return sum(b.numel() * b.element_size() for b in buffers)
+        return self.transport.buffer_bytes if self.transport is not None else 0
 
     @property
     def peak_temp_bytes(self) -> int:
-        """Whole tensors held beyond the buffers at any time (the gather path's; the shard
-        path packs from views and holds none)."""
-        return self.gather.peak_temp_bytes if self.gather is not None else 0
+        """Whole tensors held beyond the buffers at any time (the gather method's; the
+        shard method packs from views and holds none)."""
+        return self.transport.peak_temp_bytes if self.transport is not None else 0
 
     def close(self) -> None:
-        self._close_channels()
+        if self.transport is not None:
+            self.transport.close()
         if self.session is not None:
             self.session.close()
             self.session = None
 
-    def _close_channels(self) -> None:
-        for group in self.groups.values():
-            group.close()
-        self.groups.clear()
-        if self.gather is not None:
-            self.gather.close()
-            self.gather = None
-
     def _everyone(self) -> list[str]:
         layout = self.layout
-        trainers = [_trainer(pp, tp) for pp in range(layout.train_pp) for tp in range(layout.train_tp)]
-        return trainers + [_engine(e, s) for e in range(layout.engines) for s in range(layout.infer_tp)]
+        trainers = [trainer_name(pp, tp) for pp in range(layout.train_pp) for tp in range(layout.train_tp)]
+        return trainers + [engine_name(e, s) for e in range(layout.engines) for s in range(layout.infer_tp)]
 
     def _inputs(self) -> dict:
         """What both sides must agree on, by field, for a readable refusal."""
@@ -212,16 +176,16 @@ class _Endpoint:
         if self.session is None or self.session.epoch is None:
             raise TransferError(f"{self.who}: update before connect() (or after close(), or a failed reconnect)")
 
-    def _settled(self, number: int, transfer) -> tuple[ChannelReport, ...]:
+    def _settled(self, number: int, transfer):
         """Run this endpoint's part of the update, then learn how it went everywhere: a
         part that failed is reported to all; one that completed waits to hear the others."""
         try:
-            reports = transfer()
+            result = transfer()
         except BaseException as exc:
             self.session.outcome(number, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             raise
         self.session.outcome(number, None)
-        return reports
+        return result
 
     def _vote(self, number: int, finding: str | None) -> None:
         """Every endpoint says whether it can take this update; a refusal anywhere stops
@@ -230,37 +194,6 @@ class _Endpoint:
         self.session.vote(number, None if finding is None else f"{self.who}: {finding}")
         if finding is not None:
             raise TensorError(f"update {number}: {self.who} refused it before any byte moved: {finding}")
-
-    def _run_update(self, header, move, finish) -> tuple[ChannelReport, ...]:
-        """One update over this rank's channels: headers, then each phase (embedding,
-        layer 0, layer 1, ..., head) on every channel, then acknowledgements.
-
-        Every process walks its collectives in one global order (phase, then channel
-        in plan order), which is what keeps overlapping channels from deadlocking,
-        and lets an engine complete (and re-process) its layers one by one.
-        """
-        channels = self._my_channels()
-        seconds = {c.name: 0.0 for c in channels}
-        for channel in channels:
-            header(channel, self.groups[channel.name])
-        phases = sorted({phase for c in channels for phase in self.schedules[c.name]})
-        for phase in phases:
-            for channel in channels:
-                schedule = self.schedules[channel.name].get(phase)
-                if schedule:
-                    started = time.perf_counter()
-                    move(channel, self.groups[channel.name], phase, schedule)
-                    seconds[channel.name] += time.perf_counter() - started
-        for channel in channels:
-            started = time.perf_counter()
-            finish(channel, self.groups[channel.name])
-            seconds[channel.name] += time.perf_counter() - started
-        return tuple(ChannelReport(c.name, len(c.copies), c.numel * self.plan.dtype_bytes, seconds[c.name])
-                     for c in channels)
-
-    def _bucket_count(self, channel: Channel) -> int:
-        """What the header announces: both ends derive it from the same schedule."""
-        return sum(len(buckets) for buckets in self.schedules[channel.name].values())
 
 
 class Sender(_Endpoint):
@@ -274,20 +207,14 @@ class Sender(_Endpoint):
 
     @property
     def who(self) -> str:
-        return _trainer(self.pp_rank, self.tp_rank)
+        return trainer_name(self.pp_rank, self.tp_rank)
 
     @property
     def src_rank(self) -> int:
         return self.layout.src_rank(self.pp_rank, self.tp_rank)
 
-    def _my_channels(self) -> list[Channel]:
-        return self.plan.channels_of_source(self.src_rank) if self.plan else []
-
-    def _member(self, channel: Channel) -> int:
-        return 0
-
-    def _connect_gather(self, store) -> None:
-        self.gather.connect_trainer(store, self.pp_rank, self.tp_rank, _trainer, _engine)
+    def _position(self) -> dict:
+        return {"trainer": (self.pp_rank, self.tp_rank), "engine": None}
 
     def local_shapes(self) -> dict[str, tuple[int, ...]]:
         """The Megatron tensors this rank must hand to `update`, by name."""
@@ -305,40 +232,7 @@ class Sender(_Endpoint):
         tensors, finding = as_named(tensors)
         finding = finding or trainer_findings(tensors, self.local_shapes(), self.device, allow_nonfinite)
         self._vote(number, finding)
-        return UpdateReport(number, self._settled(number, lambda: self._send(tensors, number)))
-
-    def _send(self, tensors: dict, number: int) -> tuple[ChannelReport, ...]:
-        if self.gather is not None:
-            return tuple(ChannelReport(*r) for r in self.gather.send(self.pp_rank, self.tp_rank, tensors, number))
-        problems: list[str] = []
-
-        def send(channel: Channel, group: Group, phase: int, schedule) -> None:
-            in_flight: list = []
-            depth = 2 if self.overlap else 1
-            for index, bucket in enumerate(schedule):
-                if len(in_flight) == depth:  # the buffer about to be packed is still on the wire
-                    group.wait(in_flight.pop(0), f"sending bucket {index - depth} of phase {phase}", number)
-                buffer = self.buffers[index % 2]
-                wire = self.copier.pack((channel.name, phase, index), bucket, tensors, buffer)
-                in_flight.append(group.broadcast(checksum.write(buffer, bucket.numel) if self.verify else wire))
-            for work in in_flight:
-                group.wait(work, f"sending the last buckets of phase {phase}", number)
-
-        def header(channel: Channel, group: Group) -> None:
-            group.send_header(number, self._bucket_count(channel), self.device)
-
-        def finish(channel: Channel, group: Group) -> None:
-            # a send completes once the bytes are on the socket: only the receivers'
-            # acknowledgement says they arrived, passed their checksums and were written
-            problem = group.acknowledge(0, "waiting for the receivers' acknowledgement", number)
-            if problem:
-                problems.append(f"channel {channel.name}: {group.peers[problem - 1]} received a bucket that "
-                                f"failed its checksum")
-
-        reports = self._run_update(header, send, finish)
-        if problems:
-            raise TransferError(f"update {number}: {'; '.join(problems)}")
-        return reports
+        return UpdateReport(number, self._settled(number, lambda: self.transport.send(tensors, number)))
 
 
 class Receiver(_Endpoint):
@@ -366,16 +260,10 @@ class Receiver(_Endpoint):
 
     @property
     def who(self) -> str:
-        return _engine(self.engine, self.tp_rank)
+        return engine_name(self.engine, self.tp_rank)
 
-    def _my_channels(self) -> list[Channel]:
-        return self.plan.channels_of_engine_rank(self.tp_rank) if self.plan else []
-
-    def _member(self, channel: Channel) -> int:
-        return 1 + self.engine
-
-    def _connect_gather(self, store) -> None:
-        self.gather.connect_engine(store, self.engine, self.tp_rank, _trainer, _engine)
+    def _position(self) -> dict:
+        return {"trainer": None, "engine": (self.engine, self.tp_rank)}
 
     @property
     def loads_full_tensors(self) -> bool:
@@ -396,14 +284,14 @@ class Receiver(_Endpoint):
             return {}
         if self._expected is None:
             self._expected = {}
-            for channel in self._my_channels():
+            for channel in self.plan.channels_of_engine_rank(self.tp_rank):
                 for copy in channel.copies:
                     self._expected[copy.dst_tensor] = self._expected.get(copy.dst_tensor, 0) + copy.numel
         return self._expected
 
     def update(self, params) -> UpdateReport:
         """Receive one update into `params`, in place: a mapping of vLLM names to live
-        tensors, or targets with the interface of `runtime.targets.TensorTargets`.
+        tensors, or targets with the interface of `runtime.targets.Targets`.
         Every element the plan sends is counted as written, or the update fails.
 
         For a spec without a vLLM layout table, `params` is the engine's loader (an
@@ -417,20 +305,14 @@ class Receiver(_Endpoint):
         self._require_connected()
         number = self.updates + 1
         if self.loads_full_tensors:
-            targets, finding = as_loader(params), None
+            sink, finding = as_loader(params), None
         else:
-            targets = as_targets(params)
-            finding = engine_findings(targets.names(), targets.shape, getattr(targets, "dtype", lambda name: None),
+            sink = as_targets(params)
+            finding = engine_findings(sink.names(), sink.shape, getattr(sink, "dtype", lambda name: None),
                                       self.plan.dst_shapes[self.tp_rank], self.dtype)
         self._vote(number, finding)
-
-        def receive() -> tuple[ChannelReport, ...]:
-            if self.loads_full_tensors:
-                return tuple(ChannelReport(*r) for r in self.gather.load(targets, number))
-            return self._receive(targets, number)
-
         try:
-            reports = self._settled(number, receive)
+            reports = self._settled(number, lambda: self._receive(sink, number))
         except UpdateFailedElsewhere:
             self.stale = None  # this rank's weights are whole and new; the caller learns the update failed
             raise
@@ -441,60 +323,32 @@ class Receiver(_Endpoint):
         self.stale = None
         return UpdateReport(number, reports)
 
-    def _receive(self, targets, number: int) -> tuple[ChannelReport, ...]:
-        counting = _CountingTargets(targets)
-        targets.begin_update()
-        if self.gather is not None:
-            reports = tuple(ChannelReport(*r) for r in self.gather.receive(counting, number))
-            elsewhere, corrupted = self.gather.failed_elsewhere, self.gather.corrupted
-        else:
-            reports, elsewhere, corrupted = self._receive_shards(counting, number)
-        if corrupted:
-            raise TransferError(f"update {number}: {self.who}: {'; '.join(corrupted)}; the bucket was not written")
-        expected = self.expected_numel()
-        if counting.counts != expected:
-            wrong = {n: (counting.counts.get(n, 0), e) for n, e in expected.items() if counting.counts.get(n, 0) != e}
-            raise TransferError(f"update {number}: {self.who}: written elements differ from the plan (written, planned): {wrong}")
-        targets.finish_update()
-        if elsewhere:
-            raise UpdateFailedElsewhere(f"update {number}: failed: {'; '.join(elsewhere)} ({self.who} took all of "
-                                        f"its share)")
-        return reports
-
-    def _receive_shards(self, counting, number: int):
-        """The shard path: this rank's channels, phase by phase, written by box; a bucket
-        that fails its checksum is not written, and the acknowledgement says so."""
-        corrupted: list[str] = []
-        bad_channels: set[str] = set()
-        elsewhere: list[str] = []
-
-        def header(channel: Channel, group: Group) -> None:
-            group.receive_header(number, self._bucket_count(channel), self.device)
-
-        def receive(channel: Channel, group: Group, phase: int, schedule) -> None:
-            size = [bucket.numel + self.tail for bucket in schedule]
-            posted = [group.broadcast(self.buffers[i][:size[i]]) for i in range(min(2, len(schedule)))]
-            for index, bucket in enumerate(schedule):
-                group.wait(posted[index], f"receiving bucket {index} of phase {phase}", number)
-                buffer = self.buffers[index % 2]
-                mismatch = checksum.check(buffer, bucket.numel) if self.verify else None
-                if mismatch is None:
-                    self.copier.unpack((channel.name, phase, index), bucket, buffer, counting)
-                else:
-                    bad_channels.add(channel.name)
-                    corrupted.append(f"channel {channel.name}: bucket {index} of phase {phase} failed its checksum "
-                                     f"(sent {mismatch[0]}, computed {mismatch[1]})")
-                if index + 2 < len(schedule):
-                    posted.append(group.broadcast(buffer[:size[index + 2]]))
-
-        def finish(channel: Channel, group: Group) -> None:
-            mine = 1 + group.rank if channel.name in bad_channels else 0
-            problem = group.acknowledge(mine, "acknowledging", number)
-            if problem and problem != mine:
-                elsewhere.append(f"channel {channel.name}: {group.peers[problem - 1]} received a bucket that failed "
-                                 f"its checksum")
-
-        return self._run_update(header, receive, finish), elsewhere, corrupted
+    def _receive(self, sink, number: int) -> tuple[ChannelReport, ...]:
+        """The method moves the bytes; this judges what it saw: a bad bucket here, a
+        loader that stopped early or elements the plan did not expect fail the update
+        here, a bad bucket elsewhere fails it after this rank took its whole share."""
+        counting = None if self.loads_full_tensors else _CountingTargets(sink)
+        if counting is not None:
+            sink.begin_update()
+        receipt: Receipt = self.transport.receive(counting or sink, number)
+        if receipt.corrupted:
+            written = "" if counting is None else "; the bucket was not written"
+            raise TransferError(f"update {number}: {self.who}: {'; '.join(receipt.corrupted)}{written}")
+        if receipt.unloaded:
+            raise TransferError(f"update {number}: {self.who}: the engine's loader stopped before taking "
+                                f"{len(receipt.unloaded)} tensor(s), first {receipt.unloaded[0]}")
+        if counting is not None:
+            expected = self.expected_numel()
+            if counting.counts != expected:
+                wrong = {n: (counting.counts.get(n, 0), e) for n, e in expected.items()
+                         if counting.counts.get(n, 0) != e}
+                raise TransferError(f"update {number}: {self.who}: written elements differ from the plan "
+                                    f"(written, planned): {wrong}")
+            sink.finish_update()
+        if receipt.elsewhere:
+            raise UpdateFailedElsewhere(f"update {number}: failed: {'; '.join(receipt.elsewhere)} ({self.who} took "
+                                        f"all of its share)")
+        return receipt.channels
 
 
 class _CountingTargets:
@@ -510,33 +364,3 @@ class _CountingTargets:
     def written(self, name: str, numel: int) -> None:
         self.counts[name] = self.counts.get(name, 0) + numel
         self.targets.written(name, numel)
-
-
-def _choose_method(method: str, module) -> tuple[str, str]:
-    """(method, why): the shard path wherever the spec has a vLLM layout table."""
-    if method not in METHODS:
-        raise PlanError(f"method {method!r}: expected one of {', '.join(METHODS)}")
-    if method == "auto":
-        if module.VLLM_LAYOUT:
-            return "shard", f"{module.FAMILY} layout tables"
-        return "gather", f"the {module.FAMILY} spec has no vLLM layout table; the engine's loader takes full tensors"
-    if method == "shard" and not module.VLLM_LAYOUT:
-        raise PlanError(f"method 'shard' needs a vLLM layout table and the {module.FAMILY} spec names no vllm "
-                        f"tensors: add them, or use method 'auto' or 'gather'")
-    return method, "asked for"
-
-
-def _phased_schedule(copies, capacity: int) -> dict[int, tuple[bucketing.Bucket, ...]]:
-    """Buckets per phase: a bucket never spans two phases."""
-    by_phase: dict[int, list] = {}
-    for copy in copies:
-        by_phase.setdefault(copy.phase, []).append(copy)
-    return {phase: bucketing.schedule(group, capacity) for phase, group in sorted(by_phase.items())}
-
-
-def _trainer(pp: int, tp: int) -> str:
-    return f"trainer pp{pp} tp{tp}"
-
-
-def _engine(engine: int, tp: int) -> str:
-    return f"engine {engine} tp{tp}"

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from shardsync.runtime.wire import channels
 from shardsync.runtime.plan import Layout
 from shardsync.runtime.transfer import Receiver, Sender
 from shardsync.harness.local_cluster import free_port, run_ranks
@@ -75,9 +74,9 @@ def _trainer(case: Case, port: int, pp: int, tp: int) -> dict:
         if failed:
             return failed
     result = {
-        "groups_created": channels.GROUPS_CREATED,
+        "groups_created": sender.channels_created,
         "method": sender.method,
-        "channels": len(sender.groups) + (len(sender.gather.groups) if sender.gather else 0),
+        "channels": len(sender.channels),
         "buffer_bytes": sender.buffer_bytes,
         "bytes_sent": [r.bytes for r in reports],
         "peak_temp_bytes": sender.peak_temp_bytes,
@@ -107,9 +106,9 @@ def _engine(case: Case, port: int, engine: int, tp: int) -> dict:
         mismatches.append([n for n, t in expected.items() if not torch.equal(params[n], t.to(dtype))])
     element = torch.empty((), dtype=dtype).element_size()
     result = {
-        "groups_created": channels.GROUPS_CREATED,
+        "groups_created": receiver.channels_created,
         "method": receiver.method,
-        "channels": len(receiver.groups) + (len(receiver.gather.groups) if receiver.gather else 0),
+        "channels": len(receiver.channels),
         "buffer_bytes": receiver.buffer_bytes,
         "mismatches": mismatches,
         "peak_temp_bytes": receiver.peak_temp_bytes,

@@ -1,1 +1,37 @@
-"""Transfer methods: how an endpoint's share of an update reaches the engines."""
+"""Transfer methods: how an endpoint's share of an update reaches the engines.
+
+Each implements `base.Method` and moves its buckets through `wire.pipe`; `choose`
+picks one from what the spec offers, `build` makes it for one endpoint.
+"""
+
+from __future__ import annotations
+
+from shardsync.runtime.errors import PlanError
+from shardsync.runtime.methods.base import Context, Method
+from shardsync.runtime.methods.gather import GatherMethod
+from shardsync.runtime.methods.shard import ShardMethod
+
+METHODS = ("auto", "shard", "gather")
+_BUILDERS = {"shard": ShardMethod, "gather": GatherMethod}
+
+
+def choose(method: str, module) -> tuple[str, str]:
+    """(method, why): the shard path wherever the spec has a vLLM layout table."""
+    if method not in METHODS:
+        raise PlanError(f"method {method!r}: expected one of {', '.join(METHODS)}")
+    if method == "auto":
+        if module.VLLM_LAYOUT:
+            return "shard", f"{module.FAMILY} layout tables"
+        return "gather", f"the {module.FAMILY} spec has no vLLM layout table; the engine's loader takes full tensors"
+    if method == "shard" and not module.VLLM_LAYOUT:
+        raise PlanError(f"method 'shard' needs a vLLM layout table and the {module.FAMILY} spec names no vllm "
+                        f"tensors: add them, or use method 'auto' or 'gather'")
+    return method, "asked for"
+
+
+def build(method: str, context: Context) -> Method:
+    """One endpoint's side of `method` (as `choose` returned it)."""
+    return _BUILDERS[method](context)
+
+
+__all__ = ["METHODS", "Context", "Method", "build", "choose"]

@@ -4,22 +4,22 @@ Groups are built over a shared `TCPStore` (never the processes' default group,
 which the trainer and the engine own), created once at connect, reused by every
 update and shut down at close. Gloo carries CPU tensors, NCCL CUDA tensors. Every
 blocking call has a timeout and fails with the channel, the peer and the update.
+A method holds its groups in one `Channels`, which counts what it created: the
+evidence that updates create none.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
 from datetime import timedelta
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch._C._distributed_c10d import AllreduceOptions, BroadcastOptions, ReduceOp
 from torch.distributed import PrefixStore, Store
 
 from shardsync.runtime.errors import TransferError
-
-GROUPS_CREATED = 0  # groups this process has created: updates must not add any
 
 
 @dataclass
@@ -100,7 +100,6 @@ def create_group(store: Store, name: str, rank: int, peers: tuple[str, ...], dev
     Extra keyword options are accepted and forwarded so that callers (engine
     workers set up through a framework's hooks) can pass what they are given.
     """
-    global GROUPS_CREATED
     prefixed = PrefixStore(f"shardsync/{name}", store)
     started = time.monotonic()
     try:
@@ -114,8 +113,42 @@ def create_group(store: Store, name: str, rank: int, peers: tuple[str, ...], dev
             f"connect: channel {name}: joining with {others} failed after {time.monotonic() - started:.1f}s: "
             f"{str(exc).splitlines()[0]}"
         ) from None
-    GROUPS_CREATED += 1
     return Group(name, rank, len(peers), backend, timeout, peers, device)
+
+
+class Channels(Mapping[str, Group]):
+    """The groups one method holds, by name: joined at connect, closed together.
+
+    `created` counts every group joined through it, across reconnects, so that an
+    endpoint can show its channels were made at connect and never during an update.
+    """
+
+    def __init__(self, device: torch.device, timeout: float, options: dict):
+        self.device, self.timeout, self.options = device, timeout, options
+        self._groups: dict[str, Group] = {}
+        self.created = 0
+
+    def __getitem__(self, name: str) -> Group:
+        return self._groups[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._groups)
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def join(self, store: Store, name: str, member: int, peers: tuple[str, ...],
+             diagnose: Callable[[tuple[str, ...]], str] | None) -> Group:
+        group = create_group(store, name, member, peers, self.device, self.timeout, **self.options)
+        group.diagnose = diagnose
+        self._groups[name] = group
+        self.created += 1
+        return group
+
+    def close(self) -> None:
+        for group in self._groups.values():
+            group.close()
+        self._groups.clear()
 
 
 def _gloo(store, rank: int, size: int, timeout: float, host: str = "127.0.0.1", **_unused):

@@ -72,12 +72,10 @@ class TrainerRank:
         self.sender = None
 
     def connect(self, infer_tp: int, engines: int, rendezvous: str, dtype: str, timeout: float) -> int:
-        from shardsync.runtime.wire import channels
-
         self.sender = self.policy.source.sender(infer_tp, engines, rendezvous=rendezvous,
                                                 dtype=getattr(torch, dtype), timeout=timeout, verify=True)
         self.sender.connect()
-        return channels.GROUPS_CREATED
+        return self.sender.channels_created
 
     def logprobs(self, sequences, starts):
         return self.policy.logprobs(sequences, starts)
@@ -86,12 +84,10 @@ class TrainerRank:
         return self.policy.train_step(sequences, starts, advantages)
 
     def sync(self) -> dict:
-        from shardsync.runtime.wire import channels
-
         started = time.perf_counter()
         report = self.sender.update(self.policy.source.tensors())
         return {"seconds": time.perf_counter() - started, "bytes": report.bytes,
-                "channels_created": channels.GROUPS_CREATED}
+                "channels_created": self.sender.channels_created}
 
     def is_reporter(self) -> bool:
         return self.policy.reports

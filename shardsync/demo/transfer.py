@@ -11,7 +11,6 @@ import time
 
 import torch
 
-from shardsync.runtime.wire import channels
 from shardsync.runtime.plan import Layout
 from shardsync.runtime.plan.summary import human_bytes
 from shardsync.harness.tensors import materialize, random_hf_tensors
@@ -68,15 +67,15 @@ def _trainer(hf_config: dict, layout: Layout, tp: int, options: dict) -> dict:
     started = time.monotonic()
     sender.connect()
     connect_s = time.monotonic() - started
-    after_connect = channels.GROUPS_CREATED
+    after_connect = sender.channels_created
     table = sender.module.megatron_shard_table(sender.cfg, tp, layout.train_tp)
     reports = []
     for seed in range(UPDATES):
         weights = random_hf_tensors(sender.module.hf_shapes(sender.cfg), seed)
         report = sender.update(materialize(table, weights, torch.float32))
         reports.append([(c.name, c.copies, c.bytes, c.seconds) for c in report.channels])
-    result = {"plan": sender.plan.digest[:12], "channels": len(sender.groups), "connect_s": connect_s,
-              "reports": reports, "groups_created": (after_connect, channels.GROUPS_CREATED)}
+    result = {"plan": sender.plan.digest[:12], "channels": len(sender.channels), "connect_s": connect_s,
+              "reports": reports, "groups_created": (after_connect, sender.channels_created)}
     sender.close()
     return result
 
@@ -84,7 +83,7 @@ def _trainer(hf_config: dict, layout: Layout, tp: int, options: dict) -> dict:
 def _engine(hf_config: dict, layout: Layout, engine: int, tp: int, options: dict) -> dict:
     receiver = Receiver(hf_config, layout, engine=engine, tp_rank=tp, **_with_dtype(options))
     receiver.connect()
-    after_connect = channels.GROUPS_CREATED
+    after_connect = receiver.channels_created
     dtype = receiver.dtype
     params = {name: torch.zeros(shape, dtype=dtype) for name, shape in receiver.tensor_shapes().items()}
     table = receiver.module.vllm_shard_table(receiver.cfg, tp, layout.infer_tp)
@@ -93,8 +92,9 @@ def _engine(hf_config: dict, layout: Layout, engine: int, tp: int, options: dict
         receiver.update(params)
         expected = materialize(table, random_hf_tensors(receiver.module.hf_shapes(receiver.cfg), seed), dtype)
         mismatches.append([n for n, t in expected.items() if not torch.equal(params[n], t)])
+    created = receiver.channels_created
     receiver.close()
-    return {"mismatches": mismatches, "groups_created": (after_connect, channels.GROUPS_CREATED)}
+    return {"mismatches": mismatches, "groups_created": (after_connect, created)}
 
 
 def _with_dtype(options: dict) -> dict:

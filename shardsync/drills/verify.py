@@ -164,25 +164,24 @@ def _train_step(weights: dict, step: int, only_layer: int | None) -> dict[str, t
 def _trainer(hf_config, layout, pp, tp, port, checkpoints, dtype, timeout) -> dict:
     from safetensors.torch import load_file
 
-    from shardsync.runtime.wire import channels
     from shardsync.runtime.transfer import Sender
 
     sender = Sender(hf_config, layout, pp_rank=pp, tp_rank=tp, rendezvous=f"127.0.0.1:{port}",
                     dtype=getattr(torch, dtype), timeout=timeout, verify=True)
     sender.connect()
-    after_connect = channels.GROUPS_CREATED
+    after_connect = sender.channels_created
     table = sender.module.megatron_shard_table(sender.cfg, tp, layout.train_tp, pp, layout.train_pp)
     for path in checkpoints:
         weights = load_file(f"{path}/model.safetensors")
         sender.update(materialize(table, weights, torch.float32))
+    during = sender.channels_created - after_connect
     sender.close()
-    return {"groups_created": after_connect, "groups_during_updates": channels.GROUPS_CREATED - after_connect}
+    return {"groups_created": after_connect, "groups_during_updates": during}
 
 
 def _megatron_trainer(hf_config, layout, rank, dist_port, port, checkpoints, dtype, timeout) -> dict:
     """A megatron-core rank: before each update, one optimizer step on a fixed batch,
     then the gather path writes the reference checkpoint (rank 0), then the shards go."""
-    from shardsync.runtime.wire import channels
     from shardsync.harness.megatron_gather import gather_hf_state
     from shardsync.harness.megatron_policy import PolicyRank
 
@@ -192,7 +191,7 @@ def _megatron_trainer(hf_config, layout, rank, dist_port, port, checkpoints, dty
     sender = source.sender(layout.infer_tp, layout.engines, rendezvous=f"127.0.0.1:{port}",
                            dtype=getattr(torch, dtype), timeout=timeout, verify=True)
     sender.connect()
-    after_connect = channels.GROUPS_CREATED
+    after_connect = sender.channels_created
     generator = torch.Generator().manual_seed(7)
     vocab = int(hf_config["vocab_size"])
     for path in checkpoints:
@@ -203,8 +202,9 @@ def _megatron_trainer(hf_config, layout, rank, dist_port, port, checkpoints, dty
         if full is not None:
             write_checkpoint(Path(path), hf_config, full)
         sender.update(source.tensors())
+    during = sender.channels_created - after_connect
     sender.close()
-    return {"groups_created": after_connect, "groups_during_updates": channels.GROUPS_CREATED - after_connect}
+    return {"groups_created": after_connect, "groups_during_updates": during}
 
 
 def _engine(checkpoint: Path, infer_tp: int, dtype: str, backend: bool, dummy: bool = False):

@@ -184,20 +184,16 @@ class _Rank:
         return {}
 
     def connect(self) -> dict:
-        from shardsync.runtime.wire import channels
-
         self.end.connect()
         if self.spec.role == "engine" and self.params is None:
             self.params = {n: torch.zeros(s, dtype=self.end.dtype) for n, s in self.end.tensor_shapes().items()}
-        return {"epoch": self.end.session.epoch, "groups_created": channels.GROUPS_CREATED,
-                "channels": len(self.end.groups)}
+        return {"epoch": self.end.session.epoch, "groups_created": self.end.channels_created,
+                "channels": len(self.end.channels)}
 
     def reconnect(self) -> dict:
-        from shardsync.runtime.wire import channels
-
-        before = channels.GROUPS_CREATED
+        before = self.end.channels_created
         self.end.reconnect()
-        return {"epoch": self.end.session.epoch, "groups_created": channels.GROUPS_CREATED - before}
+        return {"epoch": self.end.session.epoch, "groups_created": self.end.channels_created - before}
 
     def update(self, seed: int, fault: str | None = None) -> dict:
         if self.spec.role == "trainer":
@@ -208,10 +204,8 @@ class _Rank:
         return {"update": report.update, "bytes": report.bytes}
 
     def state(self) -> dict:
-        from shardsync.runtime.wire import channels
-
         stale = getattr(self.end, "stale", None)
-        return {"stale": stale, "updates": self.end.updates, "groups_created": channels.GROUPS_CREATED}
+        return {"stale": stale, "updates": self.end.updates, "groups_created": self.end.channels_created}
 
     def nonfinite(self) -> dict:
         """Engine tensors holding NaN or Inf."""

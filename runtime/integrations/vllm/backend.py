@@ -103,7 +103,7 @@ def connect_worker(model, model_config, parallel_config, device, init_info: Shar
         verify=init_info.verify,
     )
     receiver.connect()
-    channels = receiver.gather.groups if receiver.gather is not None else receiver.groups
+    channels = receiver.channels
     if receiver.loads_full_tensors:
         logger.info("shardsync: %s (method %s) joined %d channel(s); full HF tensors go through vLLM's own loader",
                     receiver.who, receiver.method, len(channels))

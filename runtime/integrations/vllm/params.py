@@ -84,6 +84,10 @@ class VllmTargets:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.shapes[name])
 
+    def dtype(self, name: str) -> None:
+        """Not checked: vLLM loaded the model in the dtype the receiver was given."""
+        return None
+
     def begin_update(self) -> None:
         self.remaining = dict(self.layer_numel)
         self.layers_reprocessed = 0

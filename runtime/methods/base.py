@@ -1,0 +1,86 @@
+"""The interface every transfer method implements, and what each is built from.
+
+An endpoint (`runtime/transfer.py`) owns the session: the plan agreement, the vote
+and the outcome of every update, staleness and errors. A method owns the bytes:
+what it planned (its digest), what connects this endpoint to its peers (groups, or
+buffers shared on one host), the buffers buckets go through, and the per-update
+loops. The endpoint never asks which method it holds: it builds one from a
+`Context`, agrees on its digest, connects it, and calls `send` or `receive`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Protocol
+
+import torch
+
+from shardsync.runtime.plan import Layout, Plan
+from shardsync.runtime.reports import ChannelReport, Receipt
+
+
+def trainer_name(pp: int, tp: int) -> str:
+    return f"trainer pp{pp} tp{tp}"
+
+
+def engine_name(engine: int, tp: int) -> str:
+    return f"engine {engine} tp{tp}"
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where an endpoint sits and what shapes its wire: everything a method needs,
+    so that no method reads its endpoint."""
+
+    module: object  # the generated converter module of the model family
+    cfg: object  # its config, from the HF config
+    layout: Layout
+    plan: Plan | None  # None for a spec without a vLLM layout table
+    trainer: tuple[int, int] | None  # (pp, tp) on a trainer rank, else None
+    engine: tuple[int, int] | None  # (engine, tp) on an engine rank, else None
+    dtype: torch.dtype  # on the wire
+    device: torch.device
+    capacity: int  # elements of `dtype` per bucket
+    timeout: float
+    verify: bool  # a checksum per bucket
+    overlap: bool  # pack bucket k+1 while bucket k is on the wire
+    channel_options: dict  # forwarded to channel creation (the address to listen on, a framework's extras)
+
+
+class Method(Protocol):
+    """One endpoint's side of a transfer method, built once and kept across reconnects."""
+
+    @property
+    def digest(self) -> str:
+        """What every endpoint must have planned alike; compared at connect."""
+
+    @property
+    def channels(self) -> Mapping[str, object]:
+        """What connects this endpoint to its peers now, by name (empty when closed)."""
+
+    @property
+    def channels_created(self) -> int:
+        """Channels or buffers created by every connect so far; an update creates none."""
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of the persistent bucket buffers."""
+
+    @property
+    def peak_temp_bytes(self) -> int:
+        """The most bytes of whole tensors held at once beyond the buffers."""
+
+    def connect(self, store, diagnose: Callable[[tuple[str, ...]], str]) -> None:
+        """Create this endpoint's channels (or buffers) over the rendezvous store;
+        `diagnose` names the peers that went silent when a wait times out."""
+
+    def send(self, tensors: Mapping[str, torch.Tensor], update: int) -> tuple[ChannelReport, ...]:
+        """A trainer rank's share of `update`; raises TransferError naming channel,
+        peer and update if it did not reach every receiver intact."""
+
+    def receive(self, sink, update: int) -> Receipt:
+        """An engine rank's share of `update`, written into `sink` (counted targets, or
+        the engine's loader for full tensors); reports, does not judge."""
+
+    def close(self) -> None:
+        """Release the channels (or buffers' handles); a later connect re-creates them."""

@@ -1,0 +1,127 @@
+"""The shard method: peer to peer, each trainer rank's boxes straight to the engines.
+
+One persistent group per plan channel (a source rank and the engine ranks it
+feeds); each channel's copies are bucketed per phase (embedding, layer 0, layer 1,
+..., head) and packed from views of the trainer's tensors, so no whole tensor is
+ever held. Receivers write each piece into the live tensor by box.
+"""
+
+from __future__ import annotations
+
+import time
+
+from shardsync.runtime.methods.base import Context, engine_name, trainer_name
+from shardsync.runtime.plan import Channel
+from shardsync.runtime.plan import buckets as bucketing
+from shardsync.runtime.reports import ChannelReport, Receipt
+from shardsync.runtime.wire.channels import Channels
+from shardsync.runtime.wire.copy_graphs import BucketCopier
+from shardsync.runtime.wire.pipe import BucketPipe
+
+
+class ShardMethod:
+    def __init__(self, context: Context):
+        self.plan = context.plan
+        if context.trainer is not None:
+            pp, tp = context.trainer
+            self.mine = self.plan.channels_of_source(context.layout.src_rank(pp, tp))
+            self.member = 0  # the source of each of its channels
+        else:
+            engine, tp = context.engine
+            self.mine = self.plan.channels_of_engine_rank(tp)
+            self.member = 1 + engine  # replicas follow the source, in engine order
+        self.schedules = {c.name: _phased_schedule(c.copies, context.capacity) for c in self.mine}
+        largest = max((b.numel for s in self.schedules.values() for bs in s.values() for b in bs), default=0)
+        self.pipe = BucketPipe(largest, context.dtype, context.device, verify=context.verify, overlap=context.overlap)
+        self.copier = BucketCopier(context.device)  # graphed on CUDA, plain foreach copies on the CPU
+        self.channels = Channels(context.device, context.timeout, context.channel_options)
+
+    @property
+    def digest(self) -> str:
+        return self.plan.digest
+
+    @property
+    def channels_created(self) -> int:
+        return self.channels.created
+
+    @property
+    def buffer_bytes(self) -> int:
+        return self.pipe.nbytes
+
+    @property
+    def peak_temp_bytes(self) -> int:
+        return 0  # packed from views, written by box: no whole tensor held
+
+    def connect(self, store, diagnose) -> None:
+        for channel in self.mine:
+            peers = (trainer_name(channel.pp, channel.tp),) + tuple(
+                engine_name(e, channel.dst_tp) for e in range(channel.engines))
+            self.channels.join(store, channel.name, self.member, peers, diagnose)
+
+    def close(self) -> None:
+        self.channels.close()
+
+    def send(self, tensors, update: int) -> tuple[ChannelReport, ...]:
+        outbound = self.pipe.outbound(update)
+
+        def move(channel: Channel, group, phase: int, schedule) -> None:
+            sending = outbound.sending(group, f" of phase {phase}")
+            for index, bucket in enumerate(schedule):
+                key = (channel.name, phase, index)
+                sending.put(bucket, lambda buffer: self.copier.pack(key, bucket, tensors, buffer))
+            sending.drain()
+
+        reports = self._walk(outbound.header, move, outbound.close)
+        outbound.check()
+        return reports
+
+    def receive(self, targets, update: int) -> Receipt:
+        """Written by box as each bucket arrives; a bucket that fails its checksum is
+        not written, and the acknowledgement says so."""
+        inbound = self.pipe.inbound(update)
+
+        def move(channel: Channel, group, phase: int, schedule) -> None:
+            for index, bucket, buffer, intact in inbound.buckets(group, schedule, f" of phase {phase}"):
+                if intact:
+                    self.copier.unpack((channel.name, phase, index), bucket, buffer, targets)
+
+        reports = self._walk(inbound.header, move, inbound.close)
+        return Receipt(reports, tuple(inbound.corrupted), tuple(inbound.elsewhere))
+
+    def _walk(self, header, move, finish) -> tuple[ChannelReport, ...]:
+        """One update over this rank's channels: headers, then each phase on every
+        channel, then acknowledgements.
+
+        Every process walks its collectives in one global order (phase, then channel
+        in plan order), which is what keeps overlapping channels from deadlocking,
+        and lets an engine complete (and re-process) its layers one by one.
+        """
+        seconds = {c.name: 0.0 for c in self.mine}
+        for channel in self.mine:
+            header(self.channels[channel.name], self._bucket_count(channel))
+        phases = sorted({phase for c in self.mine for phase in self.schedules[c.name]})
+        for phase in phases:
+            for channel in self.mine:
+                schedule = self.schedules[channel.name].get(phase)
+                if schedule:
+                    started = time.perf_counter()
+                    move(channel, self.channels[channel.name], phase, schedule)
+                    seconds[channel.name] += time.perf_counter() - started
+        for channel in self.mine:
+            started = time.perf_counter()
+            finish(self.channels[channel.name])
+            seconds[channel.name] += time.perf_counter() - started
+        return tuple(ChannelReport(c.name, len(c.copies), c.numel * self.plan.dtype_bytes, seconds[c.name])
+                     for c in self.mine)
+
+    def _bucket_count(self, channel: Channel) -> int:
+        """What the header announces: both ends derive it from the same schedule."""
+        return sum(len(buckets) for buckets in self.schedules[channel.name].values())
+
+
+def _phased_schedule(copies, capacity: int) -> dict[int, tuple[bucketing.Bucket, ...]]:
+    """Buckets per phase: a bucket never spans two phases."""
+    by_phase: dict[int, list] = {}
+    for copy in copies:
+        by_phase.setdefault(copy.phase, []).append(copy)
+    return {phase: bucketing.schedule(group, capacity) for phase, group in sorted(by_phase.items())}
