@@ -1,8 +1,8 @@
 """The split kinds a spec may name, and what each needs from the spec.
 
 A kind is a sharding layout shared by Megatron and vLLM (vLLM has one weight loader
-per layer kind; here each kind has one class in the generated module). Adding a
-kind means adding an entry here and a class in `templates/layouts.py.j2`.
+per layer kind; here each kind has one class in `compiler/_kinds.py`, the layout
+library copied into generated/). Adding a kind means an entry here and a class there.
 """
 
 from __future__ import annotations
