@@ -1,7 +1,8 @@
 """Converter modules compiled from specs/ by `shardsync compile --all`. Do not edit.
 
 Each module converts one model family; `for_architecture` finds the one for an HF
-`architectures` entry. Modules import only torch, so a trainer can import them
+`architectures` entry. Modules import only torch and their sibling `_kinds` (the
+layout library, copied from compiler/_kinds.py), so a trainer can vendor this folder
 without the rest of shardsync.
 """
 
