@@ -530,8 +530,20 @@ def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> N
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(tensor.shape)}")
 
 
+# transformers 5 keeps RoPE settings in a `rope_parameters` mapping (what vLLM's
+# `hf_config.to_dict()` hands an engine); config.json files written before keep them at
+# the top level. Both spell the same model, so a field is looked up in either.
+NESTED_FIELDS = ("rope_parameters",)
+
+
 def _read(hf: dict, field: str, default):
     value = hf.get(field)
+    for nested in NESTED_FIELDS:
+        inner = hf.get(nested)
+        if isinstance(inner, dict) and inner.get(field) is not None:
+            if value is not None and inner[field] != value:
+                raise ConfigError(f"{field}: {value!r} at the top level but {inner[field]!r} in {nested}")
+            value = inner[field]
     if value is None:
         if default is None:
             raise ConfigError(f"{field}: missing from the config")

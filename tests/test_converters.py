@@ -155,3 +155,20 @@ def test_tables_command_shows_where_rank_zero_pieces_go():
     bad = subprocess.run([sys.executable, "-m", "shardsync.cli", "tables", "--model", "qwen3-4b", "--train-tp", "3"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "num_key_value_heads=8" in bad.stderr
+
+
+@pytest.mark.parametrize("preset", ["qwen3-tiny", "qwen2-tiny", "llama-tiny", "mistral-tiny"])
+def test_a_config_read_back_from_transformers_is_the_same_config(preset):
+    """An engine reads its HF config as transformers 5 writes it (`rope_parameters`
+    holds rope_theta), a trainer often from config.json (top level): the two must give
+    one Config, or the plan agreement refuses a connect over a spelling."""
+    import transformers
+
+    hf = model_config(preset)
+    written = transformers.AutoConfig.for_model(**hf).to_dict()
+    assert "rope_theta" not in written or "rope_parameters" not in written  # one spelling each
+    module = generated.for_architecture(hf["architectures"][0])
+    assert module.config_from_hf(written) == module.config_from_hf(hf)
+    clash = {**hf, "rope_parameters": {"rope_theta": hf.get("rope_theta", 10000.0) * 2}}
+    with pytest.raises(module.ConfigError, match="rope_theta: .* at the top level but .* in rope_parameters"):
+        module.config_from_hf(clash)
