@@ -62,17 +62,19 @@ def test_the_installed_wheel_imports_from_its_own_files(wheel, tmp_path):
     installed = sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info"))
     assert installed == ["bin", "shardsync"], installed  # bin/: the `shardsync` console script
     assert sorted(p.name for p in (target / "bin").iterdir()) == ["shardsync"]
+    # the worker extension imports vLLM, which a trainer's environment may lack: found, not imported
     probe = ("import importlib.util, shardsync.runtime.transfer, shardsync.generated.qwen3, "
              "shardsync.runtime.integrations.vllm.plugin, shardsync.compiler;"
-             "import shardsync.runtime.integrations.vllm.extension as ext;"
              "print(shardsync.runtime.__file__);"
-             "print(ext.WORKER_EXTENSION);"
+             "print(importlib.util.find_spec('shardsync.runtime.integrations.vllm.extension').origin);"
              "print([n for n in ('runtime', 'compiler', 'generated') if importlib.util.find_spec(n)])")
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         check=True, timeout=300).stdout.splitlines()
+    run = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout.splitlines()
     assert out[0].startswith(str(target)), out
-    assert out[1] == "shardsync.runtime.integrations.vllm.extension.ShardsyncWorkerExtension"
+    assert out[1] == str(target / "shardsync" / "runtime" / "integrations" / "vllm" / "extension.py"), out
     assert out[2] == "[]", out
 
 
@@ -82,8 +84,9 @@ def test_the_editable_install_maps_the_folders_under_one_name(tmp_path):
     probe = ("import importlib.util, shardsync.runtime, shardsync.compiler, shardsync.generated;"
              "print(shardsync.runtime.__file__, shardsync.compiler.__file__, shardsync.generated.__file__);"
              "print([n for n in ('runtime', 'compiler', 'generated') if importlib.util.find_spec(n)])")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True,
-                         timeout=300).stdout.splitlines()
+    run = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout.splitlines()
     assert out[0].split() == [str(ROOT / f / "__init__.py") for f in ("runtime", "compiler", "generated")], out
     assert out[1] == "[]", out
 
