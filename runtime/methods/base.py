@@ -17,6 +17,8 @@ import torch
 
 from shardsync.runtime.plan import Layout, Plan
 from shardsync.runtime.reports import ChannelReport, Receipt
+from shardsync.runtime.wire.channels import Channels
+from shardsync.runtime.wire.pipe import BucketPipe
 
 
 def trainer_name(pp: int, tp: int) -> str:
@@ -84,3 +86,22 @@ class Method(Protocol):
 
     def close(self) -> None:
         """Release the channels (or buffers' handles); a later connect re-creates them."""
+
+
+class OverChannels:
+    """What a method that moves its buckets over channels holds and counts: its groups
+    (`channels`, created at connect) and its two bucket buffers (`pipe`)."""
+
+    channels: Channels
+    pipe: BucketPipe
+
+    @property
+    def channels_created(self) -> int:
+        return self.channels.created
+
+    @property
+    def buffer_bytes(self) -> int:
+        return self.pipe.nbytes
+
+    def close(self) -> None:
+        self.channels.close()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shardsync.runtime.methods.base import Context, engine_name, trainer_name
+from shardsync.runtime.methods.base import Context, OverChannels, engine_name, trainer_name
 from shardsync.runtime.plan import boxes
 from shardsync.runtime.plan import buckets as bucketing
 from shardsync.runtime.plan.boxes import Box
@@ -73,7 +73,7 @@ def stage_schedules(module, cfg, layout, capacity: int) -> list[StageSchedule]:
     return schedules
 
 
-class GatherMethod:
+class GatherMethod(OverChannels):
     """One endpoint's side of the baseline: its stages' schedules, groups and buffers."""
 
     def __init__(self, context: Context):
@@ -109,13 +109,6 @@ class GatherMethod:
                 for s in self.stages]
         return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
 
-    @property
-    def channels_created(self) -> int:
-        return self.channels.created
-
-    @property
-    def buffer_bytes(self) -> int:
-        return self.pipe.nbytes
 
     # -- set-up -----------------------------------------------------------------------
 
@@ -138,9 +131,6 @@ class GatherMethod:
         peers = (trainer_name(pp, 0),) + tuple(
             engine_name(e, s) for e in range(layout.engines) for s in range(layout.infer_tp))
         self.channels.join(store, f"broadcast-pp{pp}", member, peers, diagnose)
-
-    def close(self) -> None:
-        self.channels.close()
 
     # -- updates ----------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from shardsync.runtime.methods.base import Context, engine_name, trainer_name
+from shardsync.runtime.methods.base import Context, OverChannels, engine_name, trainer_name
 from shardsync.runtime.plan import Channel
 from shardsync.runtime.plan import buckets as bucketing
 from shardsync.runtime.reports import ChannelReport, Receipt
@@ -19,7 +19,7 @@ from shardsync.runtime.wire.copy_graphs import BucketCopier
 from shardsync.runtime.wire.pipe import BucketPipe
 
 
-class ShardMethod:
+class ShardMethod(OverChannels):
     def __init__(self, context: Context):
         self.plan = context.plan
         if context.trainer is not None:
@@ -40,13 +40,6 @@ class ShardMethod:
     def digest(self) -> str:
         return self.plan.digest
 
-    @property
-    def channels_created(self) -> int:
-        return self.channels.created
-
-    @property
-    def buffer_bytes(self) -> int:
-        return self.pipe.nbytes
 
     @property
     def peak_temp_bytes(self) -> int:
@@ -57,9 +50,6 @@ class ShardMethod:
             peers = (trainer_name(channel.pp, channel.tp),) + tuple(
                 engine_name(e, channel.dst_tp) for e in range(channel.engines))
             self.channels.join(store, channel.name, self.member, peers, diagnose)
-
-    def close(self) -> None:
-        self.channels.close()
 
     def send(self, tensors, update: int) -> tuple[ChannelReport, ...]:
         outbound = self.pipe.outbound(update)

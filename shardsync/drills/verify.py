@@ -14,7 +14,6 @@ prompts are compared too. The last line printed is one JSON object.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time

@@ -14,8 +14,6 @@ baseline too; `shardsync_update(method="gather")` uses it), for benchmarks. The 
 
 from __future__ import annotations
 
-import torch
-
 from shardsync.runtime.integrations.vllm.backend import ShardsyncInitInfo, connect_worker
 
 WORKER_EXTENSION = "shardsync.runtime.integrations.vllm.extension.ShardsyncWorkerExtension"
