@@ -26,6 +26,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the output is not up to date")
     p.set_defaults(run=commands.compile_specs)
 
+    p = sub.add_parser("check-spec", help="check specs' Megatron names and shapes against real megatron-core GPTModels")
+    p.add_argument("specs", nargs="*", metavar="SPEC_OR_FAMILY",
+                   help="spec files, or families with a spec in specs/ (default: every spec)")
+    p.add_argument("--model", action="append", metavar="PRESET",
+                   help="preset or config.json to build from, repeatable (default: every preset of the spec's "
+                        "architectures)")
+    p.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="TP sizes, every rank of each (default 1 2)")
+    p.add_argument("--no-variants", action="store_true",
+                   help="build the configs as given, not with every combination of the spec's boolean fields")
+    p.set_defaults(run=commands.check_spec)
+
     p = sub.add_parser("tables", help="show how one Megatron rank's tensors map onto vLLM ranks")
     _model_args(p)
     p.add_argument("--rank", type=int, default=0, help="Megatron TP rank to show (default 0)")

@@ -54,7 +54,103 @@ def compile_specs(args) -> int:
         print(f"{'wrote' if output.path in written else 'unchanged'} {_shown(output.path)}")
     for path in stale:
         print(f"warning: {_shown(path)} has no spec (delete it if the spec was removed)", file=sys.stderr)
+    named = "" if args.all else " " + " ".join(_shown(p) for p in paths)
+    print(f"hint: `shardsync check-spec{named}` checks the Megatron names against real megatron-core GPTModels",
+          file=sys.stderr)
     return 0
+
+
+def check_spec(args) -> int:
+    """Build the GPTModel each spec implies (megatron-core, local layer spec) at every TP
+    rank of --tp and compare its parameter names and shapes with the spec's Megatron
+    table: one line per problem, naming the spec's file, line and family."""
+    from shardsync.harness.spec_check import check_module, module_from_spec
+
+    paths = _spec_paths(args.specs)
+    try:
+        extra = [(name, model_config(name)) for name in args.model or []]
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    if any(tp < 1 for tp in args.tp):
+        raise UserError(f"--tp sizes must be positive, got {args.tp}")
+    problems = checked = 0
+    for path in paths:
+        try:
+            spec = compiler.load_spec(path)
+        except compiler.SpecError as exc:
+            raise UserError(str(exc)) from None
+        configs = _configs_for(spec, extra)
+        if not configs:
+            which = f"--model {' '.join(args.model)} converts" if args.model else "no preset has"
+            print(f"{_shown(path)}: not checked: {which} none of architectures {list(spec.architectures)}"
+                  + ("" if args.model else " (pass --model CONFIG.json)"), file=sys.stderr)
+            continue
+        try:
+            report = check_module(module_from_spec(spec), configs, tuple(args.tp), vary=not args.no_variants)
+        except RuntimeError as exc:
+            raise UserError(str(exc)) from None
+        checked += 1
+        for difference, where in report.problems:
+            print(f"{_spec_location(path, difference)} {difference.message} ({where})", file=sys.stderr)
+        problems += len(report.problems)
+        if not report.problems:
+            print(f"{_shown(path)}: {spec.family}: Megatron names and shapes equal GPTModel's (local layer spec) "
+                  f"in {report.builds} builds: {_count(len(configs), 'config')} "
+                  f"({', '.join(n for n, _ in configs)}), {_count(report.variants, 'variant')}, "
+                  f"TP {' '.join(map(str, args.tp))}")
+        for reason, labels in report.skipped.items():
+            print(f"{_shown(path)}:     not built, as the spec refuses them: {_count(len(labels), 'variant')}: "
+                  f"{reason} (e.g. {labels[0]})")
+    if not checked:
+        raise UserError("no spec was checked")
+    return 1 if problems else 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _spec_paths(names: list[str]) -> list[Path]:
+    """Spec files by path, or by family (specs/<family>.yaml); none named: every spec."""
+    specs_dir = PROJECT / "specs"
+    if not names:
+        paths = sorted(specs_dir.glob("*.yaml"))
+        if not paths:
+            raise UserError(f"no *.yaml specs in {specs_dir}")
+        return paths
+    paths = []
+    for name in names:
+        path = Path(name)
+        if not path.is_file() and "/" not in name and not name.endswith((".yaml", ".yml")):
+            path = specs_dir / f"{name}.yaml"
+        if not path.is_file():
+            known = ", ".join(p.stem for p in sorted(specs_dir.glob("*.yaml")))
+            raise UserError(f"{name!r} is neither a spec file nor a family with a spec in specs/ ({known})")
+        paths.append(path)
+    return paths
+
+
+def _configs_for(spec, extra: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """The HF configs to build a spec's models from: those given, else every preset, that
+    name one of its architectures."""
+    from shardsync.presets import preset_names
+
+    candidates = extra or [(name, model_config(name)) for name in preset_names()]
+    return [(name, hf) for name, hf in candidates
+            if any(a in spec.architectures for a in hf.get("architectures") or [])]
+
+
+def _spec_location(path: Path, difference) -> str:
+    """`file:line: params.KEY.megatron:` for a family the spec names; the params or
+    megatron section for a parameter no family names or a config megatron-core refuses."""
+    from shardsync.compiler.yaml_lines import load_yaml
+
+    raw = load_yaml(path.read_text(), str(path))
+    if difference.family is not None:
+        line = raw["params"][difference.family].line_of("megatron")
+        return f"{_shown(path)}:{line}: params.{difference.family}.megatron:"
+    section = "megatron" if difference.kind == "build" else "params"
+    return f"{_shown(path)}:{raw.line_of(section)}: {section}:"
 
 
 def _shown(path: Path) -> str:
