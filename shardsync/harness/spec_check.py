@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from shardsync.harness.megatron_cpu import cpu_shims
+from shardsync.runtime.integrations.megatron.source import global_parameters
 
 LOCAL_SPEC = "GPTModel (local layer spec"
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -102,17 +103,8 @@ def pattern(name: str) -> str:
 
 
 def global_names(model) -> dict[str, tuple[int, ...]]:
-    """A model stage's parameters by global Megatron name (layer numbers from each layer's
-    `layer_number`), with their shapes."""
-    layers = getattr(getattr(model, "decoder", None), "layers", [])
-    offsets = {index: layer.layer_number - 1 for index, layer in enumerate(layers)}
-    result = {}
-    for name, param in model.named_parameters():
-        match = _LAYER.match(name)
-        if match:
-            name = f"decoder.layers.{offsets[int(match.group(1))]}.{name[match.end():]}"
-        result[name] = tuple(param.shape)
-    return result
+    """A model stage's parameters by global Megatron name, with their shapes."""
+    return {name: tuple(param.shape) for name, param in global_parameters(model).items()}
 
 
 @contextlib.contextmanager

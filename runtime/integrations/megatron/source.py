@@ -72,8 +72,7 @@ class MegatronSource:
     def _index(self) -> dict[str, torch.nn.Parameter]:
         table = self.module.megatron_shard_table(self.cfg, self.tp_rank, self.tp_size, self.pp_rank, self.pp_size)
         wanted = [local.name for local in table]
-        offsets = _layer_offsets(self.model)
-        found = {_global_name(name, offsets): param for name, param in self.model.named_parameters()}
+        found = global_parameters(self.model)
         if self.cfg.tied and self.pp_size > 1 and self.pp_rank == self.pp_size - 1:
             found.pop(_OUTPUT, None)  # the last stage's copy of the tied embedding: the first stage sends
         missing = [n for n in wanted if n not in found]
@@ -128,6 +127,14 @@ def unwrap_model(model):
     while not hasattr(model, "decoder") and hasattr(model, "module"):
         model = model.module
     return model
+
+
+def global_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """A model stage's parameters by global Megatron name: the local layer index in each
+    `decoder.layers.{i}` replaced by that layer's own `layer_number` (PP stages count
+    their layers from 0)."""
+    offsets = _layer_offsets(model)
+    return {_global_name(name, offsets): param for name, param in model.named_parameters()}
 
 
 def _layer_offsets(model) -> dict[int, int]:
