@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
-                 "mistral": "MistralForCausalLM"}
+                 "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "starcoder2": "Starcoder2ForCausalLM"}
 
 
 @st.composite
@@ -30,6 +30,14 @@ def hf_configs(draw, family: str, train_tp: int = 1) -> dict:
         config["mlp_bias"] = draw(st.booleans())
     elif family == "qwen3":
         config["attention_bias"] = draw(st.booleans())
+    elif family in ("phi3", "starcoder2"):
+        # neither config has a head_dim field: both derive it from hidden_size / heads
+        config["hidden_size"] = heads * draw(st.sampled_from([2, 4, 8]))
+        # token ids inside the smallest vocab drawn (Phi-3's default pad id 32000 is the
+        # HF embedding's padding_idx, which must be a row)
+        config.update(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        if family == "starcoder2":
+            config["use_bias"] = draw(st.booleans())  # biases on every linear (LayerNorm biases always)
     else:
         # Qwen2 derives head_dim from hidden_size / heads
         config["hidden_size"] = heads * draw(st.sampled_from([2, 4, 8]))

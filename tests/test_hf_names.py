@@ -23,6 +23,10 @@ VARIANTS = [
     ("llama-tiny", {"attention_bias": True, "mlp_bias": True}),
     ("mistral-tiny", {}),
     ("mistral-tiny", {"tie_word_embeddings": True}),
+    ("phi3-tiny", {}),
+    ("starcoder2-tiny", {}),
+    ("starcoder2-tiny", {"tie_word_embeddings": False}),
+    ("starcoder2-tiny", {"use_bias": False}),
 ]
 
 

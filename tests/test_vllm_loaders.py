@@ -6,6 +6,14 @@ ParallelLMHead) are built for one TP rank at a time and fed full canonical
 tensors whose values encode their coordinates (tensor id * 2^32 + flat index, in
 float64, exact). Each resulting local parameter must equal, element for element,
 what the shard tables say that element is (padding rows: zero).
+
+Phi-3 is vLLM's Llama model: the checkpoint's fused qkv_proj and gate_up_proj go
+to the loaders whole (no shard id), as its load_weights passes them. Starcoder2 is
+served by the Transformers modeling backend, which (as seen on real engines)
+builds one QKVParallelLinear `qkv_proj` from q/k/v_proj (loaded with shard ids
+q, k, v), ColumnParallelLinear `mlp.c_fc`, RowParallelLinear `self_attn.o_proj`
+and `mlp.c_proj`, vLLM's LayerNorm (plain parameters: the default loader) and
+VocabParallelEmbedding; norms are checked too for these two.
 """
 
 from __future__ import annotations
@@ -24,6 +32,11 @@ VARIANTS = [
     ("qwen3-tiny", {"num_key_value_heads": 1, "tie_word_embeddings": False, "attention_bias": True}),
     ("qwen2-tiny", {}),
     ("llama-tiny", {"attention_bias": True, "mlp_bias": True}),
+    ("phi3-tiny", {}),
+    ("phi3-tiny", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
+    ("starcoder2-tiny", {}),
+    ("starcoder2-tiny", {"num_key_value_heads": 1, "tie_word_embeddings": False}),
+    ("starcoder2-tiny", {"use_bias": False}),
 ]
 
 
@@ -93,6 +106,99 @@ def _vllm_layers(cfg, hf: dict) -> dict[str, torch.Tensor]:
     return results
 
 
+def _sizes(hf_config: dict) -> dict[str, int]:
+    heads = hf_config["num_attention_heads"]
+    return {"hidden": hf_config["hidden_size"], "heads": heads, "kv_heads": hf_config.get("num_key_value_heads") or heads,
+            "head_dim": hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
+            "ffn": hf_config["intermediate_size"], "vocab": hf_config["vocab_size"],
+            "layers": hf_config["num_hidden_layers"]}
+
+
+def _load_embeddings(n: dict, hf: dict, results: dict) -> None:
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    embed = VocabParallelEmbedding(n["vocab"], n["hidden"], params_dtype=torch.float64)
+    embed.weight.weight_loader(embed.weight, hf["model.embed_tokens.weight"])
+    results["model.embed_tokens.weight"] = embed.weight.data
+    if "lm_head.weight" in hf:  # tied: vLLM's lm_head is the embedding itself
+        head = ParallelLMHead(n["vocab"], n["hidden"], params_dtype=torch.float64)
+        head.weight.weight_loader(head.weight, hf["lm_head.weight"])
+        results["lm_head.weight"] = head.weight.data
+
+
+def _load_norms(norm_cls, n: dict, hf: dict, results: dict) -> None:
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+    prefixes = [f"model.layers.{i}.{key}" for i in range(n["layers"])
+                for key in ("input_layernorm", "post_attention_layernorm")] + ["model.norm"]
+    for prefix in prefixes:
+        norm = norm_cls(n["hidden"], dtype=torch.float64)
+        for suffix in ("weight", "bias"):
+            param = getattr(norm, suffix, None)
+            if param is not None:
+                getattr(param, "weight_loader", default_weight_loader)(param, hf[f"{prefix}.{suffix}"])
+                results[f"{prefix}.{suffix}"] = param.data
+
+
+def _phi3_layers(n: dict, hf: dict) -> dict[str, torch.Tensor]:
+    """vLLM's Phi3ForCausalLM (a LlamaForCausalLM): the checkpoint is already fused, so
+    qkv_proj and gate_up_proj are loaded whole with loaded_shard_id None."""
+    from vllm.model_executor.layers.layernorm import RMSNorm
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+
+    f64 = torch.float64
+    results = {}
+    for i in range(n["layers"]):
+        p = f"model.layers.{i}."
+        layers = {
+            "self_attn.qkv_proj": QKVParallelLinear(n["hidden"], n["head_dim"], n["heads"], n["kv_heads"], bias=False,
+                                                    params_dtype=f64),
+            "self_attn.o_proj": RowParallelLinear(n["heads"] * n["head_dim"], n["hidden"], bias=False, params_dtype=f64),
+            "mlp.gate_up_proj": MergedColumnParallelLinear(n["hidden"], [n["ffn"]] * 2, bias=False, params_dtype=f64),
+            "mlp.down_proj": RowParallelLinear(n["ffn"], n["hidden"], bias=False, params_dtype=f64),
+        }
+        for key, layer in layers.items():
+            layer.weight.weight_loader(layer.weight, hf[f"{p}{key}.weight"])
+            results[f"{p}{key}.weight"] = layer.weight.data
+    _load_norms(RMSNorm, n, hf, results)
+    _load_embeddings(n, hf, results)
+    return results
+
+
+def _starcoder2_layers(n: dict, hf: dict) -> dict[str, torch.Tensor]:
+    """The Transformers modeling backend's layers for Starcoder2ForCausalLM."""
+    from vllm.model_executor.layers.layernorm import LayerNorm
+    from vllm.model_executor.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+
+    f64 = torch.float64
+    bias = "model.layers.0.self_attn.q_proj.bias" in hf  # use_bias
+    results = {}
+    for i in range(n["layers"]):
+        p = f"model.layers.{i}."
+        qkv = QKVParallelLinear(n["hidden"], n["head_dim"], n["heads"], n["kv_heads"], bias=bias, params_dtype=f64)
+        layers = {
+            "self_attn.qkv_proj": qkv,
+            "self_attn.o_proj": RowParallelLinear(n["heads"] * n["head_dim"], n["hidden"], bias=bias, params_dtype=f64),
+            "mlp.c_fc": ColumnParallelLinear(n["hidden"], n["ffn"], bias=bias, params_dtype=f64),
+            "mlp.c_proj": RowParallelLinear(n["ffn"], n["hidden"], bias=bias, params_dtype=f64),
+        }
+        for suffix in ("weight", "bias") if bias else ("weight",):
+            param = getattr(qkv, suffix)
+            for shard in "qkv":
+                param.weight_loader(param, hf[f"{p}self_attn.{shard}_proj.{suffix}"], shard)
+            for key, layer in layers.items():
+                param = getattr(layer, suffix)
+                if layer is not qkv:
+                    param.weight_loader(param, hf[f"{p}{key}.{suffix}"])
+                results[f"{p}{key}.{suffix}"] = param.data
+    _load_norms(LayerNorm, n, hf, results)
+    _load_embeddings(n, hf, results)
+    return results
+
+
+_FAMILY_LAYERS = {"Phi3ForCausalLM": _phi3_layers, "Starcoder2ForCausalLM": _starcoder2_layers}
+
+
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("preset,changes", VARIANTS, ids=[f"{p}{'-' + '-'.join(c) if c else ''}" for p, c in VARIANTS])
 def test_shard_tables_agree_with_vllm_weight_loaders(preset, changes, tp, tp_position):
@@ -106,8 +212,11 @@ def test_shard_tables_agree_with_vllm_weight_loaders(preset, changes, tp, tp_pos
     for rank in range(tp):
         tp_position.update(rank=rank, size=tp)
         with set_current_vllm_config(VllmConfig()), torch.device("cpu"):
-            loaded = _vllm_layers(cfg, hf)
+            family_layers = _FAMILY_LAYERS.get(hf_config["architectures"][0])
+            loaded = family_layers(_sizes(hf_config), hf) if family_layers else _vllm_layers(cfg, hf)
         expected = materialize(module.vllm_shard_table(cfg, rank, tp), hf, torch.float64)
+        if family_layers:  # every vLLM parameter of these families is built here
+            assert sorted(loaded) == sorted(expected)
         for name, tensor in loaded.items():
             assert name in expected, name
             assert tensor.shape == expected[name].shape, (name, tensor.shape, expected[name].shape)
