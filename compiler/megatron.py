@@ -1,8 +1,8 @@
 """What megatron-core must be told to build a GPTModel holding a spec's families.
 
-Most of it follows from the families: a `gated` linear_fc1 is a gated linear unit, a
-linear_qkv bias family is add_qkv_bias, q/k layernorm families are qk_layernorm, the
-sizes are the dims of linear_qkv, linear_proj and linear_fc1. What the layouts cannot
+Most of it follows from the families: a linear_fc1 of two stacked parts is a gated linear
+unit, a linear_qkv bias family is add_qkv_bias, q/k layernorm families are qk_layernorm,
+the sizes are the parts of linear_qkv, linear_proj and linear_fc1. What the layouts cannot
 show (the kind of norm, its epsilon, the RoPE base) the spec's `megatron:` section says.
 Each fact becomes a Python expression over `cfg`, rendered into `megatron_config`.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shardsync.compiler import _kinds
+
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 SECTION = {"normalization": True, "layernorm_epsilon": True, "rotary_base": True}
 
@@ -18,7 +20,6 @@ _LAYER = "decoder.layers.{layer}."
 QKV = _LAYER + "self_attention.linear_qkv.weight"
 PROJ = _LAYER + "self_attention.linear_proj.weight"
 FC1 = _LAYER + "mlp.linear_fc1.weight"
-REQUIRED = {QKV: "qkv", PROJ: "row", FC1: "gated"}
 LINEAR_BIASES = (_LAYER + "self_attention.linear_proj.bias", _LAYER + "mlp.linear_fc1.bias", _LAYER + "mlp.linear_fc2.bias")
 QKV_BIAS = _LAYER + "self_attention.linear_qkv.bias"
 QK_NORMS = (_LAYER + "self_attention.q_layernorm.weight", _LAYER + "self_attention.k_layernorm.weight")
@@ -27,41 +28,61 @@ OUTPUT = "output_layer.weight"
 
 @dataclass(frozen=True)
 class Megatron:
-    """TransformerConfig fields and GPTModel arguments, each as a Python expression."""
+    """TransformerConfig fields and GPTModel arguments, each as a Python expression; the
+    switches that add parameters apart, so a probe can turn them all on."""
 
-    config: tuple[tuple[str, str], ...]
+    sizes: tuple[tuple[str, str], ...]
+    switches: tuple[tuple[str, str], ...]
     model: tuple[tuple[str, str], ...]
 
 
 def megatron_facts(params, normalization: str, epsilon: str, rotary_base: str) -> Megatron:
     """The facts, from params that already passed `missing_families`."""
     by_name = {param.megatron: param for param in params}
-    qkv, proj, fc1 = (dict(by_name[name].dims) for name in (QKV, PROJ, FC1))
-    config = (
+    q, k, _ = by_name[QKV].family.parts
+    (proj,) = by_name[PROJ].family.parts
+    fc1 = by_name[FC1].family.parts
+    sizes = (
         ("num_layers", "cfg.layers"),
-        ("hidden_size", f"cfg.{proj['rows']}"),
-        ("num_attention_heads", f"cfg.{qkv['heads']}"),
-        ("num_query_groups", f"cfg.{qkv['kv_heads']}"),
-        ("kv_channels", f"cfg.{qkv['head_dim']}"),
-        ("ffn_hidden_size", f"cfg.{fc1['rows']}"),
-        ("gated_linear_unit", "True"),
+        ("hidden_size", f"cfg.{proj.count}"),
+        ("num_attention_heads", f"cfg.{q.count}"),
+        ("num_query_groups", f"cfg.{k.count}"),
+        ("kv_channels", f"cfg.{q.unit}"),
+        ("ffn_hidden_size", f"cfg.{fc1[0].count}"),
+        ("gated_linear_unit", str(len(fc1) == 2)),
+        ("normalization", f'"{normalization}"'),
+        ("layernorm_epsilon", f"cfg.{epsilon}"),
+    )
+    switches = (
         ("add_bias_linear", _together("add_bias_linear", by_name, LINEAR_BIASES)),
         ("add_qkv_bias", _presence(by_name, QKV_BIAS)),
         ("qk_layernorm", _together("qk_layernorm", by_name, QK_NORMS)),
-        ("normalization", f'"{normalization}"'),
-        ("layernorm_epsilon", f"cfg.{epsilon}"),
     )
     model = (
         ("share_embeddings_and_output_weights", _negated(_presence(by_name, OUTPUT))),
         ("rotary_base", f"cfg.{rotary_base}"),
     )
-    return Megatron(config, model)
+    return Megatron(sizes, switches, model)
 
 
 def missing_families(params) -> list[str]:
-    """Required families absent or of another kind, as `megatron name (split kind)`."""
-    kinds = {param.megatron: param.kind.name for param in params}
-    return [f"{name} (split {kind})" for name, kind in REQUIRED.items() if kinds.get(name) != kind]
+    """The families megatron-core's sizes are read from, absent or not laid out as
+    megatron-core lays them out, each as `megatron name (what it must be)`."""
+    families = {param.megatron: param.family for param in params}
+    problems = []
+    qkv = families.get(QKV)
+    if not (qkv and len(qkv.parts) == 3 and all(part.unit for part in qkv.parts)
+            and isinstance(qkv.megatron_layout, _kinds.Interleave) and qkv.parts[1].count == qkv.megatron_layout.groups):
+        problems.append(f"{QKV} (q, k, v parts in heads of head_dim rows, interleaved per KV head)")
+    proj = families.get(PROJ)
+    if not (proj and len(proj.parts) == 1 and proj.megatron_layout == _kinds.Shard(1)):
+        problems.append(f"{PROJ} (row-parallel: one part, sharded on dimension 1)")
+    fc1 = families.get(FC1)
+    if not (fc1 and (len(fc1.parts) == 1 and fc1.megatron_layout == _kinds.Shard(0)
+                     or len(fc1.parts) == 2 and fc1.megatron_layout == _kinds.Stack()
+                     and fc1.parts[0].count == fc1.parts[1].count)):
+        problems.append(f"{FC1} (column-parallel, or gate and up parts of one size stacked)")
+    return problems
 
 
 def _presence(by_name, name: str) -> str:

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import jinja2
 
-from shardsync.compiler.spec import Spec
+from shardsync.compiler import _kinds
+from shardsync.compiler.layouts import source
+from shardsync.compiler.spec import Param, Spec
 
 _TEMPLATES = Path(__file__).parent / "templates"
 _KINDS = Path(__file__).parent / "_kinds.py"
@@ -25,8 +27,9 @@ _ENV = jinja2.Environment(
 def render_module(spec: Spec) -> str:
     """The source of `generated/<family>.py` for one spec; same spec, same bytes."""
     template = _ENV.get_template("module.py.j2")
-    return _tidy(template.render(spec=spec, qkv_checks=_qkv_checks(spec), config_arguments=_config_arguments(spec),
-                                 all_families=_wrapped([param.const_name for param in spec.params])))
+    return _tidy(template.render(spec=spec, group_checks=_group_checks(spec), config_arguments=_config_arguments(spec),
+                                 all_families=_wrapped([param.const_name for param in spec.params]),
+                                 source=source, vllm_source=_vllm_source))
 
 
 def render_kinds() -> str:
@@ -39,16 +42,25 @@ def render_index(specs: list[Spec]) -> str:
     return _tidy(_ENV.get_template("index.py.j2").render(specs=sorted(specs, key=lambda s: s.family)))
 
 
-def _qkv_checks(spec: Spec) -> list[tuple[str, str]]:
-    """(heads, kv_heads) pairs whose divisibility the qkv layout relies on."""
+def _group_checks(spec: Spec) -> list[tuple[str, str]]:
+    """(count, groups) pairs whose divisibility an interleaved layout relies on: each part's
+    units split evenly over the groups (query heads over KV heads)."""
     pairs: list[tuple[str, str]] = []
     for param in spec.params:
-        if param.kind.name == "qkv":
-            dims = dict(param.dims)
-            pair = (dims["heads"], dims["kv_heads"])
-            if pair not in pairs:
-                pairs.append(pair)
+        for layout in (param.family.megatron_layout, param.family.vllm_layout):
+            if isinstance(layout, _kinds.Interleave):
+                for part in param.family.parts:
+                    pair = (part.count, layout.groups)
+                    if part.count != layout.groups and pair not in pairs:
+                        pairs.append(pair)
     return pairs
+
+
+def _vllm_source(param: Param) -> str:
+    """A family's vLLM name as the module writes it: one name, a name per part, or None."""
+    if param.vllm is None:
+        return "None"
+    return source(param.vllm[0]) if len(param.vllm) == 1 else source(param.vllm)
 
 
 def _config_arguments(spec: Spec) -> list[str]:

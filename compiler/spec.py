@@ -13,14 +13,21 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardsync.compiler import _kinds
 from shardsync.compiler.errors import SpecError
 from shardsync.compiler.expressions import ExpressionError, condition, int_expression
 from shardsync.compiler.kinds import KINDS, Kind
+from shardsync.compiler.layouts import SIDES, LayoutError, placement
 from shardsync.compiler.megatron import NORMALIZATIONS, SECTION, Megatron, megatron_facts, missing_families
 from shardsync.compiler.yaml_lines import LineDict, load_yaml
 
 TOP_LEVEL = {"family": True, "architectures": True, "config": True, "derived": False, "megatron": True, "params": True}
-PARAM_FIELDS = {"megatron": True, "split": True, "dims": True, "hf": True, "vllm": False, "when": False, "stage": False}
+PARAM_FIELDS = {"megatron": True, "hf": True, "vllm": False, "when": False, "stage": False,
+                "split": False, "dims": False, "layout": False, "shape": False, "parts": False, "cols": False}
+SHORTHAND_FIELDS = ("split", "dims")
+COMPOSED_FIELDS = ("layout", "shape", "parts", "cols")
+PART_FIELDS = {"count": True, "unit": False}
+FUSED = "fused"
 CONFIG_FIELDS = {"field": True, "type": False, "default": False}
 CONFIG_TYPES = ("int", "bool", "float")
 RESERVED = {"cfg", "hf", "layer", "make_vocab_size_divisible_by"}
@@ -49,16 +56,21 @@ class Derived:
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter family: its names on each side and how it is split."""
+    """One parameter family: its names on each side and how each side holds it.
+
+    `family` is the composition itself (names still patterns over {layer}); `kind` and
+    `dims` say which shorthand built it, or are None and () for a composed family.
+    """
 
     key: str
-    kind: Kind
     megatron: str
-    hf: tuple[tuple[str, str], ...]  # (role, pattern); role "" for a single tensor
-    vllm: str | None  # None when the spec has no vLLM layout table
-    dims: tuple[tuple[str, str], ...]  # (dim of the kind, config name)
+    hf: tuple[tuple[str, str], ...]  # (part role, HF name) per part; role "" for a single part
+    vllm: tuple[str, ...] | None  # one name, one per part, or None: no vLLM layout table
     when: tuple[str, bool] | None  # (flag, negated)
     stage: str  # "layer", "first" or "last"
+    family: _kinds.Family
+    kind: Kind | None
+    dims: tuple[tuple[str, str], ...]  # (dim of the shorthand, config name)
 
     @property
     def const_name(self) -> str:
@@ -77,10 +89,19 @@ class Spec:
     sha256: str
 
     @property
-    def kinds(self) -> list[Kind]:
-        """The kinds this spec uses, in the order of KINDS (stable output)."""
-        used = {p.kind.name for p in self.params}
-        return [kind for name, kind in KINDS.items() if name in used]
+    def imports(self) -> list[str]:
+        """The `_kinds` names the rendered module uses: shorthands in the order of KINDS,
+        then the vocabulary composed families name (stable output)."""
+        used = {p.kind.name for p in self.params if p.kind}
+        names = [name for name in KINDS if name in used]
+        for param in self.params:
+            if param.kind is None:
+                family = param.family
+                classes = ["Part", type(family.megatron_layout).__name__, type(family.vllm_layout).__name__]
+                classes += ["Pad"] * any(getattr(layout, "pad", None) for layout in (family.megatron_layout,
+                                                                                      family.vllm_layout))
+                names += [name for name in dict.fromkeys(classes) if name not in names]
+        return names
 
     @property
     def vllm_layout(self) -> bool:
@@ -237,7 +258,7 @@ class _Checker:
                           f"expected a float config name ({known}), got {_describe(value[field])}")
         missing = missing_families(params)
         if missing:
-            self.fail(line, "megatron", f"a megatron-core GPTModel is sized by families the spec lacks: {', '.join(missing)}")
+            self.fail(line, "megatron", f"a megatron-core GPTModel is sized by families the spec lacks or lays out otherwise: {', '.join(missing)}")
         return megatron_facts(params, normalization, value["layernorm_epsilon"], value["rotary_base"])
 
     def name(self, name: str, line: int, where: str, taken: set[str]):
@@ -261,7 +282,10 @@ class _Checker:
         for side in ("megatron", "vllm", "hf"):
             seen: dict[str, str] = {}
             for param, key in zip(params, value):
-                names = [n for _, n in param.hf] if side == "hf" else [getattr(param, side)] * (getattr(param, side) is not None)
+                if side == "hf":
+                    names = list(dict.fromkeys(name for _, name in param.hf))
+                else:
+                    names = [param.megatron] if side == "megatron" else list(param.vllm or ())
                 for name in names:
                     if name in seen:
                         self.fail(value.line_of(key), f"params.{key}.{side}", f"'{name}' is also the {side} name of params.{seen[name]}")
@@ -272,28 +296,110 @@ class _Checker:
         where = f"params.{key}"
         self.identifier(key, line, where)
         self.mapping(item, where, PARAM_FIELDS, line)
-        kind_name = item["split"]
-        if kind_name not in KINDS:
-            self.fail(item.line_of("split"), f"{where}.split", f"unknown split kind {_describe(kind_name)}; expected one of: {', '.join(KINDS)}")
-        kind = KINDS[kind_name]
+        shorthand = "split" in item
+        wrong = [f for f in (COMPOSED_FIELDS if shorthand else SHORTHAND_FIELDS) if f in item]
+        if wrong:
+            form = "a shorthand (split, dims)" if shorthand else "a composed layout (layout, shape or parts, cols)"
+            self.fail(item.line_of(wrong[0]), f"{where}.{wrong[0]}", f"not with {form}: a family is one or the other")
         megatron = self.pattern(item["megatron"], item.line_of("megatron"), f"{where}.megatron")
         layered = "{layer}" in megatron
-        vllm = self.pattern(item["vllm"], item.line_of("vllm"), f"{where}.vllm", layered) if "vllm" in item else None
-        hf = self.hf_names(item["hf"], item.line_of("hf"), f"{where}.hf", kind, layered)
-        dims = self.dims(item["dims"], item.line_of("dims"), f"{where}.dims", kind, int_names)
-        when = None
-        if "when" in item:
-            try:
-                when = condition(item["when"], bool_names)
-            except ExpressionError as exc:
-                self.fail(item.line_of("when"), f"{where}.when", str(exc))
         stage = "layer" if layered else ("first" if megatron.startswith("embedding.") else "last")
         if "stage" in item:
             if layered or item["stage"] not in STAGES:
                 expected = "no stage: a layer's stage follows its layer" if layered else "'first' or 'last'"
                 self.fail(item.line_of("stage"), f"{where}.stage", f"expected {expected}, got {_describe(item['stage'])}")
             stage = item["stage"]
-        return Param(key, kind, megatron, hf, vllm, dims, when, stage)
+        when = None
+        if "when" in item:
+            try:
+                when = condition(item["when"], bool_names)
+            except ExpressionError as exc:
+                self.fail(item.line_of("when"), f"{where}.when", str(exc))
+        if shorthand:
+            kind_name = item["split"]
+            if kind_name not in KINDS:
+                self.fail(item.line_of("split"), f"{where}.split", f"unknown split kind {_describe(kind_name)}; expected one of: {', '.join(KINDS)}")
+            kind = KINDS[kind_name]
+            if "dims" not in item:
+                self.fail(line, where, f"missing required field 'dims' (split '{kind.name}' is sized by "
+                                       f"{', '.join(kind.required_dims)})")
+            roles = kind.hf_roles or ("",)
+            dims = self.dims(item["dims"], item.line_of("dims"), f"{where}.dims", kind, int_names)
+        else:
+            kind, dims = None, ()
+            if "layout" not in item:
+                self.fail(line, where, "missing required field 'split' (a shorthand) or 'layout' (a composed layout)")
+            parts, cols = self.parts(item, line, where, int_names)
+            roles = tuple(role for role, _, _ in parts)
+        hf = self.hf_names(item["hf"], item.line_of("hf"), f"{where}.hf", roles, layered)
+        vllm = self.vllm_names(item, f"{where}.vllm", roles, layered) if "vllm" in item else None
+        hf_of = dict(hf)
+        if kind is not None:
+            family = _kinds.SHORTHANDS[kind.name](megatron=megatron, hf=[name for _, name in hf], vllm=vllm,
+                                                  stage=stage, **dict(dims))
+        else:
+            layouts = self.layouts(item["layout"], item.line_of("layout"), f"{where}.layout", roles, 1 + len(cols),
+                                   vllm, int_names)
+            family = _kinds.Family(
+                megatron=megatron,
+                parts=tuple(_kinds.Part(role, hf_of[role], count, unit) for role, count, unit in parts),
+                megatron_layout=layouts["megatron"], vllm_layout=layouts["vllm"], vllm=vllm, stage=stage,
+                cols=cols)
+        return Param(key, megatron, hf, vllm, when, stage, family, kind, dims)
+
+    def parts(self, item, line: int, where: str, int_names: set[str]
+              ) -> tuple[tuple[tuple[str, str, str | None], ...], tuple[str, ...]]:
+        """(role, count, unit) per part, and the names sizing the other dimensions."""
+        if ("shape" in item) == ("parts" in item):
+            self.fail(line, where, "a composed layout gives 'shape' (one tensor) or 'parts' (several), one of them")
+        if "shape" in item:
+            if "cols" in item:
+                self.fail(item.line_of("cols"), f"{where}.cols", "not with shape: its entries after the first are the columns")
+            shape = item["shape"]
+            if not isinstance(shape, list) or not shape:
+                self.fail(item.line_of("shape"), f"{where}.shape", f"expected a list of integer config names, got {_describe(shape)}")
+            names = tuple(self.size_name(name, shape.line_of(i), f"{where}.shape[{i}]", int_names) for i, name in enumerate(shape))
+            return (("", names[0], None),), names[1:]
+        value = item["parts"]
+        if not isinstance(value, dict) or not value:
+            self.fail(item.line_of("parts"), f"{where}.parts", f"expected a mapping of part names to sizes, got {_describe(value)}")
+        parts = []
+        for role, size in value.items():
+            part_where, part_line = f"{where}.parts.{role}", value.line_of(role)
+            self.identifier(role, part_line, part_where)
+            if not isinstance(size, dict):
+                size = {"count": size}
+            else:
+                self.mapping(size, part_where, PART_FIELDS, part_line)
+            count = self.size_name(size["count"], part_line, f"{part_where}.count", int_names)
+            unit = self.size_name(size["unit"], part_line, f"{part_where}.unit", int_names) if "unit" in size else None
+            parts.append((role, count, unit))
+        cols = item.get("cols", [])
+        if not isinstance(cols, list):
+            self.fail(item.line_of("cols"), f"{where}.cols", f"expected a list of integer config names, got {_describe(cols)}")
+        cols = tuple(self.size_name(name, cols.line_of(i), f"{where}.cols[{i}]", int_names) for i, name in enumerate(cols))
+        return tuple(parts), cols
+
+    def layouts(self, value, line: int, where: str, roles: tuple[str, ...], dims: int,
+                vllm: tuple[str, ...] | None, int_names: set[str]) -> dict[str, _kinds.Layout]:
+        per_side = value if isinstance(value, dict) and set(value) == set(SIDES) else {side: value for side in SIDES}
+        result = {}
+        for side in SIDES:
+            # a vLLM tensor per part places each part alone
+            alone = side == "vllm" and vllm is not None and len(vllm) > 1
+            side_where = f"{where}.{side}" if per_side is value else where
+            side_line = value.line_of(side) if per_side is value else line
+            try:
+                result[side] = placement(per_side[side], side, roles, dims, int_names, alone)
+            except LayoutError as exc:
+                self.fail(side_line, side_where, str(exc))
+        return result
+
+    def size_name(self, name, line: int, where: str, int_names: set[str]) -> str:
+        if name not in int_names:
+            known = ", ".join(sorted(int_names))
+            self.fail(line, where, f"expected an integer config or derived name ({known}), got {_describe(name)}")
+        return name
 
     def pattern(self, value, line: int, where: str, layered: bool | None = None) -> str:
         if not isinstance(value, str) or not _TENSOR_NAME.match(value):
@@ -303,22 +409,46 @@ class _Checker:
             self.fail(line, where, need)
         return value
 
-    def hf_names(self, value, line: int, where: str, kind: Kind, layered: bool) -> tuple[tuple[str, str], ...]:
-        if kind.hf_roles is None:
+    def hf_names(self, value, line: int, where: str, roles: tuple[str, ...], layered: bool
+                 ) -> tuple[tuple[str, str], ...]:
+        """One HF name per part: a name (one part), a name per part, or {fused: NAME}: one HF
+        tensor whose rows are the parts in order."""
+        if roles == ("",):
             if not isinstance(value, str):
-                self.fail(line, where, f"split '{kind.name}' maps to one HF tensor: expected a name, got {_describe(value)}")
+                self.fail(line, where, f"one part maps to one HF tensor: expected a name, got {_describe(value)}")
             return (("", self.pattern(value, line, where, layered)),)
-        roles = {role: True for role in kind.hf_roles}
-        self.mapping(value, where, roles, line)
-        return tuple((role, self.pattern(value[role], value.line_of(role), f"{where}.{role}", layered)) for role in kind.hf_roles)
+        if isinstance(value, dict) and set(value) == {FUSED}:
+            fused = self.pattern(value[FUSED], value.line_of(FUSED), f"{where}.{FUSED}", layered)
+            return tuple((role, fused) for role in roles)
+        if not isinstance(value, dict):
+            self.fail(line, where, f"expected a mapping of {', '.join(roles)} to HF names, or {{{FUSED}: NAME}} "
+                                   f"for one HF tensor holding them in that order, got {_describe(value)}")
+        self.mapping(value, where, {role: True for role in roles}, line)
+        named: dict[str, str] = {}
+        for role in roles:
+            name = self.pattern(value[role], value.line_of(role), f"{where}.{role}", layered)
+            if name in named:
+                self.fail(value.line_of(role), f"{where}.{role}",
+                          f"'{name}' is also {where}.{named[name]}: one HF tensor holding several parts is written "
+                          f"{{{FUSED}: NAME}} (its rows are the parts in order: {', '.join(roles)})")
+            named[name] = role
+        return tuple((role, value[role]) for role in roles)
+
+    def vllm_names(self, item, where: str, roles: tuple[str, ...], layered: bool) -> tuple[str, ...]:
+        """One vLLM tensor (every part, as the vllm layout places them) or one per part."""
+        value, line = item["vllm"], item.line_of("vllm")
+        if isinstance(value, str) or roles == ("",):
+            return (self.pattern(value, line, where, layered),)
+        if not isinstance(value, dict):
+            self.fail(line, where, f"expected a vLLM name, or a mapping of {', '.join(roles)} to one each, got {_describe(value)}")
+        self.mapping(value, where, {role: True for role in roles}, line)
+        return tuple(self.pattern(value[role], value.line_of(role), f"{where}.{role}", layered) for role in roles)
 
     def dims(self, value, line: int, where: str, kind: Kind, int_names: set[str]) -> tuple[tuple[str, str], ...]:
         fields = {d: True for d in kind.required_dims} | {d: False for d in kind.optional_dims}
         self.mapping(value, where, fields, line)
         for dim, name in value.items():
-            if name not in int_names:
-                known = ", ".join(sorted(int_names))
-                self.fail(value.line_of(dim), f"{where}.{dim}", f"expected an integer config or derived name ({known}), got {_describe(name)}")
+            self.size_name(name, value.line_of(dim), f"{where}.{dim}", int_names)
         return tuple((dim, value[dim]) for dim in fields if dim in value)
 
 

@@ -1,20 +1,26 @@
-"""The layouts every converter module is built from, once for all model families.
+"""The layout vocabulary every converter module is built from, once for all model families.
 
 Written by hand in `compiler/_kinds.py`; `shardsync compile` copies it verbatim to
 `generated/_kinds.py`, where the family modules import it. It imports only torch and
 the standard library, so a trainer can vendor `generated/` alone.
 
-A family module holds its parameter families as data: each is one of the kinds below,
-naming its tensors and the config values that size it (the spec's names, not numbers).
-Given a config and a TP rank, a kind answers how that rank holds the tensor on each
-side, Megatron and vLLM, as `Piece`s: a box of a canonical (full HF) tensor and the box
-it fills locally. The runtime plans every transfer from those pieces alone.
+A parameter family is one Megatron tensor made of named `Part`s, each a canonical tensor
+(an HF tensor, or a row range of one fused HF tensor) of `count` units of `unit` rows.
+How a TP rank holds the parts is a `Layout` per side, composed from a few placements:
 
-A kind first works out what one rank holds (how many heads, which vocab rows), names
-those quantities once, and then places boxes with `span` and `row_block`. Those are the
-seams along which the kinds are meant to grow into a composable vocabulary (shard a
-dimension, replicate, stack parts, interleave per group, replicate beyond a count, pad
-before sharding); today there are the five kinds the specs name.
+- `Replicate()`: every rank holds every part whole (a tensor of any rank);
+- `Shard(dim, pad)`: one part, dimension `dim` split evenly, optionally padded first;
+- `Stack(replicate_beyond)`: the parts one after another, each split into rank blocks of
+  whole units; a part named in `replicate_beyond` is held a unit per rank, each unit by
+  several ranks, when TP exceeds its count;
+- `Interleave(groups)`: per group, each part's units of that group; a rank holds a block
+  of groups.
+
+Given a config and a TP rank, a layout answers which box of which part fills which box of
+the local tensor; the family turns that into `Piece`s of HF tensors. The runtime plans
+every transfer from those pieces alone. The shorthands the specs name (`replicated`,
+`row`, `column`, `gated`, `qkv`, `vocab`) are compositions, built by the functions of the
+same names at the end of the vocabulary.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Sequence
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple, Protocol
 
 import torch
 
@@ -63,9 +69,9 @@ class LocalTensor(NamedTuple):
 
 
 class SpecConfig:
-    """What the kinds need of a family module's `Config`, beyond its sizes.
+    """What the layouts need of a family module's `Config`, beyond its sizes.
 
-    Kinds hold config names, so an error can name the HF field a user would change.
+    Layouts hold config names, so an error can name the HF field a user would change.
     """
 
     HF_FIELDS: ClassVar[dict[str, str]] = {}
@@ -97,9 +103,9 @@ def shape_of(box: Box) -> tuple[int, ...]:
     return tuple(stop - start for start, stop in box)
 
 
-def whole(cfg: SpecConfig, name: str | None) -> Box:
-    """A dimension every rank holds entirely; () for none, as a bias has no input dimension."""
-    return ((0, getattr(cfg, name)),) if name else ()
+def whole(cfg: SpecConfig, names: Sequence[str]) -> Box:
+    """Dimensions every rank holds entirely, sized by config names; () for none (a bias)."""
+    return tuple((0, getattr(cfg, name)) for name in names)
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -110,283 +116,412 @@ def _slices(box: Box) -> tuple[slice, ...]:
     return tuple(slice(start, stop) for start, stop in box)
 
 
+# --- parts ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One canonical tensor of a family: `count` units of `unit` rows (1 when None), e.g.
+    the q heads of an attention projection, each `head_dim` rows.
+
+    `hf` names its HF tensor. Parts of one family that name the same HF tensor are row
+    ranges of it, in part order (Phi-3's fused `qkv_proj` is q rows, then k, then v).
+    """
+
+    role: str
+    hf: str
+    count: str
+    unit: str | None = None
+
+    def units(self, cfg: SpecConfig) -> int:
+        return getattr(cfg, self.count)
+
+    def unit_rows(self, cfg: SpecConfig) -> int:
+        return getattr(cfg, self.unit) if self.unit else 1
+
+    def rows(self, cfg: SpecConfig) -> int:
+        return self.units(cfg) * self.unit_rows(cfg)
+
+
+class Placed(NamedTuple):
+    """What a layout gives one rank: the local shape, and which box of which part fills
+    which local box (boxes in the part's own coordinates); `padding` as in LocalTensor."""
+
+    shape: tuple[int, ...]
+    pieces: tuple[tuple[Part, Box, Box], ...]
+    padding: tuple[Box, ...] = ()
+
+
+class Layout(Protocol):
+    def place(self, cfg: SpecConfig, parts: Sequence[Part], cols: Sequence[str], tp_rank: int, tp_size: int
+              ) -> Placed: ...
+
+
 # --- per-rank quantities ---------------------------------------------------------------
 
 
-class VocabRange(NamedTuple):
-    """The vocab rows one TP rank holds: `per_rank` rows from `start` of the vocab padded to
-    `padded`; the first `real_rows` of them are tokens, the rest padding."""
+class DimRange(NamedTuple):
+    """The block of a (possibly padded) dimension one TP rank holds: `per_rank` entries from
+    `start` of the dimension padded to `padded`; the first `real` of them exist in HF."""
 
     padded: int
     per_rank: int
     start: int
-    real_rows: int
+    real: int
 
 
-def vocab_range(vocab: int, padded: int, tp_rank: int, tp_size: int) -> VocabRange:
-    per_rank = padded // tp_size
-    start = tp_rank * per_rank
-    return VocabRange(padded, per_rank, start, max(0, min(per_rank, vocab - start)))
+class UnitRange(NamedTuple):
+    """The units of a part one TP rank holds: `count` units from `first`, each held whole by
+    `replicas` ranks (more than 1 only when TP exceeds the part's units)."""
+
+    first: int
+    count: int
+    replicas: int
 
 
-class VllmHeads(NamedTuple):
-    """Attention heads on one vLLM TP rank, named as QKVParallelLinear names them.
+class GroupRange(NamedTuple):
+    """The groups one TP rank holds of an interleaved layout, and each part's units per group."""
 
-    When TP exceeds the KV heads, each KV head is held whole by `kv_head_replicas` ranks.
+    first: int
+    count: int
+    units_per_group: tuple[int, ...]
+
+
+# --- placements ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Pad:
+    """Pad a dimension to a multiple before sharding it: `multiple` is a number or a config
+    name, times the TP size when `times_tp`; `owner` names whose padding it is in errors."""
+
+    multiple: int | str
+    times_tp: bool = False
+    owner: str = ""
+
+    def padded(self, cfg: SpecConfig, size: int, tp_size: int) -> int:
+        multiple = getattr(cfg, self.multiple) if isinstance(self.multiple, str) else self.multiple
+        return round_up(size, multiple * tp_size if self.times_tp else multiple)
+
+
+@dataclasses.dataclass(frozen=True)
+class Replicate:
+    """Every TP rank holds every part whole, one after another: norms, routers `[E, H]`,
+    biases added after a reduce."""
+
+    def place(self, cfg: SpecConfig, parts: Sequence[Part], cols: Sequence[str], tp_rank: int, tp_size: int
+              ) -> Placed:
+        rest = whole(cfg, cols)
+        pieces, top = [], 0
+        for part in parts:
+            rows = part.rows(cfg)
+            pieces.append((part, row_block(0, rows, rest), row_block(top, rows, rest)))
+            top += rows
+        return Placed((top,) + shape_of(rest), tuple(pieces))
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One part, dimension `dim` split evenly over TP (0: column-parallel rows, 1:
+    row-parallel columns), padded first when `pad` says so. Padding has no HF partner."""
+
+    dim: int
+    pad: Pad | None = None
+
+    def range(self, cfg: SpecConfig, part: Part, cols: Sequence[str], tp_rank: int, tp_size: int) -> DimRange:
+        name = part.count if self.dim == 0 else cols[self.dim - 1]
+        size = part.rows(cfg) if self.dim == 0 else getattr(cfg, name)
+        if self.pad is None:
+            if size % tp_size:
+                raise ConfigError(f"tp_size={tp_size} does not divide {cfg.hf_field(name)}"
+                                  f"{'' if self.dim or not part.unit else ' * ' + cfg.hf_field(part.unit)}={size}")
+            padded = size
+        else:
+            padded = self.pad.padded(cfg, size, tp_size)
+            if padded % tp_size:
+                raise ConfigError(f"tp_size={tp_size} does not divide {self.pad.owner}'s padded "
+                                  f"{cfg.hf_field(name)}={padded}")
+        per_rank = padded // tp_size
+        start = tp_rank * per_rank
+        return DimRange(padded, per_rank, start, max(0, min(per_rank, size - start)))
+
+    def place(self, cfg: SpecConfig, parts: Sequence[Part], cols: Sequence[str], tp_rank: int, tp_size: int
+              ) -> Placed:
+        if len(parts) != 1:
+            raise ConfigError(f"Shard places one part, got {len(parts)}: stack or interleave several")
+        (part,) = parts
+        full = ((0, part.rows(cfg)),) + whole(cfg, cols)
+        held = self.range(cfg, part, cols, tp_rank, tp_size)
+
+        def along(box: Box, interval: tuple[int, int]) -> Box:
+            return box[:self.dim] + (interval,) + box[self.dim + 1:]
+
+        pieces = ((part, along(full, span(held.start, held.real)), along(full, (0, held.real))),) if held.real else ()
+        padding = (along(full, (held.real, held.per_rank)),) if held.real < held.per_rank else ()
+        return Placed(shape_of(along(full, (0, held.per_rank))), pieces, padding)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """The parts one after another, each split into TP blocks of whole units: vLLM's
+    `qkv_proj` `[q | k | v]` and `gate_up_proj` `[gate; up]` of a rank's own heads and rows.
+
+    A part in `replicate_beyond` may have fewer units than ranks: each rank then holds one
+    unit, and each unit is held whole by TP / units ranks (vLLM's K/V heads).
     """
 
-    q_heads_per_rank: int
-    kv_heads_per_rank: int
-    kv_head_replicas: int
-    first_kv_head: int
+    replicate_beyond: tuple[str, ...] = ()
+
+    def units(self, cfg: SpecConfig, part: Part, tp_rank: int, tp_size: int) -> UnitRange:
+        total = part.units(cfg)
+        if part.role in self.replicate_beyond and tp_size > total:
+            if tp_size % total:
+                raise ConfigError(f"tp_size={tp_size} must be a multiple of {cfg.hf_field(part.count)}={total} when larger")
+            replicas = tp_size // total
+            return UnitRange(tp_rank // replicas, 1, replicas)
+        per_rank = cfg.share(part.count, tp_size)
+        return UnitRange(tp_rank * per_rank, per_rank, 1)
+
+    def place(self, cfg: SpecConfig, parts: Sequence[Part], cols: Sequence[str], tp_rank: int, tp_size: int
+              ) -> Placed:
+        rest = whole(cfg, cols)
+        pieces, top = [], 0
+        for part in parts:
+            held, unit = self.units(cfg, part, tp_rank, tp_size), part.unit_rows(cfg)
+            rows = held.count * unit
+            pieces.append((part, row_block(held.first * unit, rows, rest), row_block(top, rows, rest)))
+            top += rows
+        return Placed((top,) + shape_of(rest), tuple(pieces))
 
 
-class MegatronGroups(NamedTuple):
-    """Query groups on one Megatron TP rank: each is a KV head and the query heads that share it."""
+@dataclasses.dataclass(frozen=True)
+class Interleave:
+    """Per group, each part's units of that group, and a rank holds a block of `groups`:
+    Megatron's `linear_qkv` `[q heads of g, k_g, v_g]` per query group g."""
 
-    q_heads_per_group: int
-    groups_per_rank: int
-    first_group: int
+    groups: str
+
+    def group_range(self, cfg: SpecConfig, parts: Sequence[Part], tp_rank: int, tp_size: int) -> GroupRange:
+        groups = getattr(cfg, self.groups)
+        for part in parts:
+            if part.units(cfg) % groups:
+                raise ConfigError(f"{cfg.hf_field(self.groups)}={groups} must divide "
+                                  f"{cfg.hf_field(part.count)}={part.units(cfg)}")
+        per_rank = cfg.share(self.groups, tp_size)
+        return GroupRange(tp_rank * per_rank, per_rank, tuple(part.units(cfg) // groups for part in parts))
+
+    def place(self, cfg: SpecConfig, parts: Sequence[Part], cols: Sequence[str], tp_rank: int, tp_size: int
+              ) -> Placed:
+        rest = whole(cfg, cols)
+        held = self.group_range(cfg, parts, tp_rank, tp_size)
+        rows_per_group = [units * part.unit_rows(cfg) for units, part in zip(held.units_per_group, parts)]
+        pieces, top = [], 0
+        for group in range(held.first, held.first + held.count):
+            for part, rows in zip(parts, rows_per_group):
+                pieces.append((part, row_block(group * rows, rows, rest), row_block(top, rows, rest)))
+                top += rows
+        return Placed((top,) + shape_of(rest), tuple(pieces))
 
 
-# --- the kinds ---------------------------------------------------------------------------
+# --- families ----------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """A parameter family: its name on each side and how it is split over TP.
+    """A parameter family: one Megatron tensor, its parts, and how each side holds them.
 
-    Names are patterns over `{layer}`, the global layer number, whatever the pipeline stage.
-    Kinds whose Megatron and vLLM layouts agree implement `_local` for both sides.
+    Names are patterns over `{layer}`, the global layer number, whatever the pipeline
+    stage. `vllm` is one name (every part in one tensor, as `vllm_layout` places them), a
+    name per part (a tensor each, each placed alone), or None when the spec has no vLLM
+    layout table. `stage` is "layer", "first" or "last": the pipeline stage that holds it.
     """
 
     megatron: str
-    hf: tuple[str, ...]
-    vllm: str | None  # None when the spec has no vLLM layout table
-    stage: str  # "layer", "first" or "last": the pipeline stage that holds it
+    parts: tuple[Part, ...]
+    megatron_layout: Layout
+    vllm_layout: Layout
+    vllm: str | tuple[str, ...] | None
+    stage: str
+    cols: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.vllm is not None:
+            object.__setattr__(self, "vllm", (self.vllm,) if isinstance(self.vllm, str) else tuple(self.vllm))
+        if self.vllm is not None and len(self.vllm) not in (1, len(self.parts)):
+            raise ConfigError(f"{self.megatron}: {len(self.vllm)} vLLM names for {len(self.parts)} parts: "
+                              f"give one, or one per part")
 
     def hf_names(self, layer: int | None) -> tuple[str, ...]:
-        return tuple(name.format(layer=layer) for name in self.hf)
+        """The HF tensors of the family, each once, in part order."""
+        return tuple(dict.fromkeys(part.hf.format(layer=layer) for part in self.parts))
 
     def megatron_tensor(self, cfg: SpecConfig, layer: int | None, tp_rank: int, tp_size: int) -> LocalTensor:
-        return self._local(self.megatron.format(layer=layer), cfg, layer, tp_rank, tp_size)
+        return self._tensor(self.megatron.format(layer=layer), self.megatron_layout, self.parts, cfg, layer,
+                            tp_rank, tp_size)
+
+    def vllm_tensors(self, cfg: SpecConfig, layer: int | None, tp_rank: int, tp_size: int
+                     ) -> tuple[LocalTensor, ...]:
+        return tuple(self._tensor(name, self.vllm_layout, parts, cfg, layer, tp_rank, tp_size)
+                     for name, parts in self._vllm_tensor_parts(layer))
 
     def vllm_tensor(self, cfg: SpecConfig, layer: int | None, tp_rank: int, tp_size: int) -> LocalTensor:
-        return self._local(self._vllm_name(layer), cfg, layer, tp_rank, tp_size)
+        """The family's one vLLM tensor (for a family with a vLLM tensor per part, see vllm_tensors)."""
+        tensors = self.vllm_tensors(cfg, layer, tp_rank, tp_size)
+        if len(tensors) != 1:
+            raise ConfigError(f"{self.megatron}: {len(tensors)} vLLM tensors, one per part: call vllm_tensors")
+        return tensors[0]
 
-    def shard_to_vllm(self, cfg: SpecConfig, shard: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
-        """Same layout on both sides: a Megatron shard is already vLLM's tensor."""
-        return shard
+    def hf_shape(self, cfg: SpecConfig, hf_name: str, layer: int | None) -> tuple[int, ...]:
+        rows = sum(part.rows(cfg) for part in self.parts if part.hf.format(layer=layer) == hf_name)
+        return (rows,) + shape_of(whole(cfg, self.cols))
 
-    def full_to_hf(self, cfg: SpecConfig, full: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (full,)
+    def shard_to_vllm(self, cfg: SpecConfig, layer: int | None, shard: torch.Tensor, tp_rank: int, tp_size: int
+                      ) -> list[tuple[str, torch.Tensor]]:
+        """A Megatron shard as vLLM's tensors of the same TP rank: each vLLM tensor is the
+        shard's pieces of its parts, in part order and then row order, stacked.
+
+        Where vLLM holds other elements at that rank (K/V heads replicated beyond their
+        count) that is refused; where the two pad differently (vocab) the result is the
+        shard's real rows, and their place in vLLM's padded tensor comes from the shard tables.
+        """
+        held = self.megatron_layout.place(cfg, self.parts, self.cols, tp_rank, tp_size)
+        padded = any(isinstance(layout, Shard) and layout.pad for layout in (self.megatron_layout, self.vllm_layout))
+        result = []
+        for name, parts in self._vllm_tensor_parts(layer):
+            mine = sorted(((self.parts.index(part), self._hf_box(cfg, part, box), local)
+                           for part, box, local in held.pieces if part in parts), key=lambda p: p[:2])
+            if not padded:
+                target = self._tensor(name, self.vllm_layout, parts, cfg, layer, tp_rank, tp_size)
+                if _merged([Piece(self.parts[i].hf.format(layer=layer), box, local) for i, box, local in mine]
+                           ) != _merged(target.pieces):
+                    raise ConfigError(f"{self.megatron}: at TP {tp_size} vLLM's rank {tp_rank} does not hold what "
+                                      f"Megatron's does; map shards with the shard tables")
+            blocks = [shard[_slices(local)] for _, _, local in mine] or [shard[:0]]  # a rank of padding only
+            result.append((name, blocks[0] if len(blocks) == 1 else torch.cat(blocks)))
+        return result
 
     def check_full(self, cfg: SpecConfig, name: str, full: torch.Tensor) -> None:
-        check_shape(name, full, self.megatron_tensor(cfg, None, 0, 1).shape)
+        """`full` is the TP-1 tensor; a padded dimension may carry any Megatron padding (it
+        depends on the TP the shards came from)."""
+        local = self.megatron_tensor(cfg, None, 0, 1)
+        layout = self.megatron_layout
+        padded_dim = layout.dim if isinstance(layout, Shard) and layout.pad else None
+        if padded_dim is None:
+            return check_shape(name, full, local.shape)
+        real = [stop for _, stop in local.pieces[0].hf_box] if local.pieces else list(local.shape)
+        fits = full.dim() == len(real) and all(
+            full.shape[d] >= real[d] if d == padded_dim else full.shape[d] == real[d] for d in range(len(real)))
+        if not fits:
+            expected = ", ".join(f"{n} or more padded" if d == padded_dim else str(n) for d, n in enumerate(real))
+            raise ValueError(f"{name}: expected shape ({expected}), got {tuple(full.shape)}")
 
-    def _vllm_name(self, layer: int | None) -> str:
+    def _vllm_tensor_parts(self, layer: int | None) -> list[tuple[str, tuple[Part, ...]]]:
         if self.vllm is None:
             raise ConfigError(f"{self.megatron}: the spec gives no vLLM name, so there is no vLLM layout")
-        return self.vllm.format(layer=layer)
+        names = [name.format(layer=layer) for name in self.vllm]
+        if len(names) == 1:
+            return [(names[0], self.parts)]
+        return [(name, (part,)) for name, part in zip(names, self.parts)]
 
-    def _local(self, name: str, cfg: SpecConfig, layer: int | None, tp_rank: int, tp_size: int) -> LocalTensor:
-        raise NotImplementedError
+    def _tensor(self, name: str, layout: Layout, parts: Sequence[Part], cfg: SpecConfig, layer: int | None,
+                tp_rank: int, tp_size: int) -> LocalTensor:
+        placed = layout.place(cfg, parts, self.cols, tp_rank, tp_size)
+        pieces = tuple(Piece(part.hf.format(layer=layer), self._hf_box(cfg, part, box), local)
+                       for part, box, local in placed.pieces if all(stop > start for start, stop in box))
+        return LocalTensor(name, placed.shape, pieces, placed.padding)
+
+    def _hf_box(self, cfg: SpecConfig, part: Part, box: Box) -> Box:
+        """A box of a part as a box of its HF tensor: offset by the rows of the parts before
+        it in the same fused tensor."""
+        offset = 0
+        for other in self.parts:
+            if other is part:
+                break
+            if other.hf == part.hf:
+                offset += other.rows(cfg)
+        (start, stop), rest = box[0], box[1:]
+        return ((start + offset, stop + offset),) + rest
 
 
-@dataclasses.dataclass(frozen=True)
-class Replicated(Family):
-    """Every TP rank holds the whole tensor (norms, biases added after a reduce)."""
+def _merged(pieces: Sequence[Piece]) -> list[tuple[str, Box]]:
+    """Pieces as (HF name, HF box), consecutive row blocks of one tensor joined."""
+    merged: list[tuple[str, Box]] = []
+    for piece in pieces:
+        if merged:
+            name, box = merged[-1]
+            if name == piece.hf_name and box[1:] == piece.hf_box[1:] and box[0][1] == piece.hf_box[0][0]:
+                merged[-1] = (name, ((box[0][0], piece.hf_box[0][1]),) + box[1:])
+                continue
+        merged.append((piece.hf_name, piece.hf_box))
+    return merged
 
-    size: str
 
-    def _local(self, name: str, cfg: SpecConfig, layer: int | None, tp_rank: int, tp_size: int) -> LocalTensor:
-        box = whole(cfg, self.size)
-        (hf,) = self.hf_names(layer)
-        return LocalTensor(name, shape_of(box), (Piece(hf, box, box),))
+# --- the shorthands a spec's `split:` names ---------------------------------------------
+
+REPLICATE = Replicate()
 
 
-@dataclasses.dataclass(frozen=True)
-class RowParallel(Family):
+def replicated(*, megatron: str, hf: Sequence[str], vllm: str | Sequence[str] | None, stage: str, size: str
+               ) -> Family:
+    """Every TP rank holds the whole 1-D tensor (norms, biases added after a reduce)."""
+    return Family(megatron, (Part("", hf[0], size),), REPLICATE, REPLICATE, vllm, stage)
+
+
+def row(*, megatron: str, hf: Sequence[str], vllm: str | Sequence[str] | None, stage: str, rows: str, cols: str
+        ) -> Family:
     """Row-parallel linear: TP rank r holds column block r, all rows."""
-
-    rows: str
-    cols: str
-
-    def _local(self, name: str, cfg: SpecConfig, layer: int | None, tp_rank: int, tp_size: int) -> LocalTensor:
-        rows = whole(cfg, self.rows)
-        cols_per_rank = cfg.share(self.cols, tp_size)
-        (hf,) = self.hf_names(layer)
-        piece = Piece(hf, rows + (span(tp_rank * cols_per_rank, cols_per_rank),), rows + ((0, cols_per_rank),))
-        return LocalTensor(name, shape_of(piece.local_box), (piece,))
+    return Family(megatron, (Part("", hf[0], rows),), Shard(1), Shard(1), vllm, stage, (cols,))
 
 
-@dataclasses.dataclass(frozen=True)
-class MergedColumnParallel(Family):
-    """Gated MLP input: TP rank r holds [gate rows of r; up rows of r].
+def column(*, megatron: str, hf: Sequence[str], vllm: str | Sequence[str] | None, stage: str, rows: str,
+           cols: str | None = None) -> Family:
+    """Column-parallel linear (weight or bias) that is one tensor: TP rank r holds row block r."""
+    return Family(megatron, (Part("", hf[0], rows),), Shard(0), Shard(0), vllm, stage,
+                  (cols,) if cols else ())
+
+
+def gated(*, megatron: str, hf: Sequence[str], vllm: str | Sequence[str] | None, stage: str, rows: str,
+          cols: str | None = None) -> Family:
+    """Gated MLP input: TP rank r holds [gate rows of r; up rows of r], on both sides.
 
     Megatron's linear_fc1 (partition_stride 2) and vLLM's gate_up_proj agree, so a shard
     needs no conversion. The TP-1 tensor is [gate; up], which is why shards of a larger TP
     concatenated, [gate_0; up_0; gate_1; up_1], are not it.
     """
-
-    rows: str
-    cols: str | None = None
-
-    def _local(self, name: str, cfg: SpecConfig, layer: int | None, tp_rank: int, tp_size: int) -> LocalTensor:
-        rows_per_rank = cfg.share(self.rows, tp_size)
-        cols = whole(cfg, self.cols)
-        rows = row_block(tp_rank * rows_per_rank, rows_per_rank, cols)
-        gate, up = self.hf_names(layer)
-        pieces = (
-            Piece(gate, rows, row_block(0, rows_per_rank, cols)),
-            Piece(up, rows, row_block(rows_per_rank, rows_per_rank, cols)),
-        )
-        return LocalTensor(name, (2 * rows_per_rank,) + shape_of(cols), pieces)
-
-    def full_to_hf(self, cfg: SpecConfig, full: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        gate, up = full.chunk(2)
-        return (gate, up)
+    parts = (Part("gate", hf[0], rows), Part("up", hf[1], rows))
+    return Family(megatron, parts, Stack(), Stack(), vllm, stage, (cols,) if cols else ())
 
 
-@dataclasses.dataclass(frozen=True)
-class QKVParallel(Family):
+def qkv(*, megatron: str, hf: Sequence[str], vllm: str | Sequence[str] | None, stage: str, heads: str,
+        kv_heads: str, head_dim: str, cols: str | None = None) -> Family:
     """Attention input projection (weight or bias).
 
     Megatron interleaves rows per query group, [q heads of g, k_g, v_g], and TP rank r
     holds a contiguous block of groups. vLLM's qkv_proj on a rank is [q | k | v] of its
     own heads, a KV head held whole by several ranks when TP exceeds the KV heads.
     """
-
-    heads: str
-    kv_heads: str
-    head_dim: str
-    cols: str | None = None
-
-    def megatron_groups(self, cfg: SpecConfig, tp_rank: int, tp_size: int) -> MegatronGroups:
-        groups_per_rank = cfg.share(self.kv_heads, tp_size)
-        q_heads_per_group = getattr(cfg, self.heads) // getattr(cfg, self.kv_heads)
-        return MegatronGroups(q_heads_per_group, groups_per_rank, tp_rank * groups_per_rank)
-
-    def vllm_heads(self, cfg: SpecConfig, tp_rank: int, tp_size: int) -> VllmHeads:
-        q_heads_per_rank = cfg.share(self.heads, tp_size)
-        total_kv_heads = getattr(cfg, self.kv_heads)
-        if tp_size < total_kv_heads:
-            kv_heads_per_rank, kv_head_replicas = cfg.share(self.kv_heads, tp_size), 1
-        elif tp_size % total_kv_heads:
-            raise ConfigError(f"tp_size={tp_size} must be a multiple of "
-                              f"{cfg.hf_field(self.kv_heads)}={total_kv_heads} when larger")
-        else:
-            kv_heads_per_rank, kv_head_replicas = 1, tp_size // total_kv_heads
-        first_kv_head = tp_rank // kv_head_replicas * kv_heads_per_rank
-        return VllmHeads(q_heads_per_rank, kv_heads_per_rank, kv_head_replicas, first_kv_head)
-
-    def megatron_tensor(self, cfg: SpecConfig, layer: int | None, tp_rank: int, tp_size: int) -> LocalTensor:
-        head_dim = getattr(cfg, self.head_dim)
-        groups = self.megatron_groups(cfg, tp_rank, tp_size)
-        q_rows = groups.q_heads_per_group * head_dim
-        group_rows = q_rows + 2 * head_dim
-        cols = whole(cfg, self.cols)
-        q, k, v = self.hf_names(layer)
-        pieces = []
-        for local in range(groups.groups_per_rank):
-            group = groups.first_group + local
-            top = local * group_rows
-            pieces += [
-                Piece(q, row_block(group * q_rows, q_rows, cols), row_block(top, q_rows, cols)),
-                Piece(k, row_block(group * head_dim, head_dim, cols), row_block(top + q_rows, head_dim, cols)),
-                Piece(v, row_block(group * head_dim, head_dim, cols), row_block(top + q_rows + head_dim, head_dim, cols)),
-            ]
-        name = self.megatron.format(layer=layer)
-        return LocalTensor(name, (groups.groups_per_rank * group_rows,) + shape_of(cols), tuple(pieces))
-
-    def vllm_tensor(self, cfg: SpecConfig, layer: int | None, tp_rank: int, tp_size: int) -> LocalTensor:
-        name = self._vllm_name(layer)
-        head_dim = getattr(cfg, self.head_dim)
-        heads = self.vllm_heads(cfg, tp_rank, tp_size)
-        q_rows = heads.q_heads_per_rank * head_dim
-        kv_rows = heads.kv_heads_per_rank * head_dim
-        first_kv_row = heads.first_kv_head * head_dim
-        cols = whole(cfg, self.cols)
-        q, k, v = self.hf_names(layer)
-        pieces = (
-            Piece(q, row_block(tp_rank * q_rows, q_rows, cols), row_block(0, q_rows, cols)),
-            Piece(k, row_block(first_kv_row, kv_rows, cols), row_block(q_rows, kv_rows, cols)),
-            Piece(v, row_block(first_kv_row, kv_rows, cols), row_block(q_rows + kv_rows, kv_rows, cols)),
-        )
-        return LocalTensor(name, (q_rows + 2 * kv_rows,) + shape_of(cols), pieces)
-
-    def shard_to_vllm(self, cfg: SpecConfig, shard: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
-        groups = self.megatron_groups(cfg, tp_rank, tp_size)
-        return torch.cat(self._split_groups(cfg, shard, groups.groups_per_rank))
-
-    def full_to_hf(self, cfg: SpecConfig, full: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self._split_groups(cfg, full, getattr(cfg, self.kv_heads))
-
-    def _split_groups(self, cfg: SpecConfig, tensor: torch.Tensor, groups: int) -> tuple[torch.Tensor, ...]:
-        """Megatron's per-group [q, k, v] rows regrouped as (all q, all k, all v)."""
-        head_dim = getattr(cfg, self.head_dim)
-        q_heads_per_group = getattr(cfg, self.heads) // getattr(cfg, self.kv_heads)
-        rest = tensor.shape[1:]
-        grouped = tensor.reshape(groups, (q_heads_per_group + 2) * head_dim, *rest)
-        q, k, v = grouped.split([q_heads_per_group * head_dim, head_dim, head_dim], dim=1)
-        return tuple(part.reshape(-1, *rest) for part in (q, k, v))
+    parts = (Part("q", hf[0], heads, head_dim), Part("k", hf[1], kv_heads, head_dim),
+             Part("v", hf[2], kv_heads, head_dim))
+    return Family(megatron, parts, Interleave(kv_heads), Stack(replicate_beyond=("k", "v")), vllm,
+                  stage, (cols,) if cols else ())
 
 
-@dataclasses.dataclass(frozen=True)
-class VocabParallel(Family):
+def vocab(*, megatron: str, hf: Sequence[str], vllm: str | Sequence[str] | None, stage: str, rows: str, cols: str
+          ) -> Family:
     """Vocab-parallel rows (embedding, output layer), padded at the end.
 
     Megatron pads the vocab to a multiple of make_vocab_size_divisible_by * TP, vLLM to a
     multiple of 64; each then splits rows evenly. Padding rows have no HF partner, and the
     two paddings differ, so equal TP does not mean equal rows.
     """
+    megatron_layout = Shard(0, Pad("make_vocab_size_divisible_by", times_tp=True, owner="Megatron"))
+    vllm_layout = Shard(0, Pad(VLLM_VOCAB_MULTIPLE, owner="vLLM"))
+    return Family(megatron, (Part("", hf[0], rows),), megatron_layout, vllm_layout, vllm, stage,
+                  (cols,))
 
-    rows: str
-    cols: str
 
-    def megatron_range(self, cfg: SpecConfig, tp_rank: int, tp_size: int) -> VocabRange:
-        vocab = getattr(cfg, self.rows)
-        padded = round_up(vocab, cfg.make_vocab_size_divisible_by * tp_size)
-        return vocab_range(vocab, padded, tp_rank, tp_size)
-
-    def vllm_range(self, cfg: SpecConfig, tp_rank: int, tp_size: int) -> VocabRange:
-        vocab = getattr(cfg, self.rows)
-        padded = round_up(vocab, VLLM_VOCAB_MULTIPLE)
-        if padded % tp_size:
-            raise ConfigError(f"tp_size={tp_size} does not divide vLLM's padded {cfg.hf_field(self.rows)}={padded}")
-        return vocab_range(vocab, padded, tp_rank, tp_size)
-
-    def megatron_tensor(self, cfg: SpecConfig, layer: int | None, tp_rank: int, tp_size: int) -> LocalTensor:
-        rows = self.megatron_range(cfg, tp_rank, tp_size)
-        return self._rows(self.megatron.format(layer=layer), cfg, layer, rows)
-
-    def vllm_tensor(self, cfg: SpecConfig, layer: int | None, tp_rank: int, tp_size: int) -> LocalTensor:
-        name = self._vllm_name(layer)
-        return self._rows(name, cfg, layer, self.vllm_range(cfg, tp_rank, tp_size))
-
-    def shard_to_vllm(self, cfg: SpecConfig, shard: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
-        """The shard's real rows, Megatron's padding dropped.
-
-        Where they land in vLLM's rank tensor (padded differently) the shard tables say.
-        """
-        return shard[: self.megatron_range(cfg, tp_rank, tp_size).real_rows]
-
-    def full_to_hf(self, cfg: SpecConfig, full: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (full[: getattr(cfg, self.rows)],)
-
-    def check_full(self, cfg: SpecConfig, name: str, full: torch.Tensor) -> None:
-        """Any Megatron padding is accepted: it depends on the TP the shards came from."""
-        rows, cols = getattr(cfg, self.rows), getattr(cfg, self.cols)
-        if full.dim() != 2 or full.shape[0] < rows or full.shape[1] != cols:
-            raise ValueError(f"{name}: expected shape ({rows} or more padded rows, {cols}), got {tuple(full.shape)}")
-
-    def _rows(self, name: str, cfg: SpecConfig, layer: int | None, rows: VocabRange) -> LocalTensor:
-        cols = whole(cfg, self.cols)
-        (hf,) = self.hf_names(layer)
-        pieces = (Piece(hf, row_block(rows.start, rows.real_rows, cols), row_block(0, rows.real_rows, cols)),)
-        padding = (row_block(rows.real_rows, rows.per_rank - rows.real_rows, cols),)
-        return LocalTensor(name, (rows.per_rank,) + shape_of(cols),
-                           pieces if rows.real_rows else (), padding if rows.real_rows < rows.per_rank else ())
+SHORTHANDS = {"replicated": replicated, "row": row, "column": column, "gated": gated, "qkv": qkv, "vocab": vocab}
+"""The spec's `split:` names, each a composition of the placements above."""
 
 
 # --- what the family modules' public functions do ---------------------------------------
@@ -423,7 +558,8 @@ def hf_shapes(table: Sequence[LocalTensor]) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for local in table:
         for piece in local.pieces:
-            shapes[piece.hf_name] = tuple(stop for _, stop in piece.hf_box)
+            stops = tuple(stop for _, stop in piece.hf_box)
+            shapes[piece.hf_name] = tuple(map(max, shapes.get(piece.hf_name, stops), stops))
     return shapes
 
 
@@ -443,7 +579,7 @@ def resolve(cfg: SpecConfig, families: Sequence[Family], name: str, model: str) 
 def shard_to_vllm(cfg: SpecConfig, family: Family, layer: int | None, name: str, shard: torch.Tensor,
                   tp_rank: int, tp_size: int) -> list[tuple[str, torch.Tensor]]:
     check_shape(name, shard, family.megatron_tensor(cfg, layer, tp_rank, tp_size).shape)
-    return [(family._vllm_name(layer), family.shard_to_vllm(cfg, shard, tp_rank, tp_size))]
+    return family.shard_to_vllm(cfg, layer, shard, tp_rank, tp_size)
 
 
 def full_to_hf(cfg: SpecConfig, family: Family, layer: int | None, name: str, full: torch.Tensor,
@@ -454,7 +590,7 @@ def full_to_hf(cfg: SpecConfig, family: Family, layer: int | None, name: str, fu
             f"sharded state dict assembles); say so with layout={TP1!r}, or pass the TP shards, in rank order, to "
             f"convert_shards_to_hf(name, shards, cfg): torch.cat of TP shards is not the TP-1 layout (got layout={layout!r})")
     family.check_full(cfg, name, full)
-    return list(zip(family.hf_names(layer), family.full_to_hf(cfg, full)))
+    return _to_hf(cfg, family, layer, [(full, family.megatron_tensor(cfg, layer, 0, 1))])
 
 
 def shards_to_hf(cfg: SpecConfig, family: Family, layer: int | None, name: str,
@@ -470,13 +606,18 @@ def shards_to_hf(cfg: SpecConfig, family: Family, layer: int | None, name: str,
         if tuple(shard.shape) != tuple(local.shape):
             raise ValueError(f"{name}: shard {rank} of {tp_size}: expected shape {tuple(local.shape)} (TP {tp_size} "
                              f"from {tp_size} shards), got {tuple(shard.shape)}")
-    shapes = hf_shapes([family.megatron_tensor(cfg, layer, 0, 1)])
-    first = shards[0]
-    hf = {hf_name: first.new_empty(shape) for hf_name, shape in shapes.items()}
-    for shard, local in zip(shards, locals_):
+    return _to_hf(cfg, family, layer, list(zip(shards, locals_)))
+
+
+def _to_hf(cfg: SpecConfig, family: Family, layer: int | None,
+           held: Sequence[tuple[torch.Tensor, LocalTensor]]) -> list[tuple[str, torch.Tensor]]:
+    """Every piece of every (tensor, table entry) copied into the family's HF tensors."""
+    first = held[0][0]
+    hf = {hf_name: first.new_empty(family.hf_shape(cfg, hf_name, layer)) for hf_name in family.hf_names(layer)}
+    for tensor, local in held:
         for piece in local.pieces:
-            hf[piece.hf_name][_slices(piece.hf_box)] = shard[_slices(piece.local_box)]
-    return [(hf_name, hf[hf_name]) for hf_name in family.hf_names(layer)]
+            hf[piece.hf_name][_slices(piece.hf_box)] = tensor[_slices(piece.local_box)]
+    return list(hf.items())
 
 
 def all_or_none(field: str, present: dict[str, bool]) -> bool:

@@ -15,8 +15,8 @@ spec's config, families and the functions over them. Imports only torch and `_ki
 - `megatron_shard_table(cfg, tp_rank, tp_size, pp_rank, pp_size)` and
   `vllm_shard_table(cfg, tp_rank, tp_size)`: each local tensor of a rank as boxes of
   canonical (full HF) tensors, ((start, stop), ...) per dimension.
-- `megatron_config(cfg)`, `megatron_model_args(cfg)`: what megatron-core's TransformerConfig
-  and GPTModel must be given to hold these families.
+- `megatron_config(cfg)` (= `megatron_sizes` and `megatron_switches`), `megatron_model_args(cfg)`:
+  what megatron-core's TransformerConfig and GPTModel must be given to hold these families.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import torch
 from . import _kinds
 # ConfigError, Piece and LocalTensor are one class for every family module, re-exported here
 from ._kinds import ConfigError, Family, LocalTensor, Piece  # noqa: F401
-from ._kinds import Replicated, RowParallel, MergedColumnParallel, QKVParallel, VocabParallel
+from ._kinds import replicated, row, gated, qkv, vocab
+
 
 FAMILY = "qwen2"
 ARCHITECTURES = ("Qwen2ForCausalLM",)
@@ -99,19 +100,19 @@ def config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> Config:
     )
 
 
-WORD_EMBEDDINGS = VocabParallel(
+WORD_EMBEDDINGS = vocab(
     megatron="embedding.word_embeddings.weight",
     hf=("model.embed_tokens.weight",),
     vllm="model.embed_tokens.weight",
     stage="first", rows="vocab", cols="hidden",
 )
-INPUT_LAYERNORM = Replicated(
+INPUT_LAYERNORM = replicated(
     megatron="decoder.layers.{layer}.input_layernorm.weight",
     hf=("model.layers.{layer}.input_layernorm.weight",),
     vllm="model.layers.{layer}.input_layernorm.weight",
     stage="layer", size="hidden",
 )
-LINEAR_QKV = QKVParallel(
+LINEAR_QKV = qkv(
     megatron="decoder.layers.{layer}.self_attention.linear_qkv.weight",
     hf=(
         "model.layers.{layer}.self_attn.q_proj.weight",  # q
@@ -121,7 +122,7 @@ LINEAR_QKV = QKVParallel(
     vllm="model.layers.{layer}.self_attn.qkv_proj.weight",
     stage="layer", heads="heads", kv_heads="kv_heads", head_dim="head_dim", cols="hidden",
 )
-LINEAR_QKV_BIAS = QKVParallel(
+LINEAR_QKV_BIAS = qkv(
     megatron="decoder.layers.{layer}.self_attention.linear_qkv.bias",
     hf=(
         "model.layers.{layer}.self_attn.q_proj.bias",  # q
@@ -131,19 +132,19 @@ LINEAR_QKV_BIAS = QKVParallel(
     vllm="model.layers.{layer}.self_attn.qkv_proj.bias",
     stage="layer", heads="heads", kv_heads="kv_heads", head_dim="head_dim",
 )
-LINEAR_PROJ = RowParallel(
+LINEAR_PROJ = row(
     megatron="decoder.layers.{layer}.self_attention.linear_proj.weight",
     hf=("model.layers.{layer}.self_attn.o_proj.weight",),
     vllm="model.layers.{layer}.self_attn.o_proj.weight",
     stage="layer", rows="hidden", cols="attn_width",
 )
-PRE_MLP_LAYERNORM = Replicated(
+PRE_MLP_LAYERNORM = replicated(
     megatron="decoder.layers.{layer}.pre_mlp_layernorm.weight",
     hf=("model.layers.{layer}.post_attention_layernorm.weight",),
     vllm="model.layers.{layer}.post_attention_layernorm.weight",
     stage="layer", size="hidden",
 )
-LINEAR_FC1 = MergedColumnParallel(
+LINEAR_FC1 = gated(
     megatron="decoder.layers.{layer}.mlp.linear_fc1.weight",
     hf=(
         "model.layers.{layer}.mlp.gate_proj.weight",  # gate
@@ -152,19 +153,19 @@ LINEAR_FC1 = MergedColumnParallel(
     vllm="model.layers.{layer}.mlp.gate_up_proj.weight",
     stage="layer", rows="ffn", cols="hidden",
 )
-LINEAR_FC2 = RowParallel(
+LINEAR_FC2 = row(
     megatron="decoder.layers.{layer}.mlp.linear_fc2.weight",
     hf=("model.layers.{layer}.mlp.down_proj.weight",),
     vllm="model.layers.{layer}.mlp.down_proj.weight",
     stage="layer", rows="hidden", cols="ffn",
 )
-FINAL_LAYERNORM = Replicated(
+FINAL_LAYERNORM = replicated(
     megatron="decoder.final_layernorm.weight",
     hf=("model.norm.weight",),
     vllm="model.norm.weight",
     stage="last", size="hidden",
 )
-OUTPUT_LAYER = VocabParallel(
+OUTPUT_LAYER = vocab(
     megatron="output_layer.weight",
     hf=("lm_head.weight",),
     vllm="lm_head.weight",
@@ -186,6 +187,11 @@ def families(cfg: Config) -> tuple[Family, ...]:
 def megatron_config(cfg: Config) -> dict:
     """TransformerConfig fields of a megatron-core GPTModel (local layer spec) that holds
     exactly these families; a model built otherwise has other tensors or other numbers."""
+    return {**megatron_sizes(cfg), **megatron_switches(cfg)}
+
+
+def megatron_sizes(cfg: Config) -> dict:
+    """The TransformerConfig fields other than the switches that add parameters."""
     return {
         "num_layers": cfg.layers,
         "hidden_size": cfg.hidden,
@@ -194,11 +200,18 @@ def megatron_config(cfg: Config) -> dict:
         "kv_channels": cfg.head_dim,
         "ffn_hidden_size": cfg.ffn,
         "gated_linear_unit": True,
+        "normalization": "RMSNorm",
+        "layernorm_epsilon": cfg.norm_eps,
+    }
+
+
+def megatron_switches(cfg: Config) -> dict:
+    """The TransformerConfig switches that add parameters (biases, q/k norms), as the
+    families say; a config whose families disagree with one switch is refused here."""
+    return {
         "add_bias_linear": False,
         "add_qkv_bias": True,
         "qk_layernorm": False,
-        "normalization": "RMSNorm",
-        "layernorm_epsilon": cfg.norm_eps,
     }
 
 
@@ -227,7 +240,8 @@ def megatron_shard_table(cfg: Config, tp_rank: int, tp_size: int, pp_rank: int =
 def vllm_shard_table(cfg: Config, tp_rank: int, tp_size: int) -> list[LocalTensor]:
     """Every tensor a vLLM TP rank holds, as canonical pieces."""
     _kinds.check_rank("tp", tp_rank, tp_size)
-    return [family.vllm_tensor(cfg, layer, tp_rank, tp_size) for family, layer in megatron_params(cfg)]
+    return [local for family, layer in megatron_params(cfg)
+            for local in family.vllm_tensors(cfg, layer, tp_rank, tp_size)]
 
 
 def hf_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:

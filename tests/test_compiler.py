@@ -16,6 +16,7 @@ from shardsync.compiler.spec import parse_spec
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
 QWEN3 = (ROOT / "specs" / "qwen3.yaml").read_text()
+PHI3 = (ROOT / "specs" / "phi3.yaml").read_text()  # a composed family (linear_fc1) and fused HF tensors
 
 
 def _line_of(text: str, needle: str) -> int:
@@ -56,10 +57,44 @@ MISTAKES = [
 ]
 
 
+QKV_FUSED = "    hf:\n      fused: model.layers.{layer}.self_attn.qkv_proj.weight\n"
+VOCABULARY_MISTAKES = [
+    # one HF tensor for several parts is said with `fused`, not by naming it thrice
+    (QKV_FUSED, "    hf:\n" + "".join(f"      {r}: model.layers.{{layer}}.self_attn.qkv_proj.weight\n" for r in "qkv"),
+     "      k: model.layers", ["params.linear_qkv.hf.k", "is also params.linear_qkv.hf.q", "{fused: NAME}", "q, k, v"]),
+    ("    layout: stack\n", "    layout: stak\n", "layout: stak", ["params.linear_fc1.layout", "unknown placement 'stak'"]),
+    ("    layout: stack\n", "    layout: {shard: 0}\n", "layout: {shard", ["shard places one part", "a tensor per part"]),
+    ("    layout: stack\n", "    layout: {shard: 2}\n", "layout: {shard", ["expected a dimension 0..1, got 2"]),
+    ("    layout: stack\n", "    layout: {stack: {replicate_beyond: [down]}}\n", "replicate_beyond",
+     ["stack.replicate_beyond: 'down' is not a part (parts: gate, up)"]),
+    ("    layout: stack\n", "    layout: {megatron: stack, vllm: {interleave: heeds}}\n", "interleave: heeds",
+     ["params.linear_fc1.layout", "group count, got 'heeds'"]),
+    ("    parts: {gate: ffn, up: ffn}\n", "    parts: {gate: fnn, up: ffn}\n", "gate: fnn",
+     ["params.linear_fc1.parts.gate.count", "'fnn'"]),
+    ("    layout: stack\n", "    layout: stack\n    split: gated\n", "layout: stack",
+     ["params.linear_fc1.layout", "not with a shorthand (split, dims)"]),
+    ("    parts: {gate: ffn, up: ffn}\n", "    shape: [ffn, hidden]\n    parts: {gate: ffn, up: ffn}\n", "linear_fc1:",
+     ["params.linear_fc1", "'shape' (one tensor) or 'parts' (several)"]),
+    # the families megatron-core is sized by must be laid out as megatron-core lays them out
+    ("    split: row\n    dims: {rows: hidden, cols: attn_width}\n",
+     "    split: column\n    dims: {rows: hidden, cols: attn_width}\n", "megatron:",
+     ["lacks or lays out otherwise", "linear_proj.weight (row-parallel"]),
+]
+
+
+@pytest.mark.parametrize("old,new,at,words", VOCABULARY_MISTAKES, ids=[m[2] for m in VOCABULARY_MISTAKES])
+def test_a_layout_mistake_names_file_line_and_field(old, new, at, words):
+    assert old in PHI3
+    _assert_refused(PHI3.replace(old, new, 1), at, words)
+
+
 @pytest.mark.parametrize("old,new,at,words", MISTAKES, ids=[m[2] for m in MISTAKES])
 def test_a_mistake_names_file_line_and_field(old, new, at, words):
     assert old in QWEN3
-    text = QWEN3.replace(old, new, 1)
+    _assert_refused(QWEN3.replace(old, new, 1), at, words)
+
+
+def _assert_refused(text: str, at: str, words: list[str]) -> None:
     with pytest.raises(SpecError) as caught:
         parse_spec(text, "specs/broken.yaml")
     message = str(caught.value)
@@ -173,3 +208,54 @@ def test_a_spec_without_vllm_names_compiles_to_hf_only_converters(tmp_path):
     assert namespace["VLLM_LAYOUT"] is False
     assert "vllm_shard_table" not in namespace and "convert_to_hf_shard" not in namespace
     assert "convert_to_hf" in namespace and "megatron_shard_table" in namespace
+
+
+def _readme_examples() -> dict:
+    """The README's worked layout examples, compiled inside a minimal spec."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("Worked examples", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    text = "\n".join([
+        "family: examples", "architectures: [ExamplesForCausalLM]", "config:", "  hidden: hidden_size",
+        "  heads: num_attention_heads", "  kv_heads: num_key_value_heads", "  head_dim: head_dim",
+        "  ffn: intermediate_size", "  vocab: vocab_size", "  layers: num_hidden_layers", "  experts: num_experts",
+        "  norm_eps: {field: rms_norm_eps, type: float, default: 1.0e-6}",
+        "  rope_theta: {field: rope_theta, type: float, default: 10000.0}",
+        "derived:", "  attn_width: heads * head_dim",
+        "megatron: {normalization: RMSNorm, layernorm_epsilon: norm_eps, rotary_base: rope_theta}", "params:",
+    ] + ["  " + line for line in block.splitlines()])
+    from shardsync.harness.spec_check import module_from_spec
+
+    module = module_from_spec(parse_spec(text, "README.md"), package="readme_examples")
+    hf = {"architectures": ["ExamplesForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 384, "vocab_size": 1000,
+          "num_hidden_layers": 1, "num_experts": 8}
+    return {"module": module, "cfg": module.config_from_hf(hf)}
+
+
+def test_the_readmes_worked_layout_examples_hold_what_their_comments_say():
+    examples = _readme_examples()
+    m, cfg = examples["module"], examples["cfg"]
+
+    def rows(local):
+        return [(p.hf_name.split(".")[-2], p.hf_box[0], p.local_box[0]) for p in local.pieces]
+
+    assert all(rows(m.ROUTER.megatron_tensor(cfg, 0, r, 2)) == [("gate", (0, 8), (0, 8))] for r in range(2))
+    assert m.LINEAR_PROJ.vllm_tensor(cfg, 0, 1, 2).pieces[0].hf_box == ((0, 64), (64, 128))
+    embedding = m.WORD_EMBEDDINGS.megatron_tensor(cfg, None, 1, 2)
+    assert rows(embedding) == [("embed_tokens", (512, 1000), (0, 488))] and embedding.padding[0][0] == (488, 512)
+    assert rows(m.WORD_EMBEDDINGS.vllm_tensor(cfg, None, 1, 2)) == rows(embedding)
+    assert rows(m.LINEAR_FC1.megatron_tensor(cfg, 0, 1, 2)) == [("gate_up_proj", (192, 384), (0, 192)),
+                                                                  ("gate_up_proj", (576, 768), (192, 384))]
+    assert rows(m.LINEAR_QKV.megatron_tensor(cfg, 0, 1, 2)) == [("q_proj", (64, 128), (0, 64)),
+                                                                  ("k_proj", (32, 64), (64, 96)),
+                                                                  ("v_proj", (32, 64), (96, 128))]
+    for rank in range(4):
+        kv = rank // 2 * 32
+        assert rows(m.LINEAR_QKV.vllm_tensor(cfg, 0, rank, 4)) == [("q_proj", (rank * 32, rank * 32 + 32), (0, 32)),
+                                                                     ("k_proj", (kv, kv + 32), (32, 64)),
+                                                                     ("v_proj", (kv, kv + 32), (64, 96))]
+    # the composed linear_qkv is `split: qkv` written out: the same tables at every rank
+    shorthand = m._kinds.qkv(megatron=m.LINEAR_QKV.megatron, hf=[p.hf for p in m.LINEAR_QKV.parts],
+                           vllm=m.LINEAR_QKV.vllm, stage="layer", heads="heads", kv_heads="kv_heads",
+                           head_dim="head_dim", cols="hidden")
+    assert shorthand == m.LINEAR_QKV

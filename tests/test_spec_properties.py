@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tests import reference as ref
 from tests.strategies import engine_tps, hf_configs, seeds, train_tps, vocab_divisible
 
-FAMILIES = ["qwen2", "qwen3", "llama", "mistral"]  # mistral: no vLLM layout table
+FAMILIES = ["qwen2", "qwen3", "llama", "mistral", "phi3", "starcoder2"]
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 

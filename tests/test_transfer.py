@@ -61,9 +61,11 @@ GATHER_CASES = {
 
 
 @pytest.mark.parametrize("case", list(GATHER_CASES.values()), ids=list(GATHER_CASES))
-def test_the_gather_baseline_delivers_the_same_tensors_holding_whole_ones(case):
+def test_the_gather_baseline_delivers_the_same_tensors_holding_whole_ones(case, request):
     """method="gather" (the common path, for comparison) is exact too; its cost shows
     in whole tensors held and in every engine rank receiving the whole stage."""
+    if case.method == "auto":
+        request.getfixturevalue("hf_only_converters")
     results = run(case)
     for who, result in results.items():
         assert result["method"] == "gather", who
@@ -82,7 +84,7 @@ def test_the_gather_baseline_delivers_the_same_tensors_holding_whole_ones(case):
             assert result["peak_temp_bytes"] > 0, who
 
 
-def test_the_method_follows_the_spec_with_a_reason():
+def test_the_method_follows_the_spec_with_a_reason(hf_only_converters):
     """"auto" takes the shard path where the spec has a vLLM layout table and gather
     where it has none; asking for shard without a table is refused before connecting."""
     from shardsync.runtime.errors import PlanError
@@ -91,8 +93,8 @@ def test_the_method_follows_the_spec_with_a_reason():
     layout = Case(_config("qwen3-tiny"), 1, 1, 1, 1).layout
     assert Sender(_config("qwen3-tiny"), layout, pp_rank=0, tp_rank=0).method == "shard"
     hf_only = Sender(_config("mistral-tiny"), layout, pp_rank=0, tp_rank=0)
-    assert hf_only.method == "gather" and "mistral spec has no vLLM layout table" in hf_only.method_reason
-    with pytest.raises(PlanError, match="method 'shard' needs a vLLM layout table.*mistral spec names no vllm"):
+    assert hf_only.method == "gather" and "mistral_hf_only spec has no vLLM layout table" in hf_only.method_reason
+    with pytest.raises(PlanError, match="method 'shard' needs a vLLM layout table.*mistral_hf_only spec names no vllm"):
         Receiver(_config("mistral-tiny"), layout, engine=0, tp_rank=0, method="shard")
     with pytest.raises(PlanError, match="method 'gahter': expected one of auto, shard, gather"):
         Sender(_config("qwen3-tiny"), layout, pp_rank=0, tp_rank=0, method="gahter")

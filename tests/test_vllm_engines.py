@@ -46,9 +46,11 @@ def test_kv_heads_1_tp1_to_tp2_partial_update_leaves_other_layers_exact(tmp_path
     assert summary["mismatched"] == []
 
 
-def test_a_spec_without_vllm_layout_falls_back_to_vllms_own_loader(tmp_path):
-    """specs/mistral.yaml names no vLLM tensors: the update gathers full tensors per
-    stage (a TP group of 2 and one broadcast group) and vLLM's load_weights fuses them."""
+def test_a_spec_without_vllm_layout_falls_back_to_vllms_own_loader(tmp_path, hf_only_converters):
+    """tests/specs/mistral_hf_only.yaml names no vLLM tensors (compiled outside generated/,
+    found through SHARDSYNC_CONVERTERS by the trainer ranks and the engine workers): the
+    update gathers full tensors per stage (a TP group of 2 and one broadcast group) and
+    vLLM's load_weights fuses them."""
     summary = _verify(tmp_path, "mistral-tiny", "--train-tp", "2", "--infer-tp", "1", "--updates", "1")
     assert summary["mismatched"] == [] and summary["params_checked"] > 0 and summary["tokens_equal"]
     assert summary["channels_created"] == 3

@@ -235,30 +235,10 @@ def _build_failure(exc: Exception, config_fields: dict, model_args: dict) -> Dif
 EVERY_SWITCH = {"qk_layernorm": True, "add_qkv_bias": True, "add_bias_linear": True}
 
 
-class _SwitchesAgree:
-    """The module's `_kinds` with `all_or_none` answering True: the sizes of
-    `megatron_config(cfg)` even where the spec's families split one switch (the probe
-    turns every switch on anyway)."""
-
-    def __init__(self, kinds):
-        self._kinds = kinds
-
-    def __getattr__(self, name):
-        return getattr(self._kinds, name)
-
-    @staticmethod
-    def all_or_none(field, present):
-        return True
-
-
 def every_switch_fields(module, cfg) -> dict:
-    """`megatron_config(cfg)` with every parameter-adding switch on."""
-    kinds = module.__dict__["_kinds"]
-    module.__dict__["_kinds"] = _SwitchesAgree(kinds)
-    try:
-        return {**module.megatron_config(cfg), **EVERY_SWITCH}
-    finally:
-        module.__dict__["_kinds"] = kinds
+    """`megatron_config(cfg)` with every parameter-adding switch on (the sizes alone do not
+    depend on the switches, so a spec whose families split one switch is probed too)."""
+    return {**module.megatron_sizes(cfg), **EVERY_SWITCH}
 
 
 def impossible_names(module, cfg) -> list[Difference]:
