@@ -16,10 +16,9 @@ import os
 from datetime import timedelta
 
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from shardsync.runtime.integrations.megatron.source import transformer_fields
+from shardsync.runtime.integrations.megatron.source import activation_for, transformer_fields
 
 _FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.full, torch.arange, torch.tensor, torch.empty_like,
               torch.zeros_like, torch.ones_like, torch.randn, torch.rand}
@@ -103,11 +102,12 @@ def build_gpt_model(hf_config: dict, *, make_vocab_size_divisible_by: int = 128,
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     fields, model_fields = transformer_fields(hf_config, tp, make_vocab_size_divisible_by)
     config = TransformerConfig(
-        **fields, activation_func=F.silu, hidden_dropout=0.0, attention_dropout=0.0,
+        **fields, activation_func=activation_for(hf_config), hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, pipeline_dtype=params_dtype,
         params_dtype=params_dtype, use_cpu_initialization=True, init_method_std=0.02,
         bf16=params_dtype == torch.bfloat16)
-    spec = get_gpt_layer_local_spec(qk_layernorm=fields["qk_layernorm"], normalization=fields["normalization"])
+    spec = get_gpt_layer_local_spec(num_experts=fields.get("num_moe_experts"), qk_layernorm=fields["qk_layernorm"],
+                                    normalization=fields["normalization"])
     return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=model_fields["vocab_size"],
                     max_sequence_length=seq_length, pre_process=parallel_state.is_pipeline_first_stage(),
                     post_process=parallel_state.is_pipeline_last_stage(),

@@ -23,6 +23,25 @@ _LAYERS = "decoder.layers."
 _OUTPUT = "output_layer.weight"
 
 
+def gelu_pytorch_tanh(x: torch.Tensor) -> torch.Tensor:
+    """HF's `gelu_pytorch_tanh` (Starcoder2, Gemma) for a TransformerConfig's activation_func."""
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+               "gelu_pytorch_tanh": gelu_pytorch_tanh}
+"""HF `hidden_act` -> the function a TransformerConfig's activation_func must be (by name)."""
+
+
+def activation_for(hf_config: dict):
+    """The activation_func of a megatron-core model that computes what the HF model does."""
+    act = hf_config.get("hidden_act", "silu")
+    if act not in ACTIVATIONS:
+        raise ModelMismatchError(f"hidden_act={act!r}: no known megatron-core activation_func for it "
+                                 f"(known: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[act]
+
+
 def transformer_fields(hf_config: dict, tp_size: int, make_vocab_size_divisible_by: int = 128) -> tuple[dict, dict]:
     """What a megatron-core GPT model for this HF config has: (TransformerConfig fields,
     GPTModel arguments), as the spec's generated module states them. The source checks a
@@ -95,9 +114,9 @@ def check_model(model, hf_config: dict, tp_size: int, make_vocab_size_divisible_
         if not _same(actual, expected):
             raise ModelMismatchError(f"TransformerConfig.{field} is {actual!r}; the HF config implies {expected!r}")
     act = getattr(config.activation_func, "__name__", str(config.activation_func))
-    if act != hf_config.get("hidden_act", "silu"):
+    if act != activation_for(hf_config).__name__:
         raise ModelMismatchError(f"TransformerConfig.activation_func is {act}; the HF config has hidden_act="
-                                 f"{hf_config.get('hidden_act')!r}")
+                                 f"{hf_config.get('hidden_act')!r} ({activation_for(hf_config).__name__})")
     if model.vocab_size != model_fields["vocab_size"]:
         raise ModelMismatchError(
             f"GPTModel.vocab_size is {model.vocab_size}; vocab_size={hf_config['vocab_size']} padded for TP "
