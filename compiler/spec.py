@@ -18,23 +18,25 @@ from shardsync.compiler.errors import SpecError
 from shardsync.compiler.expressions import ExpressionError, condition, int_expression
 from shardsync.compiler.kinds import KINDS, Kind
 from shardsync.compiler.layouts import SIDES, LayoutError, placement
-from shardsync.compiler.megatron import NORMALIZATIONS, SECTION, Megatron, megatron_facts, missing_families
+from shardsync.compiler.megatron import (MOE_FIELDS, NORMALIZATIONS, SECTION, Megatron, megatron_facts,
+                                         missing_families)
 from shardsync.compiler.yaml_lines import LineDict, load_yaml
 
 TOP_LEVEL = {"family": True, "architectures": True, "config": True, "derived": False, "megatron": True, "params": True}
-PARAM_FIELDS = {"megatron": True, "hf": True, "vllm": False, "when": False, "stage": False,
+PARAM_FIELDS = {"megatron": True, "hf": True, "vllm": False, "when": False, "stage": False, "experts": False,
                 "split": False, "dims": False, "layout": False, "shape": False, "parts": False, "cols": False}
 SHORTHAND_FIELDS = ("split", "dims")
 COMPOSED_FIELDS = ("layout", "shape", "parts", "cols")
 PART_FIELDS = {"count": True, "unit": False}
 FUSED = "fused"
+EXPERT_SHORTHANDS = ("replicated", "row", "column", "gated")
 CONFIG_FIELDS = {"field": True, "type": False, "default": False}
 CONFIG_TYPES = ("int", "bool", "float")
 RESERVED = {"cfg", "hf", "layer", "make_vocab_size_divisible_by"}
 STAGES = ("first", "last")
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SEGMENT = r"(?:[A-Za-z0-9_]+|\{layer\})"
+_SEGMENT = r"(?:[A-Za-z0-9_]+|\{layer\}|\{expert\})"
 _TENSOR_NAME = re.compile(rf"^{_SEGMENT}(?:\.{_SEGMENT})*$")
 
 
@@ -145,7 +147,7 @@ def parse_spec(text: str, path: str) -> Spec:
     if any(p.stage == "layer" for p in params) and "layers" not in int_names:
         check.fail(raw.line_of("config"), "config", "missing 'layers': params with {layer} need the number of layers")
     float_names = {e.name for e in config if e.type == "float"}
-    megatron = check.megatron(raw["megatron"], raw.line_of("megatron"), params, float_names)
+    megatron = check.megatron(raw["megatron"], raw.line_of("megatron"), params, float_names, int_names, bool_names)
     return Spec(
         family=family,
         architectures=architectures,
@@ -245,7 +247,8 @@ class _Checker:
             result.append(Derived(name, str(text)))
         return tuple(result)
 
-    def megatron(self, value, line: int, params: tuple[Param, ...], float_names: set[str]) -> Megatron:
+    def megatron(self, value, line: int, params: tuple[Param, ...], float_names: set[str], int_names: set[str],
+                 bool_names: set[str]) -> Megatron:
         self.mapping(value, "megatron", SECTION, line)
         normalization = value["normalization"]
         if normalization not in NORMALIZATIONS:
@@ -259,7 +262,26 @@ class _Checker:
         missing = missing_families(params)
         if missing:
             self.fail(line, "megatron", f"a megatron-core GPTModel is sized by families the spec lacks or lays out otherwise: {', '.join(missing)}")
-        return megatron_facts(params, normalization, value["layernorm_epsilon"], value["rotary_base"])
+        has_experts = any(p.family.experts for p in params)
+        for field in MOE_FIELDS:
+            if (field in value) != has_experts:
+                need = "a spec with experts must say" if has_experts else "only a spec with experts says"
+                self.fail(value.line_of(field) if field in value else line, f"megatron.{field}",
+                          f"{need} {field} (router_topk: the router's top-k, an integer config name; "
+                          f"router_pre_softmax: whether the softmax comes before the top-k, true, false, a "
+                          f"boolean config name or 'not NAME')")
+        topk = pre_softmax = None
+        if has_experts:
+            topk = self.size_name(value["router_topk"], value.line_of("router_topk"), "megatron.router_topk", int_names)
+            pre_softmax = value["router_pre_softmax"]
+            if not isinstance(pre_softmax, bool):
+                try:
+                    flag, negated = condition(pre_softmax, bool_names)
+                except ExpressionError as exc:
+                    self.fail(value.line_of("router_pre_softmax"), "megatron.router_pre_softmax",
+                              f"true, false, or {exc}")
+                pre_softmax = f"{'not ' if negated else ''}cfg.{flag}"
+        return megatron_facts(params, normalization, value["layernorm_epsilon"], value["rotary_base"], topk, pre_softmax)
 
     def name(self, name: str, line: int, where: str, taken: set[str]):
         self.identifier(name, line, where)
@@ -301,7 +323,11 @@ class _Checker:
         if wrong:
             form = "a shorthand (split, dims)" if shorthand else "a composed layout (layout, shape or parts, cols)"
             self.fail(item.line_of(wrong[0]), f"{where}.{wrong[0]}", f"not with {form}: a family is one or the other")
-        megatron = self.pattern(item["megatron"], item.line_of("megatron"), f"{where}.megatron")
+        experts = None
+        if "experts" in item:
+            experts = self.size_name(item["experts"], item.line_of("experts"), f"{where}.experts", int_names)
+        megatron = self.pattern(item["megatron"], item.line_of("megatron"), f"{where}.megatron",
+                                expert=experts is not None)
         layered = "{layer}" in megatron
         stage = "layer" if layered else ("first" if megatron.startswith("embedding.") else "last")
         if "stage" in item:
@@ -331,12 +357,19 @@ class _Checker:
                 self.fail(line, where, "missing required field 'split' (a shorthand) or 'layout' (a composed layout)")
             parts, cols = self.parts(item, line, where, int_names)
             roles = tuple(role for role, _, _ in parts)
-        hf = self.hf_names(item["hf"], item.line_of("hf"), f"{where}.hf", roles, layered)
+        hf = self.hf_names(item["hf"], item.line_of("hf"), f"{where}.hf", roles, layered, experts is not None)
         vllm = self.vllm_names(item, f"{where}.vllm", roles, layered) if "vllm" in item else None
+        if experts is not None and vllm is not None and len(vllm) > 1:
+            self.fail(item.line_of("vllm"), f"{where}.vllm", "an expert family stacks its experts in one vLLM tensor: "
+                                                              "give one name")
         hf_of = dict(hf)
         if kind is not None:
+            if experts is not None and kind.name not in EXPERT_SHORTHANDS:
+                self.fail(item.line_of("experts"), f"{where}.experts",
+                          f"split '{kind.name}' has no expert axis; expected one of: {', '.join(EXPERT_SHORTHANDS)}")
+            arguments = dict(dims) | ({"experts": experts} if experts else {})
             family = _kinds.SHORTHANDS[kind.name](megatron=megatron, hf=[name for _, name in hf], vllm=vllm,
-                                                  stage=stage, **dict(dims))
+                                                  stage=stage, **arguments)
         else:
             layouts = self.layouts(item["layout"], item.line_of("layout"), f"{where}.layout", roles, 1 + len(cols),
                                    vllm, int_names)
@@ -344,7 +377,7 @@ class _Checker:
                 megatron=megatron,
                 parts=tuple(_kinds.Part(role, hf_of[role], count, unit) for role, count, unit in parts),
                 megatron_layout=layouts["megatron"], vllm_layout=layouts["vllm"], vllm=vllm, stage=stage,
-                cols=cols)
+                cols=cols, experts=experts)
         return Param(key, megatron, hf, vllm, when, stage, family, kind, dims)
 
     def parts(self, item, line: int, where: str, int_names: set[str]
@@ -401,24 +434,31 @@ class _Checker:
             self.fail(line, where, f"expected an integer config or derived name ({known}), got {_describe(name)}")
         return name
 
-    def pattern(self, value, line: int, where: str, layered: bool | None = None) -> str:
+    def pattern(self, value, line: int, where: str, layered: bool | None = None, expert: bool = False) -> str:
+        """A tensor name; {layer} as in the megatron name (`layered`), {expert} exactly when
+        the family has an expert axis and the side names a tensor per expert (`expert`)."""
         if not isinstance(value, str) or not _TENSOR_NAME.match(value):
-            self.fail(line, where, f"expected a dotted tensor name whose only placeholder is {{layer}}, got {_describe(value)}")
+            self.fail(line, where, f"expected a dotted tensor name whose placeholders are {{layer}} and {{expert}}, "
+                                   f"got {_describe(value)}")
         if layered is not None and layered != ("{layer}" in value):
             need = "must contain {layer}, as the megatron name does" if layered else "must not contain {layer}: the megatron name has none"
             self.fail(line, where, need)
+        if expert != ("{expert}" in value):
+            need = ("must contain {expert}: the family has experts, one tensor each" if expert else
+                    "must not contain {expert}: only an expert family's megatron and hf names do (vLLM stacks experts)")
+            self.fail(line, where, need)
         return value
 
-    def hf_names(self, value, line: int, where: str, roles: tuple[str, ...], layered: bool
+    def hf_names(self, value, line: int, where: str, roles: tuple[str, ...], layered: bool, expert: bool
                  ) -> tuple[tuple[str, str], ...]:
         """One HF name per part: a name (one part), a name per part, or {fused: NAME}: one HF
         tensor whose rows are the parts in order."""
         if roles == ("",):
             if not isinstance(value, str):
                 self.fail(line, where, f"one part maps to one HF tensor: expected a name, got {_describe(value)}")
-            return (("", self.pattern(value, line, where, layered)),)
+            return (("", self.pattern(value, line, where, layered, expert)),)
         if isinstance(value, dict) and set(value) == {FUSED}:
-            fused = self.pattern(value[FUSED], value.line_of(FUSED), f"{where}.{FUSED}", layered)
+            fused = self.pattern(value[FUSED], value.line_of(FUSED), f"{where}.{FUSED}", layered, expert)
             return tuple((role, fused) for role in roles)
         if not isinstance(value, dict):
             self.fail(line, where, f"expected a mapping of {', '.join(roles)} to HF names, or {{{FUSED}: NAME}} "
@@ -426,7 +466,7 @@ class _Checker:
         self.mapping(value, where, {role: True for role in roles}, line)
         named: dict[str, str] = {}
         for role in roles:
-            name = self.pattern(value[role], value.line_of(role), f"{where}.{role}", layered)
+            name = self.pattern(value[role], value.line_of(role), f"{where}.{role}", layered, expert)
             if name in named:
                 self.fail(value.line_of(role), f"{where}.{role}",
                           f"'{name}' is also {where}.{named[name]}: one HF tensor holding several parts is written "

@@ -24,9 +24,12 @@ from types import ModuleType
 MODULES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
+    "MixtralForCausalLM": "mixtral",
     "Phi3ForCausalLM": "phi3",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
     "Starcoder2ForCausalLM": "starcoder2",
 }
 CONVERTERS_ENV = "SHARDSYNC_CONVERTERS"

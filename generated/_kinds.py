@@ -187,6 +187,30 @@ class GroupRange(NamedTuple):
     units_per_group: tuple[int, ...]
 
 
+class ExpertRange(NamedTuple):
+    """The experts one expert-parallel rank holds: `count` of them from global expert `first`."""
+
+    first: int
+    count: int
+
+
+def megatron_experts(cfg: SpecConfig, experts: str, ep_rank: int, ep_size: int) -> ExpertRange:
+    """megatron-core's placement: E / EP experts per EP rank, in rank order."""
+    check_rank("ep", ep_rank, ep_size)
+    per_rank = cfg.share(experts, ep_size)
+    return ExpertRange(ep_rank * per_rank, per_rank)
+
+
+def vllm_experts(cfg: SpecConfig, experts: str, ep_rank: int, ep_size: int) -> ExpertRange:
+    """vLLM's linear placement: contiguous blocks, the first E % EP ranks one expert more."""
+    check_rank("ep", ep_rank, ep_size)
+    total = getattr(cfg, experts)
+    if ep_size > total:
+        raise ConfigError(f"expert-parallel size {ep_size} exceeds {cfg.hf_field(experts)}={total}")
+    base, extra = divmod(total, ep_size)
+    return ExpertRange(ep_rank * base + min(ep_rank, extra), base + (ep_rank < extra))
+
+
 # --- placements ------------------------------------------------------------------------
 
 
@@ -334,6 +358,12 @@ class Family:
     stage. `vllm` is one name (every part in one tensor, as `vllm_layout` places them), a
     name per part (a tensor each, each placed alone), or None when the spec has no vLLM
     layout table. `stage` is "layer", "first" or "last": the pipeline stage that holds it.
+
+    `experts` names the expert count of a family with an expert axis. Megatron then holds
+    one tensor per local expert (`{expert}` in its name is the local index; expert-TP
+    places each), HF one per expert (`{expert}` the global index), and vLLM one tensor
+    stacking its experts `[E_local, ...]`, each placed by TP, or whole under vLLM's
+    expert parallelism; a piece's local box then starts with the expert's slot.
     """
 
     megatron: str
@@ -343,6 +373,7 @@ class Family:
     vllm: str | tuple[str, ...] | None
     stage: str
     cols: tuple[str, ...] = ()
+    experts: str | None = None
 
     def __post_init__(self):
         if self.vllm is not None:
@@ -350,17 +381,40 @@ class Family:
         if self.vllm is not None and len(self.vllm) not in (1, len(self.parts)):
             raise ConfigError(f"{self.megatron}: {len(self.vllm)} vLLM names for {len(self.parts)} parts: "
                               f"give one, or one per part")
+        if self.experts and self.vllm is not None and len(self.vllm) != 1:
+            raise ConfigError(f"{self.megatron}: an expert family stacks its parts in one vLLM tensor")
 
-    def hf_names(self, layer: int | None) -> tuple[str, ...]:
-        """The HF tensors of the family, each once, in part order."""
-        return tuple(dict.fromkeys(part.hf.format(layer=layer) for part in self.parts))
+    def megatron_tensors(self, cfg: SpecConfig, layer: int | None, tp_rank: int, tp_size: int, ep_rank: int = 0,
+                         ep_size: int = 1, etp_rank: int | None = None, etp_size: int | None = None
+                         ) -> tuple[LocalTensor, ...]:
+        """Every tensor of the family a Megatron rank holds: one, or one per local expert,
+        placed by expert-TP (`etp_*`, default the TP rank and size)."""
+        if not self.experts:
+            return (self.megatron_tensor(cfg, layer, tp_rank, tp_size),)
+        etp_rank, etp_size = (tp_rank, tp_size) if etp_size is None else (etp_rank, etp_size)
+        held = megatron_experts(cfg, self.experts, ep_rank, ep_size)
+        return tuple(self._tensor(self.megatron.format(layer=layer, expert=local), self.megatron_layout, self.parts,
+                                  cfg, layer, etp_rank, etp_size, expert=held.first + local)
+                     for local in range(held.count))
 
-    def megatron_tensor(self, cfg: SpecConfig, layer: int | None, tp_rank: int, tp_size: int) -> LocalTensor:
-        return self._tensor(self.megatron.format(layer=layer), self.megatron_layout, self.parts, cfg, layer,
-                            tp_rank, tp_size)
+    def hf_names(self, layer: int | None, expert: int | None = None) -> tuple[str, ...]:
+        """The HF tensors of the family (of one global expert), each once, in part order."""
+        return tuple(dict.fromkeys(part.hf.format(layer=layer, expert=expert) for part in self.parts))
 
-    def vllm_tensors(self, cfg: SpecConfig, layer: int | None, tp_rank: int, tp_size: int
-                     ) -> tuple[LocalTensor, ...]:
+    def megatron_tensor(self, cfg: SpecConfig, layer: int | None, tp_rank: int, tp_size: int,
+                        expert: int | None = None) -> LocalTensor:
+        """The family's tensor on a Megatron rank; of an expert family, global expert
+        `expert`'s as a rank of expert-parallel size 1 names it."""
+        return self._tensor(self.megatron.format(layer=layer, expert=expert), self.megatron_layout, self.parts, cfg,
+                            layer, tp_rank, tp_size, expert=expert)
+
+    def vllm_tensors(self, cfg: SpecConfig, layer: int | None, tp_rank: int, tp_size: int,
+                     expert_parallel: bool = False) -> tuple[LocalTensor, ...]:
+        """The family's tensors on a vLLM rank. An expert family stacks its experts: all of
+        them split by TP, or, under expert parallelism (over the TP ranks), this rank's
+        block of whole experts."""
+        if self.experts:
+            return (self._stacked_experts(cfg, layer, tp_rank, tp_size, expert_parallel),)
         return tuple(self._tensor(name, self.vllm_layout, parts, cfg, layer, tp_rank, tp_size)
                      for name, parts in self._vllm_tensor_parts(layer))
 
@@ -371,8 +425,9 @@ class Family:
             raise ConfigError(f"{self.megatron}: {len(tensors)} vLLM tensors, one per part: call vllm_tensors")
         return tensors[0]
 
-    def hf_shape(self, cfg: SpecConfig, hf_name: str, layer: int | None) -> tuple[int, ...]:
-        rows = sum(part.rows(cfg) for part in self.parts if part.hf.format(layer=layer) == hf_name)
+    def hf_shape(self, cfg: SpecConfig, hf_name: str, layer: int | None, expert: int | None = None
+                 ) -> tuple[int, ...]:
+        rows = sum(part.rows(cfg) for part in self.parts if part.hf.format(layer=layer, expert=expert) == hf_name)
         return (rows,) + shape_of(whole(cfg, self.cols))
 
     def shard_to_vllm(self, cfg: SpecConfig, layer: int | None, shard: torch.Tensor, tp_rank: int, tp_size: int
@@ -424,11 +479,29 @@ class Family:
         return [(name, (part,)) for name, part in zip(names, self.parts)]
 
     def _tensor(self, name: str, layout: Layout, parts: Sequence[Part], cfg: SpecConfig, layer: int | None,
-                tp_rank: int, tp_size: int) -> LocalTensor:
+                tp_rank: int, tp_size: int, expert: int | None = None) -> LocalTensor:
         placed = layout.place(cfg, parts, self.cols, tp_rank, tp_size)
-        pieces = tuple(Piece(part.hf.format(layer=layer), self._hf_box(cfg, part, box), local)
+        pieces = tuple(Piece(part.hf.format(layer=layer, expert=expert), self._hf_box(cfg, part, box), local)
                        for part, box, local in placed.pieces if all(stop > start for start, stop in box))
         return LocalTensor(name, placed.shape, pieces, placed.padding)
+
+    def _stacked_experts(self, cfg: SpecConfig, layer: int | None, tp_rank: int, tp_size: int,
+                         expert_parallel: bool) -> LocalTensor:
+        """vLLM's `[E_local, ...]` tensor: slot k holds global expert first + k."""
+        (name, _), = self._vllm_tensor_parts(layer)
+        if expert_parallel:
+            held, inner = vllm_experts(cfg, self.experts, tp_rank, tp_size), (0, 1)
+        else:
+            held, inner = ExpertRange(0, getattr(cfg, self.experts)), (tp_rank, tp_size)
+        pieces, padding, shape = [], [], ()
+        for slot in range(held.count):
+            one = self._tensor(name, self.vllm_layout, self.parts, cfg, layer, *inner, expert=held.first + slot)
+            pieces += [piece._replace(local_box=((slot, slot + 1),) + piece.local_box) for piece in one.pieces]
+            padding += [((slot, slot + 1),) + box for box in one.padding]
+            shape = one.shape
+        if not shape:
+            shape = self._tensor(name, self.vllm_layout, self.parts, cfg, layer, *inner, expert=0).shape
+        return LocalTensor(name, (held.count,) + shape, tuple(pieces), tuple(padding))
 
     def _hf_box(self, cfg: SpecConfig, part: Part, box: Box) -> Box:
         """A box of a part as a box of its HF tensor: offset by the rows of the parts before
@@ -461,35 +534,36 @@ def _merged(pieces: Sequence[Piece]) -> list[tuple[str, Box]]:
 REPLICATE = Replicate()
 
 
-def replicated(*, megatron: str, hf: Sequence[str], vllm: str | Sequence[str] | None, stage: str, size: str
-               ) -> Family:
+def replicated(*, megatron: str, hf: Sequence[str], vllm: str | Sequence[str] | None, stage: str, size: str,
+               experts: str | None = None) -> Family:
     """Every TP rank holds the whole 1-D tensor (norms, biases added after a reduce)."""
-    return Family(megatron, (Part("", hf[0], size),), REPLICATE, REPLICATE, vllm, stage)
+    return Family(megatron, (Part("", hf[0], size),), REPLICATE, REPLICATE, vllm, stage, (), experts)
 
 
-def row(*, megatron: str, hf: Sequence[str], vllm: str | Sequence[str] | None, stage: str, rows: str, cols: str
-        ) -> Family:
+def row(*, megatron: str, hf: Sequence[str], vllm: str | Sequence[str] | None, stage: str, rows: str, cols: str,
+        experts: str | None = None) -> Family:
     """Row-parallel linear: TP rank r holds column block r, all rows."""
-    return Family(megatron, (Part("", hf[0], rows),), Shard(1), Shard(1), vllm, stage, (cols,))
+    return Family(megatron, (Part("", hf[0], rows),), Shard(1), Shard(1), vllm, stage, (cols,), experts)
 
 
 def column(*, megatron: str, hf: Sequence[str], vllm: str | Sequence[str] | None, stage: str, rows: str,
-           cols: str | None = None) -> Family:
+           cols: str | None = None, experts: str | None = None) -> Family:
     """Column-parallel linear (weight or bias) that is one tensor: TP rank r holds row block r."""
-    return Family(megatron, (Part("", hf[0], rows),), Shard(0), Shard(0), vllm, stage,
-                  (cols,) if cols else ())
+    return Family(megatron, (Part("", hf[0], rows),), Shard(0), Shard(0), vllm, stage, (cols,) if cols else (),
+                  experts)
 
 
 def gated(*, megatron: str, hf: Sequence[str], vllm: str | Sequence[str] | None, stage: str, rows: str,
-          cols: str | None = None) -> Family:
+          cols: str | None = None, experts: str | None = None) -> Family:
     """Gated MLP input: TP rank r holds [gate rows of r; up rows of r], on both sides.
 
     Megatron's linear_fc1 (partition_stride 2) and vLLM's gate_up_proj agree, so a shard
     needs no conversion. The TP-1 tensor is [gate; up], which is why shards of a larger TP
-    concatenated, [gate_0; up_0; gate_1; up_1], are not it.
+    concatenated, [gate_0; up_0; gate_1; up_1], are not it. Experts are laid out alike
+    (Megatron's local_experts.{j}.linear_fc1, one expert's slice of vLLM's w13_weight).
     """
     parts = (Part("gate", hf[0], rows), Part("up", hf[1], rows))
-    return Family(megatron, parts, Stack(), Stack(), vllm, stage, (cols,) if cols else ())
+    return Family(megatron, parts, Stack(), Stack(), vllm, stage, (cols,) if cols else (), experts)
 
 
 def qkv(*, megatron: str, hf: Sequence[str], vllm: str | Sequence[str] | None, stage: str, heads: str,
@@ -516,8 +590,7 @@ def vocab(*, megatron: str, hf: Sequence[str], vllm: str | Sequence[str] | None,
     """
     megatron_layout = Shard(0, Pad("make_vocab_size_divisible_by", times_tp=True, owner="Megatron"))
     vllm_layout = Shard(0, Pad(VLLM_VOCAB_MULTIPLE, owner="vLLM"))
-    return Family(megatron, (Part("", hf[0], rows),), megatron_layout, vllm_layout, vllm, stage,
-                  (cols,))
+    return Family(megatron, (Part("", hf[0], rows),), megatron_layout, vllm_layout, vllm, stage, (cols,))
 
 
 SHORTHANDS = {"replicated": replicated, "row": row, "column": column, "gated": gated, "qkv": qkv, "vocab": vocab}
@@ -563,57 +636,80 @@ def hf_shapes(table: Sequence[LocalTensor]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def resolve(cfg: SpecConfig, families: Sequence[Family], name: str, model: str) -> tuple[Family, int | None]:
-    """The family and layer of a Megatron tensor name this model has."""
+class Resolved(NamedTuple):
+    """Which family a Megatron name is, at which global layer, and of which expert (the
+    name's index: global as a rank of expert-parallel size 1 names it)."""
+
+    family: Family
+    layer: int | None
+    expert: int | None = None
+
+
+def resolve(cfg: SpecConfig, families: Sequence[Family], name: str, model: str) -> Resolved:
+    """The family, layer and expert of a Megatron tensor name this model has."""
     for family in families:
         match = _name_pattern(family.megatron).fullmatch(name)
         if match is None:
             continue
-        layer = int(match["layer"]) if "layer" in match.groupdict() else None
+        found = match.groupdict()
+        layer = int(found["layer"]) if "layer" in found else None
         if layer is not None and layer >= cfg.layers:
             raise KeyError(f"{name}: layer {layer} out of range for {cfg.hf_field('layers')}={cfg.layers}")
-        return family, layer
+        expert = int(found["expert"]) if "expert" in found else None
+        if expert is not None and expert >= getattr(cfg, family.experts):
+            raise KeyError(f"{name}: expert {expert} out of range for "
+                           f"{cfg.hf_field(family.experts)}={getattr(cfg, family.experts)}")
+        return Resolved(family, layer, expert)
     raise KeyError(f"{name}: not a parameter of this {model} model")
 
 
-def shard_to_vllm(cfg: SpecConfig, family: Family, layer: int | None, name: str, shard: torch.Tensor,
-                  tp_rank: int, tp_size: int) -> list[tuple[str, torch.Tensor]]:
+def shard_to_vllm(cfg: SpecConfig, where: Resolved, name: str, shard: torch.Tensor, tp_rank: int, tp_size: int
+                  ) -> list[tuple[str, torch.Tensor]]:
+    family, layer, expert = where
+    if family.experts:
+        raise ConfigError(f"{name}: one expert is one slot of vLLM's stacked {family.vllm[0]}: place expert shards "
+                          f"with the shard tables")
     check_shape(name, shard, family.megatron_tensor(cfg, layer, tp_rank, tp_size).shape)
     return family.shard_to_vllm(cfg, layer, shard, tp_rank, tp_size)
 
 
-def full_to_hf(cfg: SpecConfig, family: Family, layer: int | None, name: str, full: torch.Tensor,
-               layout: str | None) -> list[tuple[str, torch.Tensor]]:
+def full_to_hf(cfg: SpecConfig, where: Resolved, name: str, full: torch.Tensor, layout: str | None
+               ) -> list[tuple[str, torch.Tensor]]:
     if layout != TP1:
         raise ValueError(
             f"{name}: convert_to_hf takes the whole tensor in Megatron's TP-1 layout (what megatron-core's "
             f"sharded state dict assembles); say so with layout={TP1!r}, or pass the TP shards, in rank order, to "
             f"convert_shards_to_hf(name, shards, cfg): torch.cat of TP shards is not the TP-1 layout (got layout={layout!r})")
+    family, layer, expert = where
     family.check_full(cfg, name, full)
-    return _to_hf(cfg, family, layer, [(full, family.megatron_tensor(cfg, layer, 0, 1))])
+    return _to_hf(cfg, where, [(full, family.megatron_tensor(cfg, layer, 0, 1, expert=expert))])
 
 
-def shards_to_hf(cfg: SpecConfig, family: Family, layer: int | None, name: str,
-                 shards: Sequence[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+def shards_to_hf(cfg: SpecConfig, where: Resolved, name: str, shards: Sequence[torch.Tensor]
+                 ) -> list[tuple[str, torch.Tensor]]:
     """Each shard's pieces copied into the HF tensors, by the Megatron shard table of
-    TP len(shards): what the table says is the only layout assumed."""
+    TP len(shards) (expert-TP for an expert's shards): what the table says is the only
+    layout assumed."""
     if isinstance(shards, torch.Tensor) or not len(shards):
         raise ValueError(f"{name}: expected a sequence of every TP rank's shard, in rank order, "
                          f"got {'one tensor' if isinstance(shards, torch.Tensor) else 'none'}")
+    family, layer, expert = where
     tp_size = len(shards)
-    locals_ = [family.megatron_tensor(cfg, layer, rank, tp_size) for rank in range(tp_size)]
+    locals_ = [family.megatron_tensor(cfg, layer, rank, tp_size, expert=expert) for rank in range(tp_size)]
     for rank, (shard, local) in enumerate(zip(shards, locals_)):
         if tuple(shard.shape) != tuple(local.shape):
             raise ValueError(f"{name}: shard {rank} of {tp_size}: expected shape {tuple(local.shape)} (TP {tp_size} "
                              f"from {tp_size} shards), got {tuple(shard.shape)}")
-    return _to_hf(cfg, family, layer, list(zip(shards, locals_)))
+    return _to_hf(cfg, where, list(zip(shards, locals_)))
 
 
-def _to_hf(cfg: SpecConfig, family: Family, layer: int | None,
-           held: Sequence[tuple[torch.Tensor, LocalTensor]]) -> list[tuple[str, torch.Tensor]]:
+def _to_hf(cfg: SpecConfig, where: Resolved, held: Sequence[tuple[torch.Tensor, LocalTensor]]
+           ) -> list[tuple[str, torch.Tensor]]:
     """Every piece of every (tensor, table entry) copied into the family's HF tensors."""
+    family, layer, expert = where
     first = held[0][0]
-    hf = {hf_name: first.new_empty(family.hf_shape(cfg, hf_name, layer)) for hf_name in family.hf_names(layer)}
+    hf = {hf_name: first.new_empty(family.hf_shape(cfg, hf_name, layer, expert))
+          for hf_name in family.hf_names(layer, expert)}
     for tensor, local in held:
         for piece in local.pieces:
             hf[piece.hf_name][_slices(piece.hf_box)] = tensor[_slices(piece.local_box)]
@@ -697,6 +793,7 @@ _PATTERNS: dict[str, re.Pattern] = {}
 
 def _name_pattern(pattern: str) -> re.Pattern:
     if pattern not in _PATTERNS:
-        _PATTERNS[pattern] = re.compile(re.escape(pattern).replace(r"\{layer\}", r"(?P<layer>\d+)"))
+        _PATTERNS[pattern] = re.compile(re.escape(pattern).replace(r"\{layer\}", r"(?P<layer>\d+)")
+                                        .replace(r"\{expert\}", r"(?P<expert>\d+)"))
     return _PATTERNS[pattern]
 

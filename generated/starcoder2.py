@@ -270,19 +270,23 @@ def megatron_params(cfg: Config, pp_rank: int = 0, pp_size: int = 1) -> list[tup
     return _kinds.stage_params(cfg, families(cfg), pp_rank, pp_size)
 
 
-def megatron_shard_table(cfg: Config, tp_rank: int, tp_size: int, pp_rank: int = 0, pp_size: int = 1
-                         ) -> list[LocalTensor]:
-    """Every tensor a Megatron rank holds, as canonical pieces."""
+def megatron_shard_table(cfg: Config, tp_rank: int, tp_size: int, pp_rank: int = 0, pp_size: int = 1,
+                         ep_rank: int = 0, ep_size: int = 1, etp_rank: int | None = None,
+                         etp_size: int | None = None) -> list[LocalTensor]:
+    """Every tensor a Megatron rank holds, as canonical pieces; experts by the rank's
+    expert-parallel and expert-TP position (expert-TP defaults to TP)."""
     _kinds.check_rank("tp", tp_rank, tp_size)
     params = megatron_params(cfg, pp_rank, pp_size)
-    return [family.megatron_tensor(cfg, layer, tp_rank, tp_size) for family, layer in params]
+    return [local for family, layer in params
+            for local in family.megatron_tensors(cfg, layer, tp_rank, tp_size, ep_rank, ep_size, etp_rank, etp_size)]
 
 
-def vllm_shard_table(cfg: Config, tp_rank: int, tp_size: int) -> list[LocalTensor]:
-    """Every tensor a vLLM TP rank holds, as canonical pieces."""
+def vllm_shard_table(cfg: Config, tp_rank: int, tp_size: int, expert_parallel: bool = False) -> list[LocalTensor]:
+    """Every tensor a vLLM TP rank holds, as canonical pieces; with `expert_parallel`,
+    experts placed over the TP ranks as vLLM's expert parallelism places them."""
     _kinds.check_rank("tp", tp_rank, tp_size)
     return [local for family, layer in megatron_params(cfg)
-            for local in family.vllm_tensors(cfg, layer, tp_rank, tp_size)]
+            for local in family.vllm_tensors(cfg, layer, tp_rank, tp_size, expert_parallel)]
 
 
 def hf_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
@@ -296,8 +300,7 @@ def convert_to_hf_shard(name: str, shard: torch.Tensor, tp_rank: int, tp_size: i
     gate_up_proj and their biases). For vocab-parallel tensors, the shard's real rows:
     the paddings differ, so their place in vLLM's tensor comes from the shard tables.
     """
-    family, layer = resolve(name, cfg)
-    return _kinds.shard_to_vllm(cfg, family, layer, name, shard, tp_rank, tp_size)
+    return _kinds.shard_to_vllm(cfg, resolve(name, cfg), name, shard, tp_rank, tp_size)
 
 
 def convert_shards_to_hf(name: str, shards: Sequence[torch.Tensor], cfg: Config) -> list[tuple[str, torch.Tensor]]:
@@ -306,8 +309,7 @@ def convert_shards_to_hf(name: str, shards: Sequence[torch.Tensor], cfg: Config)
     The shards are placed by the shard table of TP len(shards), so no layout is assumed:
     this is what a trainer that gathered its own shards should call.
     """
-    family, layer = resolve(name, cfg)
-    return _kinds.shards_to_hf(cfg, family, layer, name, shards)
+    return _kinds.shards_to_hf(cfg, resolve(name, cfg), name, shards)
 
 
 def convert_to_hf(name: str, full: torch.Tensor, cfg: Config, *, layout: str | None = None
@@ -319,10 +321,9 @@ def convert_to_hf(name: str, full: torch.Tensor, cfg: Config, *, layout: str | N
     shape is the same ([gate_0; up_0; gate_1; up_1] for linear_fc1), so `layout="tp1"` must
     be stated; for shards, call `convert_shards_to_hf`.
     """
-    family, layer = resolve(name, cfg)
-    return _kinds.full_to_hf(cfg, family, layer, name, full, layout)
+    return _kinds.full_to_hf(cfg, resolve(name, cfg), name, full, layout)
 
 
-def resolve(name: str, cfg: Config) -> tuple[Family, int | None]:
-    """The family and layer of a Megatron tensor name this model has."""
+def resolve(name: str, cfg: Config) -> _kinds.Resolved:
+    """The family, global layer and expert of a Megatron tensor name this model has."""
     return _kinds.resolve(cfg, families(cfg), name, FAMILY)

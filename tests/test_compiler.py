@@ -142,10 +142,10 @@ def test_check_fails_when_output_differs_or_is_stale(tmp_path):
     result = run("--check")
     assert result.returncode == 1 and "qwen3.py" in result.stderr
     assert run().returncode == 0
-    (tmp_path / "mixtral.py").write_text("")
+    (tmp_path / "falcon.py").write_text("")
     result = run("--check")
-    assert result.returncode == 1 and "mixtral.py has no spec" in result.stderr
-    (tmp_path / "mixtral.py").unlink()
+    assert result.returncode == 1 and "falcon.py has no spec" in result.stderr
+    (tmp_path / "falcon.py").unlink()
     kinds = tmp_path / "_kinds.py"  # the layout library, copied from compiler/_kinds.py
     assert kinds.read_text() == (ROOT / "compiler" / "_kinds.py").read_text()
     kinds.write_text(kinds.read_text().replace("VLLM_VOCAB_MULTIPLE = 64", "VLLM_VOCAB_MULTIPLE = 128"))

@@ -85,7 +85,7 @@ def test_parts_of_one_fused_hf_tensor_are_its_row_ranges_in_part_order():
     assert _boxes(fused.megatron_tensor(cfg, None, 1, 2)) == [
         ("qkv_proj", (16, 32), (0, 16)), ("qkv_proj", (36, 40), (16, 20)), ("qkv_proj", (44, 48), (20, 24))]
     full = torch.arange(48 * 16.0).reshape(48, 16)
-    [(name, hf)] = _kinds.full_to_hf(cfg, fused, None, "qkv", _megatron_tp1(cfg, fused, full), _kinds.TP1)
+    [(name, hf)] = _kinds.full_to_hf(cfg, _kinds.Resolved(fused, None), "qkv", _megatron_tp1(cfg, fused, full), _kinds.TP1)
     assert name == "qkv_proj" and torch.equal(hf, full)
 
 

@@ -61,7 +61,9 @@ def test_every_spec_variant_switch_is_covered():
     wanted = {"llama": {"attention_bias", "mlp_bias", "tie_word_embeddings"},
               "qwen2": {"tie_word_embeddings"}, "mistral": {"tie_word_embeddings"},
               "qwen3": {"attention_bias", "tie_word_embeddings"}, "phi3": {"tie_word_embeddings"},
-              "starcoder2": {"use_bias", "tie_word_embeddings"}}
+              "starcoder2": {"use_bias", "tie_word_embeddings"},
+              "qwen3_moe": {"attention_bias", "norm_topk_prob", "tie_word_embeddings"},
+              "qwen2_moe": {"norm_topk_prob", "tie_word_embeddings"}, "mixtral": {"tie_word_embeddings"}}
     for path in SPECS:
         module = spec_check.module_from_spec(load_spec(path))
         assert set(spec_check.bool_fields(module).values()) == wanted[module.FAMILY], module.FAMILY

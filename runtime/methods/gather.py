@@ -66,8 +66,8 @@ def stage_schedules(module, cfg, layout, capacity: int) -> list[StageSchedule]:
         table = module.megatron_shard_table(cfg, 0, layout.train_tp, stage, layout.train_pp)
         hf_of = {}
         for local in table:
-            family, layer = module.resolve(local.name, cfg)
-            hf_of[local.name] = tuple(family.hf_names(layer))
+            family, layer, expert = module.resolve(local.name, cfg)
+            hf_of[local.name] = tuple(family.hf_names(layer, expert))
         copies = [FullCopy(hf, _full(shapes[hf]), hf, _full(shapes[hf])) for names in hf_of.values() for hf in names]
         schedules.append(StageSchedule(stage, tuple(hf_of), hf_of, bucketing.schedule(copies, capacity)))
     return schedules

@@ -163,7 +163,7 @@ def _source_pieces(source_tables: dict[int, list]) -> dict[str, dict[Box, tuple]
 def _phase(module: ModuleType, cfg, megatron_name: str) -> int:
     """Which part of the model a tensor belongs to, in model order: updates move
     one phase at a time on every channel, so an engine completes layers in order."""
-    family, layer = module.resolve(megatron_name, cfg)
+    family, layer, _ = module.resolve(megatron_name, cfg)
     if layer is not None:
         return 1 + layer
     return 0 if family.stage == "first" else cfg.layers + 1

@@ -35,6 +35,8 @@ from shardsync.runtime.integrations.megatron.source import global_parameters
 LOCAL_SPEC = "GPTModel (local layer spec"
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _LAYER_PATTERN = "decoder.layers.{layer}."
+_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+_EXPERT_PATTERN = ".local_experts.{expert}."
 _SEQ_LENGTH = 64
 
 # which TransformerConfig / GPTModel switch decides whether a parameter exists
@@ -98,8 +100,9 @@ def family_keys(module) -> dict[str, str]:
 
 
 def pattern(name: str) -> str:
-    """A global Megatron name with its layer number as `{layer}`."""
-    return _LAYER.sub(_LAYER_PATTERN, name)
+    """A global Megatron name with its layer number as `{layer}` and its local expert
+    number as `{expert}`."""
+    return _EXPERT.sub(_EXPERT_PATTERN, _LAYER.sub(_LAYER_PATTERN, name))
 
 
 def global_names(model) -> dict[str, tuple[int, ...]]:
@@ -143,7 +146,8 @@ def build_model(config_fields: dict, model_args: dict, vocab_size: int, tp_rank:
                 assert parallel_state.get_tensor_model_parallel_rank() == tp_rank
                 config = TransformerConfig(**config_fields, activation_func=F.silu, tensor_model_parallel_size=tp_size,
                                            use_cpu_initialization=True, perform_initialization=False)
-                spec = get_gpt_layer_local_spec(qk_layernorm=config_fields["qk_layernorm"],
+                spec = get_gpt_layer_local_spec(num_experts=config_fields.get("num_moe_experts"),
+                                                qk_layernorm=config_fields["qk_layernorm"],
                                                 normalization=config_fields["normalization"])
                 return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
                                 max_sequence_length=_SEQ_LENGTH, position_embedding_type="rope", **model_args)
@@ -237,8 +241,13 @@ EVERY_SWITCH = {"qk_layernorm": True, "add_qkv_bias": True, "add_bias_linear": T
 
 def every_switch_fields(module, cfg) -> dict:
     """`megatron_config(cfg)` with every parameter-adding switch on (the sizes alone do not
-    depend on the switches, so a spec whose families split one switch is probed too)."""
-    return {**module.megatron_sizes(cfg), **EVERY_SWITCH}
+    depend on the switches, so a spec whose families split one switch is probed too),
+    less linear biases where megatron-core refuses them (a shared expert)."""
+    sizes = module.megatron_sizes(cfg)
+    switches = dict(EVERY_SWITCH)
+    if sizes.get("moe_shared_expert_intermediate_size"):
+        switches["add_bias_linear"] = False
+    return {**sizes, **switches}
 
 
 def impossible_names(module, cfg) -> list[Difference]:
