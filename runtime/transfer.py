@@ -98,8 +98,9 @@ class _Endpoint:
             self.transport.connect(self.session.groups_store(), self.session.diagnose)
         except BaseException:
             self.transport.close()  # what was joined is left: a later connect() tries again from scratch
-            self.session.epoch = None
+            self.session.leave_epoch()  # done with this epoch's store: its host need not wait for this endpoint
             raise
+        self.session.through(self.updates, connected=True)  # no more store reads until the next update
         log.info("%s: method %s (%s): %s", self.who, self.method, self.method_reason,
                  ", ".join(self.channels) or "no channel")
 
@@ -124,7 +125,7 @@ class _Endpoint:
             self.transport.close()
         if self.session is not None:
             self.session.drop_client()
-            self.session.epoch = None
+            self.session.leave_epoch()
         self.connect()
 
     @property

@@ -177,3 +177,36 @@ def test_the_store_listens_on_loopback_only_unless_given_an_address():
     finally:
         session.close()
     assert local_address("127.0.0.1") == "127.0.0.1"
+
+
+def test_the_store_host_closes_promptly_after_an_engine_was_killed():
+    """The host's close keeps the store up for peers still reading the last update, but
+    not for one that is gone: an engine killed mid-update holds it for about the time
+    its heartbeat takes to be missed, not for the timeout. (The other engine waits out
+    the timeout in its channel, as it does in the kill-receiver drill.)"""
+    from shardsync.runtime.session.liveness import SILENT_AFTER_S
+
+    timeout = 10.0
+    assert SILENT_AFTER_S + SLACK < timeout
+    config, layout, port = model_config("qwen3-tiny"), Layout(1, 1, 1, 2), free_port()
+    options = {"rendezvous": f"127.0.0.1:{port}", "timeout": timeout}
+    trainer = RankProcess(RankSpec("trainer pp0 tp0", "trainer", config, layout, options, (0, 0)))
+    engines = [RankProcess(RankSpec(f"engine {e} tp0", "engine", config, layout, options, (e, 0))) for e in range(2)]
+    ranks, victim = [trainer] + engines, engines[1]
+    try:
+        assert not any(r.get("error") for r in call(ranks, "connect", timeout=60).values())
+        assert not any(r.get("error") for r in call(ranks, "update", 1, timeout=30).values())
+        for rank in (trainer, engines[0]):
+            rank.send("update", 2)
+        victim.send("update", 2, "die")
+        assert victim.reached_mid_update(30)
+        victim.kill()
+        replies = collect([trainer, engines[0]], 3 * timeout)
+        assert all("update 2" in r.get("error", "") for r in replies.values()), replies
+        closed = call([trainer, engines[0]], "close", timeout=30)
+        assert not any(r.get("error") for r in closed.values()), closed
+        assert closed[trainer.who]["seconds"] < SILENT_AFTER_S + SLACK, closed
+        assert closed[engines[0].who]["seconds"] < SLACK, closed
+    finally:
+        for rank in ranks:
+            rank.kill()

@@ -15,10 +15,12 @@ import torch
 
 from shardsync.runtime.plan import Layout
 from shardsync.runtime.transfer import Receiver, Sender
+from shardsync.harness.faults import slow_to_read_outcome
 from shardsync.harness.local_cluster import free_port, run_ranks
 from tests import reference as ref
 
 SEEDS = (11, 23)  # one per update: the trainer's weights change between updates
+SLOW_READ_S = 3.0  # how long a `slow_reader` waits before reading the last update's outcomes
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,11 @@ class Case:
     timeout: float = 60.0
     stall: str | None = None  # a rank that connects, then never takes part in an update
     method: str = "auto"
+    slow_reader: str | None = None  # a rank that reads the last update's outcomes SLOW_READ_S late
+
+    def slow(self, who: str) -> None:
+        if who == self.slow_reader:
+            slow_to_read_outcome(SLOW_READ_S, update=self.updates)
 
     @property
     def layout(self) -> Layout:
@@ -65,6 +72,7 @@ def _trainer(case: Case, port: int, pp: int, tp: int) -> dict:
     sender.connect()
     if case.stall == sender.who:
         return _stall(case)
+    case.slow(sender.who)
     names = set(sender.local_shapes())
     reports = []
     for seed in SEEDS[:case.updates]:
@@ -81,7 +89,9 @@ def _trainer(case: Case, port: int, pp: int, tp: int) -> dict:
         "bytes_sent": [r.bytes for r in reports],
         "peak_temp_bytes": sender.peak_temp_bytes,
     }
+    closing = time.monotonic()
     sender.close()
+    result["close_seconds"] = time.monotonic() - closing
     return result
 
 
@@ -93,6 +103,7 @@ def _engine(case: Case, port: int, engine: int, tp: int) -> dict:
     receiver.connect()
     if case.stall == receiver.who:
         return _stall(case)
+    case.slow(receiver.who)
     params = {name: torch.zeros(shape, dtype=dtype) for name, shape in receiver.tensor_shapes().items()}
     mismatches = []
     for seed in SEEDS[:case.updates]:
@@ -115,7 +126,9 @@ def _engine(case: Case, port: int, engine: int, tp: int) -> dict:
         "real_bytes": 0 if receiver.loads_full_tensors else
         sum(_real_numel(t, n, model, tp, case.infer_tp) for n, t in params.items()) * element,
     }
+    closing = time.monotonic()
     receiver.close()
+    result["close_seconds"] = time.monotonic() - closing
     return result
 
 

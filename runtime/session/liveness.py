@@ -61,5 +61,29 @@ def silent_peers(store, peers: tuple[str, ...], host: str) -> str:
     return f"{', '.join(silent)} stopped responding (no heartbeat for {SILENT_AFTER_S:.0f}s)"
 
 
+class Watch:
+    """Which of some peers stopped beating, told without blocking: each `gone` call reads
+    their counters once; a peer whose counter has not moved for SILENT_AFTER_S since this
+    watch first read it is gone. For a wait that polls (a host that keeps the store up
+    until its peers are through with it) and must not wait out its whole timeout for a
+    peer that died."""
+
+    def __init__(self, store):
+        self._store = store
+        self._seen: dict[str, tuple[int, float]] = {}  # peer -> (beats, when they last moved)
+
+    def gone(self, peers) -> list[str]:
+        now = time.monotonic()
+        silent = []
+        for peer in peers:
+            beats = _beats(self._store, peer)
+            seen = self._seen.get(peer)
+            if seen is None or seen[0] != beats:
+                self._seen[peer] = (beats, now)
+            elif now - seen[1] >= SILENT_AFTER_S:
+                silent.append(peer)
+        return silent
+
+
 def _beats(store, who: str) -> int:
     return store.add(_key(who), 0)

@@ -15,10 +15,19 @@ being opened:
 
 The vote lets every endpoint refuse an update (bad tensors, a stale plan) before
 any byte moves, and everyone learns of it at once instead of by timeout.
+
+The store lives in the first trainer rank's process, which may close and exit as soon
+as its own part of the last update is settled, while a slower endpoint is still
+reading that update's votes or outcomes. So every endpoint says when it is through
+with the store for a step (`e{epoch}/through/{who}`: the last update it read the
+outcome of, the count it resumed from once connected, or `closed`), and the host's
+close keeps the store up until every peer is through with the host's last step, has
+closed, or has stopped beating (gone), bounded by the timeout.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from datetime import timedelta
@@ -27,9 +36,11 @@ from torch.distributed import PrefixStore, TCPStore
 
 from shardsync.runtime.session.agreement import Silence, agree, first_refusal
 from shardsync.runtime.errors import TransferError, UpdateFailedElsewhere, UpdateRefused
-from shardsync.runtime.session.liveness import Heartbeat, silent_peers
+from shardsync.runtime.session.liveness import SILENT_AFTER_S, Heartbeat, Watch, silent_peers
 
 EPOCH = "epoch"
+CLOSED = "closed"  # the value of a `through` key once its endpoint closed
+log = logging.getLogger("shardsync")
 
 
 def open_store(address: str, port: int, is_host: bool, timeout: float) -> TCPStore:
@@ -68,6 +79,8 @@ class Session:
         self.store: TCPStore | None = None
         self.epoch: int | None = None
         self.heartbeat: Heartbeat | None = None
+        # the last step this endpoint is through with in this epoch: (update count, in words)
+        self._through: tuple[int, str] | None = None
 
     @property
     def is_host(self) -> bool:
@@ -78,6 +91,7 @@ class Session:
         if self.store is None:
             self.store = open_store(self.address, self.port, self.is_host, self.timeout)
         self.epoch = self._take_epoch()
+        self._through = None
         if self.heartbeat is None:
             self.heartbeat = Heartbeat(self.store, self.who)
 
@@ -105,18 +119,31 @@ class Session:
     def vote(self, update: int, refusal: str | None) -> None:
         """Before an update: say whether this endpoint can take it, then hear everyone;
         raise UpdateRefused if anyone can't. No byte has moved yet."""
-        self._post(f"u{update}", update, refusal)
-        if refusal is not None:
-            return  # the caller raises its own, more precise error
-        found = self._hear(f"u{update}", "before the update", update)
-        if found is not None:
-            who, why, _ = found
-            raise UpdateRefused(f"update {update}: refused before any byte moved by {why}")
+        going_ahead = False
+        try:
+            self._post(f"u{update}", update, refusal)
+            if refusal is not None:
+                return  # the caller raises its own, more precise error
+            found = self._hear(f"u{update}", "before the update", update)
+            if found is not None:
+                who, why, _ = found
+                raise UpdateRefused(f"update {update}: refused before any byte moved by {why}")
+            going_ahead = True
+        finally:
+            if not going_ahead:  # the update ends here: nothing more of it to read
+                self.through(update)
 
     def outcome(self, update: int, failure: str | None) -> None:
         """After an update: say how it went here, then (if it went well) hear everyone,
         so that an endpoint whose own part completed still learns that the update failed
-        elsewhere (UpdateFailedElsewhere). Best effort when failing: the store may be gone."""
+        elsewhere (UpdateFailedElsewhere). Best effort when failing: the store may be gone.
+        Either way this endpoint is then through with the update (`through`)."""
+        try:
+            self._outcome(update, failure)
+        finally:
+            self.through(update)
+
+    def _outcome(self, update: int, failure: str | None) -> None:
         try:
             self._post(f"done{update}", update, failure)
         except RuntimeError:
@@ -131,12 +158,39 @@ class Session:
             waiting = f"; no word yet from {', '.join(missing)}" if missing else ""
             raise UpdateFailedElsewhere(f"update {update} failed: {why}{waiting}")
 
+    def through(self, update: int, connected: bool = False) -> None:
+        """This endpoint needs the store no more for `update`: it read the update's outcome
+        (or its refusal, or gave up on it), or, `connected`, it finished connecting and
+        `update` is the count it resumes from. The host's close waits for every peer to
+        be through with the host's own last step. Best effort: the store may be gone."""
+        self._through = (update, f"connecting (epoch {self.epoch})" if connected else f"update {update}")
+        if self.is_host:
+            return  # the host waits for the others, never for itself
+        try:
+            self.store.set(self._through_key(self.who), str(update))
+        except RuntimeError:
+            pass  # the store is gone: nobody is left waiting for this
+
     def diagnose(self, peers: tuple[str, ...]) -> str:
         return silent_peers(self.store, peers, self.host_name)
 
     def close(self) -> None:
+        """Leave the store. The host first keeps it up for the peers still reading it
+        (`_wait_until_peers_are_through`); any other endpoint says it closed and goes."""
+        if self.is_host:
+            self._wait_until_peers_are_through()
+        else:
+            self._say_closed()
         self._stop_heartbeat()
         self.store = None
+
+    def leave_epoch(self) -> None:
+        """Done with this connection (a connect that failed, a reconnect): the next connect
+        takes a new epoch, and the host need not wait for this endpoint in this one."""
+        if not self.is_host:
+            self._say_closed()
+        self.epoch = None
+        self._through = None
 
     def drop_client(self) -> None:
         """Forget the store connection so the next open reaches the store anew (its host
@@ -150,6 +204,59 @@ class Session:
             self.heartbeat = None
 
     # -- internals ------------------------------------------------------------------
+
+    def _through_key(self, who: str) -> str:
+        return f"e{self.epoch}/through/{who}"
+
+    def _say_closed(self) -> None:
+        if self.store is None or self.epoch is None:
+            return
+        try:
+            self.store.set(self._through_key(self.who), CLOSED)
+        except RuntimeError:
+            pass  # the store is gone already
+
+    def _wait_until_peers_are_through(self) -> None:
+        """Hold the store until every peer is through with this host's last step (or closed),
+        or stopped beating for SILENT_AFTER_S (gone: nobody is left to read), or the
+        timeout passed; a warning names those never heard from. Polls with a growing
+        pause (1 to 20 ms), like the votes."""
+        if self.store is None or self.epoch is None or self._through is None:
+            return  # not connected in this epoch: no step anyone could still be reading
+        step, what = self._through
+        peers = [p for p in self.everyone if p != self.who]
+        keys = {p: self._through_key(p) for p in peers}
+        watch = Watch(self.store)
+        deadline = time.monotonic() + self.timeout
+        pending, gone, pause = list(peers), [], 0.001
+        try:
+            while pending:
+                present = [p for p in pending if self.store.check([keys[p]])]
+                said = self.store.multi_get([keys[p] for p in present]) if present else []
+                for peer, value in zip(present, said):
+                    if value == CLOSED.encode() or (value.isdigit() and int(value) >= step):
+                        pending.remove(peer)
+                for peer in watch.gone(pending):
+                    pending.remove(peer)
+                    gone.append(peer)
+                if not pending or time.monotonic() > deadline:
+                    break
+                time.sleep(pause)
+                pause = min(2 * pause, 0.02)
+        except RuntimeError as exc:
+            log.warning("%s: closing the rendezvous store while waiting for %s to be through with %s: "
+                        "the store failed: %s", self.who, ", ".join(pending), what,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return
+        if gone:
+            log.warning("%s: closing the rendezvous store without word that %s %s through with %s "
+                        "(no %s): no heartbeat for %.0fs, gone", self.who, ", ".join(gone),
+                        "is" if len(gone) == 1 else "are", what, ", ".join(keys[p] for p in gone), SILENT_AFTER_S)
+        if pending:
+            log.warning("%s: closing the rendezvous store after %.0fs without word that %s %s through with %s "
+                        "(no %s), though still beating: a read of the store left there will fail",
+                        self.who, self.timeout, ", ".join(pending), "is" if len(pending) == 1 else "are", what,
+                        ", ".join(keys[p] for p in pending))
 
     def _post(self, stage: str, update: int, verdict: str | None) -> None:
         self.store.set(f"e{self.epoch}/{stage}/{self.who}", "ok" if verdict is None else f"{self.who}: {verdict}")

@@ -1,4 +1,5 @@
-"""Fault injection for drills and tests: a receiver that stops mid-update, a flipped byte."""
+"""Fault injection for drills and tests: a receiver that stops mid-update, a flipped byte,
+an endpoint slow to read how an update went."""
 
 from __future__ import annotations
 
@@ -38,3 +39,20 @@ def corrupt_next_bucket() -> None:
         return original(buffer, numel)
 
     checksum.check = check
+
+
+def slow_to_read_outcome(seconds: float, update: int | None = None) -> None:
+    """Make this process wait `seconds` between posting its own outcome of `update` (every
+    update when None) and reading everyone else's, as an endpoint on a loaded host may:
+    the others, the store's host among them, have heard every outcome by then and may
+    have closed."""
+    from shardsync.runtime.session.rendezvous import Session
+
+    original = Session._hear
+
+    def _hear(self, stage, when, number, *args, **kwargs):
+        if stage.startswith("done") and update in (None, number):
+            time.sleep(seconds)
+        return original(self, stage, when, number, *args, **kwargs)
+
+    Session._hear = _hear
