@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+import random
 import socket
 import threading
 import time
@@ -16,9 +17,33 @@ from typing import Callable
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free now and outside the kernel's ephemeral range.
+
+    A port from bind(0) is an ephemeral one: between choosing it and binding it for real
+    (a rendezvous store, a gloo group started later), an outgoing connection of another
+    rank can be given the same port, and the bind fails with EADDRINUSE. Ports below the
+    ephemeral range are never handed out that way.
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no luck below the range: an ephemeral port, as before
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def run_ranks(ranks: list[tuple[str, Callable, tuple]], deadline_s: float,
