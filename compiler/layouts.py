@@ -48,7 +48,9 @@ def placement(value, side: str, roles: tuple[str, ...], dims: int, int_names: se
             raise LayoutError(f"unexpected {', '.join(sorted(extra))} beside {name}")
     else:
         raise LayoutError(f"expected one of {', '.join(PLACEMENTS)}, or a mapping of megatron and vllm placements")
-    if name == "replicate" and argument is None:
+    if name == "replicate":
+        if argument is not None:
+            raise LayoutError(f"replicate takes nothing, got {argument!r}")
         return _kinds.Replicate()
     if name == "stack":
         return _stack(argument, roles)

@@ -214,6 +214,18 @@ def vllm_experts(cfg: SpecConfig, experts: str, ep_rank: int, ep_size: int) -> E
 # --- placements ------------------------------------------------------------------------
 
 
+def _one_after_another(cfg: SpecConfig, parts: Sequence[Part], cols: Sequence[str], rows_held) -> Placed:
+    """Each part's block of rows, `rows_held(part)` -> (first row, rows), one part after
+    another in the local tensor; the other dimensions whole."""
+    rest = whole(cfg, cols)
+    pieces, top = [], 0
+    for part in parts:
+        first, rows = rows_held(part)
+        pieces.append((part, row_block(first, rows, rest), row_block(top, rows, rest)))
+        top += rows
+    return Placed((top,) + shape_of(rest), tuple(pieces))
+
+
 @dataclasses.dataclass(frozen=True)
 class Pad:
     """Pad a dimension to a multiple before sharding it: `multiple` is a number or a config
@@ -235,13 +247,7 @@ class Replicate:
 
     def place(self, cfg: SpecConfig, parts: Sequence[Part], cols: Sequence[str], tp_rank: int, tp_size: int
               ) -> Placed:
-        rest = whole(cfg, cols)
-        pieces, top = [], 0
-        for part in parts:
-            rows = part.rows(cfg)
-            pieces.append((part, row_block(0, rows, rest), row_block(top, rows, rest)))
-            top += rows
-        return Placed((top,) + shape_of(rest), tuple(pieces))
+        return _one_after_another(cfg, parts, cols, lambda part: (0, part.rows(cfg)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,14 +314,11 @@ class Stack:
 
     def place(self, cfg: SpecConfig, parts: Sequence[Part], cols: Sequence[str], tp_rank: int, tp_size: int
               ) -> Placed:
-        rest = whole(cfg, cols)
-        pieces, top = [], 0
-        for part in parts:
+        def rows_held(part: Part) -> tuple[int, int]:
             held, unit = self.units(cfg, part, tp_rank, tp_size), part.unit_rows(cfg)
-            rows = held.count * unit
-            pieces.append((part, row_block(held.first * unit, rows, rest), row_block(top, rows, rest)))
-            top += rows
-        return Placed((top,) + shape_of(rest), tuple(pieces))
+            return held.first * unit, held.count * unit
+
+        return _one_after_another(cfg, parts, cols, rows_held)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,6 +348,11 @@ class Interleave:
                 pieces.append((part, row_block(group * rows, rows, rest), row_block(top, rows, rest)))
                 top += rows
         return Placed((top,) + shape_of(rest), tuple(pieces))
+
+
+def padded_dim(layout: Layout) -> int | None:
+    """The dimension a layout pads before sharding it, if any (vocab rows)."""
+    return layout.dim if isinstance(layout, Shard) and layout.pad else None
 
 
 # --- families ----------------------------------------------------------------------------
@@ -393,8 +401,9 @@ class Family:
             return (self.megatron_tensor(cfg, layer, tp_rank, tp_size),)
         etp_rank, etp_size = (tp_rank, tp_size) if etp_size is None else (etp_rank, etp_size)
         held = megatron_experts(cfg, self.experts, ep_rank, ep_size)
-        return tuple(self._tensor(self.megatron.format(layer=layer, expert=local), self.megatron_layout, self.parts,
-                                  cfg, layer, etp_rank, etp_size, expert=held.first + local)
+        placed = self.megatron_layout.place(cfg, self.parts, self.cols, etp_rank, etp_size)  # alike for each expert
+        return tuple(LocalTensor(self.megatron.format(layer=layer, expert=local), placed.shape,
+                                 self._pieces(cfg, placed, layer, held.first + local), placed.padding)
                      for local in range(held.count))
 
     def hf_names(self, layer: int | None, expert: int | None = None) -> tuple[str, ...]:
@@ -440,7 +449,7 @@ class Family:
         shard's real rows, and their place in vLLM's padded tensor comes from the shard tables.
         """
         held = self.megatron_layout.place(cfg, self.parts, self.cols, tp_rank, tp_size)
-        padded = any(isinstance(layout, Shard) and layout.pad for layout in (self.megatron_layout, self.vllm_layout))
+        padded = any(padded_dim(layout) is not None for layout in (self.megatron_layout, self.vllm_layout))
         result = []
         for name, parts in self._vllm_tensor_parts(layer):
             mine = sorted(((self.parts.index(part), self._hf_box(cfg, part, box), local)
@@ -459,15 +468,14 @@ class Family:
         """`full` is the TP-1 tensor; a padded dimension may carry any Megatron padding (it
         depends on the TP the shards came from)."""
         local = self.megatron_tensor(cfg, None, 0, 1)
-        layout = self.megatron_layout
-        padded_dim = layout.dim if isinstance(layout, Shard) and layout.pad else None
-        if padded_dim is None:
+        padded = padded_dim(self.megatron_layout)
+        if padded is None:
             return check_shape(name, full, local.shape)
         real = [stop for _, stop in local.pieces[0].hf_box] if local.pieces else list(local.shape)
         fits = full.dim() == len(real) and all(
-            full.shape[d] >= real[d] if d == padded_dim else full.shape[d] == real[d] for d in range(len(real)))
+            full.shape[d] >= real[d] if d == padded else full.shape[d] == real[d] for d in range(len(real)))
         if not fits:
-            expected = ", ".join(f"{n} or more padded" if d == padded_dim else str(n) for d, n in enumerate(real))
+            expected = ", ".join(f"{n} or more padded" if d == padded else str(n) for d, n in enumerate(real))
             raise ValueError(f"{name}: expected shape ({expected}), got {tuple(full.shape)}")
 
     def _vllm_tensor_parts(self, layer: int | None) -> list[tuple[str, tuple[Part, ...]]]:
@@ -481,9 +489,12 @@ class Family:
     def _tensor(self, name: str, layout: Layout, parts: Sequence[Part], cfg: SpecConfig, layer: int | None,
                 tp_rank: int, tp_size: int, expert: int | None = None) -> LocalTensor:
         placed = layout.place(cfg, parts, self.cols, tp_rank, tp_size)
-        pieces = tuple(Piece(part.hf.format(layer=layer, expert=expert), self._hf_box(cfg, part, box), local)
-                       for part, box, local in placed.pieces if all(stop > start for start, stop in box))
-        return LocalTensor(name, placed.shape, pieces, placed.padding)
+        return LocalTensor(name, placed.shape, self._pieces(cfg, placed, layer, expert), placed.padding)
+
+    def _pieces(self, cfg: SpecConfig, placed: Placed, layer: int | None, expert: int | None) -> tuple[Piece, ...]:
+        """A placement's boxes of parts as pieces of the HF tensors of one layer (and expert)."""
+        return tuple(Piece(part.hf.format(layer=layer, expert=expert), self._hf_box(cfg, part, box), local)
+                     for part, box, local in placed.pieces if all(stop > start for start, stop in box))
 
     def _stacked_experts(self, cfg: SpecConfig, layer: int | None, tp_rank: int, tp_size: int,
                          expert_parallel: bool) -> LocalTensor:
@@ -493,15 +504,14 @@ class Family:
             held, inner = vllm_experts(cfg, self.experts, tp_rank, tp_size), (0, 1)
         else:
             held, inner = ExpertRange(0, getattr(cfg, self.experts)), (tp_rank, tp_size)
-        pieces, padding, shape = [], [], ()
+        placed = self.vllm_layout.place(cfg, self.parts, self.cols, *inner)  # alike for each expert
+        pieces, padding = [], []
         for slot in range(held.count):
-            one = self._tensor(name, self.vllm_layout, self.parts, cfg, layer, *inner, expert=held.first + slot)
-            pieces += [piece._replace(local_box=((slot, slot + 1),) + piece.local_box) for piece in one.pieces]
-            padding += [((slot, slot + 1),) + box for box in one.padding]
-            shape = one.shape
-        if not shape:
-            shape = self._tensor(name, self.vllm_layout, self.parts, cfg, layer, *inner, expert=0).shape
-        return LocalTensor(name, (held.count,) + shape, tuple(pieces), tuple(padding))
+            slot_box = ((slot, slot + 1),)
+            pieces += [piece._replace(local_box=slot_box + piece.local_box)
+                       for piece in self._pieces(cfg, placed, layer, held.first + slot)]
+            padding += [slot_box + box for box in placed.padding]
+        return LocalTensor(name, (held.count,) + placed.shape, tuple(pieces), tuple(padding))
 
     def _hf_box(self, cfg: SpecConfig, part: Part, box: Box) -> Box:
         """A box of a part as a box of its HF tensor: offset by the rows of the parts before

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from shardsync.compiler import _kinds
+from shardsync.harness.tensors import materialize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,17 +86,9 @@ def test_parts_of_one_fused_hf_tensor_are_its_row_ranges_in_part_order():
     assert _boxes(fused.megatron_tensor(cfg, None, 1, 2)) == [
         ("qkv_proj", (16, 32), (0, 16)), ("qkv_proj", (36, 40), (16, 20)), ("qkv_proj", (44, 48), (20, 24))]
     full = torch.arange(48 * 16.0).reshape(48, 16)
-    [(name, hf)] = _kinds.full_to_hf(cfg, _kinds.Resolved(fused, None), "qkv", _megatron_tp1(cfg, fused, full), _kinds.TP1)
+    megatron_tp1 = materialize([fused.megatron_tensor(cfg, None, 0, 1)], {"qkv_proj": full})["qkv"]
+    [(name, hf)] = _kinds.full_to_hf(cfg, _kinds.Resolved(fused, None), "qkv", megatron_tp1, _kinds.TP1)
     assert name == "qkv_proj" and torch.equal(hf, full)
-
-
-def _megatron_tp1(cfg, family, hf_tensor):
-    """The TP-1 Megatron tensor holding `hf_tensor`, built from the table (its inverse)."""
-    local = family.megatron_tensor(cfg, None, 0, 1)
-    out = torch.empty(local.shape)
-    for piece in local.pieces:
-        out[tuple(slice(*b) for b in piece.local_box)] = hf_tensor[tuple(slice(*b) for b in piece.hf_box)]
-    return out
 
 
 def test_replicate_holds_a_tensor_of_any_rank_on_every_rank():
