@@ -60,16 +60,13 @@ class Derived:
 class Param:
     """One parameter family: its names on each side and how each side holds it.
 
-    `family` is the composition itself (names still patterns over {layer}); `kind` and
-    `dims` say which shorthand built it, or are None and () for a composed family.
+    `family` is the composition itself (names still patterns over {layer}): the names
+    and the stage are read from it. `kind` and `dims` say which shorthand built it, or
+    are None and () for a composed family.
     """
 
     key: str
-    megatron: str
-    hf: tuple[tuple[str, str], ...]  # (part role, HF name) per part; role "" for a single part
-    vllm: tuple[str, ...] | None  # one name, one per part, or None: no vLLM layout table
     when: tuple[str, bool] | None  # (flag, negated)
-    stage: str  # "layer", "first" or "last"
     family: _kinds.Family
     kind: Kind | None
     dims: tuple[tuple[str, str], ...]  # (dim of the shorthand, config name)
@@ -77,6 +74,25 @@ class Param:
     @property
     def const_name(self) -> str:
         return self.key.upper()
+
+    @property
+    def megatron(self) -> str:
+        return self.family.megatron
+
+    @property
+    def hf(self) -> tuple[tuple[str, str], ...]:
+        """(part role, HF name) per part; role "" for a single part."""
+        return tuple((part.role, part.hf) for part in self.family.parts)
+
+    @property
+    def vllm(self) -> tuple[str, ...] | None:
+        """One name, one per part, or None: no vLLM layout table."""
+        return self.family.vllm
+
+    @property
+    def stage(self) -> str:
+        """"layer", "first" or "last"."""
+        return self.family.stage
 
 
 @dataclass(frozen=True)
@@ -378,7 +394,7 @@ class _Checker:
                 parts=tuple(_kinds.Part(role, hf_of[role], count, unit) for role, count, unit in parts),
                 megatron_layout=layouts["megatron"], vllm_layout=layouts["vllm"], vllm=vllm, stage=stage,
                 cols=cols, experts=experts)
-        return Param(key, megatron, hf, vllm, when, stage, family, kind, dims)
+        return Param(key, when, family, kind, dims)
 
     def parts(self, item, line: int, where: str, int_names: set[str]
               ) -> tuple[tuple[tuple[str, str, str | None], ...], tuple[str, ...]]:
