@@ -114,9 +114,10 @@ def check_model(model, hf_config: dict, tp_size: int, make_vocab_size_divisible_
         if not _same(actual, expected):
             raise ModelMismatchError(f"TransformerConfig.{field} is {actual!r}; the HF config implies {expected!r}")
     act = getattr(config.activation_func, "__name__", str(config.activation_func))
-    if act != activation_for(hf_config).__name__:
+    wanted = activation_for(hf_config).__name__
+    if act != wanted:
         raise ModelMismatchError(f"TransformerConfig.activation_func is {act}; the HF config has hidden_act="
-                                 f"{hf_config.get('hidden_act')!r} ({activation_for(hf_config).__name__})")
+                                 f"{hf_config.get('hidden_act')!r} ({wanted})")
     if model.vocab_size != model_fields["vocab_size"]:
         raise ModelMismatchError(
             f"GPTModel.vocab_size is {model.vocab_size}; vocab_size={hf_config['vocab_size']} padded for TP "
