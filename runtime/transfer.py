@@ -29,6 +29,7 @@ from shardsync.runtime.errors import PlanError, StaleWeightsError, TensorError, 
 from shardsync.runtime.methods import METHODS, Context, Method
 from shardsync.runtime.methods.base import engine_name, trainer_name
 from shardsync.runtime.plan import Layout, Plan, build_plan
+from shardsync.runtime.plan.build import source_table
 from shardsync.runtime.reports import ChannelReport, Receipt, UpdateReport
 from shardsync.runtime.session import Session, local_address
 from shardsync.runtime.targets import as_loader, as_targets
@@ -87,7 +88,8 @@ class _Endpoint:
         if self.transport is None:
             self.transport = self._build_method()
         if self.session is None:
-            self.session = Session(self.who, self._everyone(), trainer_name(0, 0), self.host, self.port, self.timeout)
+            self.session = Session(self.who, self._everyone(), trainer_name(self.layout.trainer(0)), self.host, self.port,
+                                   self.timeout)
         self.session.open()
         try:
             # the plan, and what shapes the wire beyond it (bucket size, dtype, checksums): all must agree
@@ -157,7 +159,7 @@ class _Endpoint:
 
     def _everyone(self) -> list[str]:
         layout = self.layout
-        trainers = [trainer_name(pp, tp) for pp in range(layout.train_pp) for tp in range(layout.train_tp)]
+        trainers = [trainer_name(src) for src in layout.senders]
         return trainers + [engine_name(e, s) for e in range(layout.engines) for s in range(layout.infer_tp)]
 
     def _inputs(self) -> dict:
@@ -200,28 +202,31 @@ class _Endpoint:
 class Sender(_Endpoint):
     """A trainer rank's end: sends the shards it holds, converted by box, to engines."""
 
-    def __init__(self, hf_config: dict, layout: Layout, *, pp_rank: int, tp_rank: int, **options):
+    def __init__(self, hf_config: dict, layout: Layout, *, pp_rank: int, tp_rank: int, dp_rank: int = 0, **options):
         super().__init__(hf_config, layout, **options)
-        if not (0 <= pp_rank < layout.train_pp and 0 <= tp_rank < layout.train_tp):
-            raise PlanError(f"trainer position pp{pp_rank} tp{tp_rank} is outside train_pp={layout.train_pp}, train_tp={layout.train_tp}")
-        self.pp_rank, self.tp_rank = pp_rank, tp_rank
+        self.position = layout.trainer_at(pp_rank, tp_rank, dp_rank)
+        if not (self.position.sends_dense or self.position.sends_experts):
+            raise PlanError(f"trainer pp{pp_rank} tp{tp_rank} dp{dp_rank} holds only replicas (dense and expert "
+                            f"data-parallel rank both above 0): it takes no part in the transfer")
+        self.pp_rank, self.tp_rank, self.dp_rank = pp_rank, tp_rank, dp_rank
 
     @property
     def who(self) -> str:
-        return trainer_name(self.pp_rank, self.tp_rank)
+        return trainer_name(self.position)
 
     @property
     def src_rank(self) -> int:
-        return self.layout.src_rank(self.pp_rank, self.tp_rank)
+        """The rank's global number in the trainer's world, as megatron-core numbers it."""
+        return self.position.rank
 
     def _position(self) -> dict:
-        return {"trainer": (self.pp_rank, self.tp_rank), "engine": None}
+        return {"trainer": self.position, "engine": None}
 
     def local_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The Megatron tensors this rank must hand to `update`, by name."""
-        table = self.module.megatron_shard_table(self.cfg, self.tp_rank, self.layout.train_tp, self.pp_rank,
-                                                 self.layout.train_pp)
-        return {local.name: tuple(local.shape) for local in table}
+        """The Megatron tensors this rank must hand to `update`, by name: its dense
+        tensors at dense DP rank 0, its experts at expert DP rank 0."""
+        return {local.name: tuple(local.shape) for local in source_table(self.module, self.cfg, self.layout,
+                                                                          self.position)}
 
     def update(self, tensors, allow_nonfinite: bool = False) -> UpdateReport:
         """Send this rank's Megatron tensors (a mapping, or (name, tensor) pairs, names as
@@ -277,7 +282,8 @@ class Receiver(_Endpoint):
         if self.loads_full_tensors:
             return self.module.hf_shapes(self.cfg)
         return dict(self.plan.dst_shapes[self.tp_rank]) if self.plan else {
-            t.name: tuple(t.shape) for t in self.module.vllm_shard_table(self.cfg, self.tp_rank, self.layout.infer_tp)}
+            t.name: tuple(t.shape) for t in self.module.vllm_shard_table(self.cfg, self.tp_rank, self.layout.infer_tp,
+                                                                           self.layout.infer_ep)}
 
     def expected_numel(self) -> dict[str, int]:
         """Elements each destination tensor receives in an update (padding excluded)."""

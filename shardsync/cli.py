@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tables", help="show how one Megatron rank's tensors map onto vLLM ranks")
     _model_args(p)
     p.add_argument("--rank", type=int, default=0, help="Megatron TP rank to show (default 0)")
+    p.add_argument("--ep-rank", type=int, default=0, help="its expert-parallel rank (default 0)")
     p.add_argument("--all-layers", action="store_true", help="show every layer, not only the first")
     p.set_defaults(run=commands.tables)
 
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="qwen3-4b", help="preset or config.json (default qwen3-4b)")
     p.add_argument("--train-tp", type=int, default=2, help="trainer TP (default 2)")
     p.add_argument("--infer-tp", type=int, default=2, help="engine TP (default 2)")
+    _expert_args(p)
     p.add_argument("--device", default="cuda", help="torch device (default cuda)")
     p.add_argument("--src-dtype", default="bfloat16", help="trainer tensors' dtype (default bfloat16)")
     p.add_argument("--wire-dtype", default="bfloat16", help="bucket dtype (default bfloat16)")
@@ -125,6 +127,7 @@ def _run_args(p: argparse.ArgumentParser, model: str = "qwen3-tiny", train_pp: b
         p.add_argument("--train-pp", type=int, default=1, help="trainer PP (default 1)")
     p.add_argument("--infer-tp", type=int, default=infer_tp, help=f"engine TP (default {infer_tp})")
     p.add_argument("--engines", type=int, default=2, help="engine replicas (default 2)")
+    _expert_args(p)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -132,6 +135,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-tp", type=int, default=1, help="trainer tensor-parallel size")
     p.add_argument("--train-pp", type=int, default=1, help="trainer pipeline-parallel size")
     p.add_argument("--infer-tp", type=int, default=1, help="engine tensor-parallel size")
+    _expert_args(p)
+
+
+def _expert_args(p: argparse.ArgumentParser) -> None:
+    """Expert and data parallelism, as megatron-core and vLLM name them (MoE models)."""
+    p.add_argument("--train-ep", type=int, default=1, help="trainer expert-parallel size (default 1)")
+    p.add_argument("--train-etp", type=int, default=None, help="trainer expert tensor-parallel size (default: train TP)")
+    p.add_argument("--train-dp", type=int, default=None,
+                   help="trainer data-parallel size (default: the smallest EP x ETP allows)")
+    p.add_argument("--infer-ep", action="store_true", help="engines run with vLLM's enable_expert_parallel")
 
 
 def _engine_args(p: argparse.ArgumentParser, dtype: str) -> None:

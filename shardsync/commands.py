@@ -13,6 +13,7 @@ from shardsync.compiler import build
 from shardsync.runtime.plan import boxes
 from shardsync.runtime.errors import PlanError
 from shardsync.runtime.plan import Layout, build_plan
+from shardsync.runtime.plan.build import source_table
 from shardsync.runtime.plan.summary import as_table, summarize
 from shardsync.presets import model_config
 
@@ -180,14 +181,26 @@ def load_converter(model: str, make_vocab_size_divisible_by: int = 128):
     raise UserError(f"{model}: no spec converts architectures={architectures} (known: {', '.join(generated.MODULES)})")
 
 
+def layout_of(args) -> Layout:
+    """The layout the arguments name (a command without --train-pp or --engines runs one)."""
+    try:
+        return Layout(args.train_tp, getattr(args, "train_pp", 1), args.infer_tp, getattr(args, "engines", 1),
+                      train_ep=args.train_ep, train_etp=args.train_etp, train_dp=args.train_dp,
+                      infer_ep=args.infer_ep)
+    except PlanError as exc:
+        raise UserError(str(exc)) from None
+
+
 def tables(args) -> int:
     module, cfg = load_converter(args.model)
     if not module.VLLM_LAYOUT:
         raise UserError(f"{args.model}: the {module.FAMILY} spec has no vLLM layout table (no vllm names): "
                         f"nothing to show; engines load full HF tensors")
     try:
-        source = module.megatron_shard_table(cfg, args.rank, args.train_tp, 0, args.train_pp)
-        engines = [module.vllm_shard_table(cfg, s, args.infer_tp) for s in range(args.infer_tp)]
+        layout = layout_of(args)
+        source = module.megatron_shard_table(cfg, args.rank, args.train_tp, 0, args.train_pp,
+                                             args.ep_rank, layout.train_ep, args.rank % layout.train_etp, layout.train_etp)
+        engines = [module.vllm_shard_table(cfg, s, args.infer_tp, layout.infer_ep) for s in range(args.infer_tp)]
     except module.ConfigError as exc:
         raise UserError(str(exc)) from None
     print(f"{args.model}: Megatron TP rank {args.rank} of {args.train_tp} (PP stage 0 of {args.train_pp}) "
@@ -227,8 +240,8 @@ def planned(args, make_vocab_size_divisible_by: int = 128):
     dtype = getattr(torch, args.dtype, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise UserError(f"--dtype {args.dtype!r} is not a torch float dtype (bfloat16, float16, float32)")
+    layout = layout_of(args)
     try:
-        layout = Layout(args.train_tp, args.train_pp, args.infer_tp, args.engines)
         return build_plan(module, cfg, layout, torch.empty((), dtype=dtype).element_size())
     except (PlanError, module.ConfigError) as exc:
         raise UserError(str(exc)) from None
@@ -241,11 +254,10 @@ def checked(args):
     module, cfg = load_converter(args.model)
     if module.VLLM_LAYOUT:
         return planned(args)
+    layout = layout_of(args)
     try:
-        layout = Layout(args.train_tp, args.train_pp, args.infer_tp, args.engines)
-        for pp in range(layout.train_pp):
-            for tp in range(layout.train_tp):
-                module.megatron_shard_table(cfg, tp, layout.train_tp, pp, layout.train_pp)
+        for src in layout.senders:
+            source_table(module, cfg, layout, src)
     except (PlanError, module.ConfigError) as exc:
         raise UserError(str(exc)) from None
     return None

@@ -26,7 +26,7 @@ def _trainer(hf_config, layout, rank, dist_port, port, params_dtype, wire_dtype)
     from shardsync.harness.megatron_gather import gather_hf_state
     from shardsync.harness.megatron_policy import PolicyRank
 
-    policy = PolicyRank(hf_config, rank, layout.src_ranks, dist_port, layout.train_tp, layout.train_pp,
+    policy = PolicyRank(hf_config, rank, layout.world, dist_port, layout.train_tp, layout.train_pp,
                         params_dtype=params_dtype, timeout_s=120)
     source = policy.source
     sender = source.sender(layout.infer_tp, layout.engines, rendezvous=f"127.0.0.1:{port}", dtype=wire_dtype,
@@ -79,7 +79,7 @@ def test_live_parameters_arrive_as_the_gather_path_has_them(train_tp, train_pp, 
     layout = Layout(train_tp, train_pp, infer_tp, 1)
     dist_port, port = free_port(), free_port()
     ranks = [(f"trainer {r}", _trainer, (hf_config, layout, r, dist_port, port, params_dtype, wire))
-             for r in range(layout.src_ranks)]
+             for r in range(layout.world)]
     ranks += [(f"engine tp{s}", _engine, (hf_config, layout, s, port, wire)) for s in range(infer_tp)]
     results = run_ranks(ranks, deadline_s=240, fail_fast_s=20)
     errors = {who: r["error"] for who, r in results.items() if "error" in r}
@@ -87,7 +87,7 @@ def test_live_parameters_arrive_as_the_gather_path_has_them(train_tp, train_pp, 
     trainer0 = results["trainer 0"]
     if params_dtype == torch.bfloat16:  # linears bf16, megatron-core's torch norms fp32
         assert trainer0["dtypes"] == ["torch.bfloat16", "torch.float32"]
-    for r in range(layout.src_ranks):
+    for r in range(layout.world):
         assert results[f"trainer {r}"]["views"] == results[f"trainer {r}"]["tensors"]  # read in place, no copy
     from shardsync import generated
 

@@ -16,13 +16,15 @@ from typing import Callable, Mapping, Protocol
 import torch
 
 from shardsync.runtime.plan import Layout, Plan
+from shardsync.runtime.plan.build import source_label
+from shardsync.runtime.plan.layout import TrainerRank
 from shardsync.runtime.reports import ChannelReport, Receipt
 from shardsync.runtime.wire.channels import Channels
 from shardsync.runtime.wire.pipe import BucketPipe
 
 
-def trainer_name(pp: int, tp: int) -> str:
-    return f"trainer pp{pp} tp{tp}"
+def trainer_name(src: TrainerRank) -> str:
+    return f"trainer {source_label(src)}"
 
 
 def engine_name(engine: int, tp: int) -> str:
@@ -38,7 +40,7 @@ class Context:
     cfg: object  # its config, from the HF config
     layout: Layout
     plan: Plan | None  # None for a spec without a vLLM layout table
-    trainer: tuple[int, int] | None  # (pp, tp) on a trainer rank, else None
+    trainer: TrainerRank | None  # on a trainer rank, its dense and expert positions, else None
     engine: tuple[int, int] | None  # (engine, tp) on an engine rank, else None
     dtype: torch.dtype  # on the wire
     device: torch.device

@@ -88,14 +88,14 @@ class GatherMethod(OverChannels):
         self.peak_temp_bytes = 0
         self._held = 0
         if context.trainer is not None:
-            pp = context.trainer[0]
+            pp = context.trainer.pp
             self.tables = {t: {local.name: local for local in module.megatron_shard_table(
                 cfg, t, layout.train_tp, pp, layout.train_pp)} for t in range(layout.train_tp)}
         # HF name -> (vLLM tensor, piece) of this engine rank; None: the engine's loader takes full tensors
         self.pieces: dict[str, list] | None = None
         if context.engine is not None and module.VLLM_LAYOUT:
             self.pieces = {}
-            for local in module.vllm_shard_table(cfg, context.engine[1], layout.infer_tp):
+            for local in module.vllm_shard_table(cfg, context.engine[1], layout.infer_tp, layout.infer_ep):
                 for piece in local.pieces:
                     self.pieces.setdefault(piece.hf_name, []).append((local.name, piece))
 
@@ -115,9 +115,9 @@ class GatherMethod(OverChannels):
     def connect(self, store, diagnose) -> None:
         layout = self.context.layout
         if self.context.trainer is not None:
-            pp, tp = self.context.trainer
+            pp, tp = self.context.trainer.pp, self.context.trainer.tp
             if layout.train_tp > 1:
-                peers = tuple(trainer_name(pp, t) for t in range(layout.train_tp))
+                peers = tuple(trainer_name(layout.trainer_at(pp, t)) for t in range(layout.train_tp))
                 self.channels.join(store, f"gather-pp{pp}", tp, peers, diagnose)
             if tp == 0:
                 self._join_broadcast(store, pp, 0, diagnose)
@@ -128,7 +128,7 @@ class GatherMethod(OverChannels):
 
     def _join_broadcast(self, store, pp: int, member: int, diagnose) -> None:
         layout = self.context.layout
-        peers = (trainer_name(pp, 0),) + tuple(
+        peers = (trainer_name(layout.trainer_at(pp, 0)),) + tuple(
             engine_name(e, s) for e in range(layout.engines) for s in range(layout.infer_tp))
         self.channels.join(store, f"broadcast-pp{pp}", member, peers, diagnose)
 
@@ -136,7 +136,7 @@ class GatherMethod(OverChannels):
 
     def send(self, tensors, update: int) -> tuple[ChannelReport, ...]:
         """All ranks of the stage gather; TP rank 0 converts, packs and broadcasts."""
-        pp, tp = self.context.trainer
+        pp, tp = self.context.trainer.pp, self.context.trainer.tp
         stage = self.stages[pp]
         broadcast = self.channels.get(stage.name)
         started = time.perf_counter()

@@ -23,8 +23,7 @@ class ShardMethod(OverChannels):
     def __init__(self, context: Context):
         self.plan = context.plan
         if context.trainer is not None:
-            pp, tp = context.trainer
-            self.mine = self.plan.channels_of_source(context.layout.src_rank(pp, tp))
+            self.mine = self.plan.channels_of_source(context.trainer.rank)
             self.member = 0  # the source of each of its channels
         else:
             engine, tp = context.engine
@@ -47,7 +46,7 @@ class ShardMethod(OverChannels):
 
     def connect(self, store, diagnose) -> None:
         for channel in self.mine:
-            peers = (trainer_name(channel.pp, channel.tp),) + tuple(
+            peers = (trainer_name(channel.src),) + tuple(
                 engine_name(e, channel.dst_tp) for e in range(channel.engines))
             self.channels.join(store, channel.name, self.member, peers, diagnose)
 

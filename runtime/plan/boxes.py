@@ -17,8 +17,16 @@ def intersect(a: Box, b: Box) -> Box | None:
 
 
 def translate(box: Box, src: Box, dst: Box) -> Box:
-    """Where `box`, a part of `src`, lands when `src` is placed at `dst` (same extents)."""
-    return tuple((start - s0 + d0, stop - s0 + d0) for (start, stop), (s0, _), (d0, _) in zip(box, src, dst))
+    """Where `box`, a part of `src`, lands when `src` is placed at `dst` (same extents).
+
+    `dst` may have more dimensions than `src`, leading ones of extent 1: a 2-D expert
+    matrix placed in its slot of a stacked [E, ...] tensor keeps that slot.
+    """
+    extra = len(dst) - len(src)
+    if extra < 0 or any(stop - start != 1 for start, stop in dst[:extra]):
+        raise ValueError(f"cannot place {fmt(src)} at {fmt(dst)}: extra leading dimensions must have extent 1")
+    moved = tuple((start - s0 + d0, stop - s0 + d0) for (start, stop), (s0, _), (d0, _) in zip(box, src, dst[extra:]))
+    return dst[:extra] + moved
 
 
 def numel(box: Box) -> int:
@@ -30,6 +38,16 @@ def numel(box: Box) -> int:
 
 def shape(box: Box) -> tuple[int, ...]:
     return tuple(stop - start for start, stop in box)
+
+
+def same_extent(a: Box, b: Box) -> bool:
+    """Equal shapes once leading extent-1 dimensions (an expert's slot) are dropped."""
+    def core(box: Box) -> tuple[int, ...]:
+        extents = list(shape(box))
+        while len(extents) > 1 and extents[0] == 1:
+            extents.pop(0)
+        return tuple(extents)
+    return core(a) == core(b)
 
 
 def inside(box: Box, tensor_shape: tuple[int, ...]) -> bool:

@@ -19,8 +19,11 @@ from types import ModuleType
 from shardsync.runtime.plan import boxes
 from shardsync.runtime.plan.boxes import Box
 from shardsync.runtime.errors import PlanError
-from shardsync.runtime.plan.layout import Layout
+from shardsync.runtime.plan.layout import Layout, TrainerRank
 from shardsync.runtime.plan.check import check_plan
+
+
+BALANCE_SLACK = 0.05  # how much lighter another holder must be to open a channel more
 
 
 @dataclass(frozen=True)
@@ -43,16 +46,26 @@ class Copy:
 class Channel:
     """One source rank feeding one TP rank of every engine replica."""
 
-    src_rank: int
-    pp: int
-    tp: int
+    src: TrainerRank
     dst_tp: int
     engines: int
     copies: tuple[Copy, ...]
 
     @property
+    def src_rank(self) -> int:
+        return self.src.rank
+
+    @property
+    def pp(self) -> int:
+        return self.src.pp
+
+    @property
+    def tp(self) -> int:
+        return self.src.tp
+
+    @property
     def name(self) -> str:
-        return f"pp{self.pp}-tp{self.tp}-to-tp{self.dst_tp}"
+        return f"{source_label(self.src, '-')}-to-tp{self.dst_tp}"
 
     @property
     def numel(self) -> int:
@@ -81,9 +94,10 @@ def build_plan(module: ModuleType, cfg, layout: Layout, dtype_bytes: int) -> Pla
     if not module.VLLM_LAYOUT:
         raise PlanError(f"the {module.FAMILY} spec has no vLLM layout table, so there is no shard-to-shard plan; "
                         f"updates use the gather method (full HF tensors through the engine's own loader)")
+    _check_experts(module, cfg, layout)
     source_tables = _source_tables(module, cfg, layout)
     sources = _source_pieces(source_tables)
-    engine_tables = {s: module.vllm_shard_table(cfg, s, layout.infer_tp) for s in range(layout.infer_tp)}
+    engine_tables = {s: module.vllm_shard_table(cfg, s, layout.infer_tp, layout.infer_ep) for s in range(layout.infer_tp)}
 
     wanted: list[tuple[int, _Need]] = []  # (dst_tp, need) in model order per engine rank
     for dst_tp, table in engine_tables.items():
@@ -94,20 +108,7 @@ def build_plan(module: ModuleType, cfg, layout: Layout, dtype_bytes: int) -> Pla
                     if common is not None:
                         wanted.append((dst_tp, _Need(local.name, piece, src_box, holders, common)))
 
-    # Single-holder pieces fix the channels; a replicated piece then goes to a holder
-    # that already feeds that engine rank (equal TP stays one-to-one), spreading the
-    # replicated bytes evenly over those holders.
-    feeds = {(need.holders[0][0], dst_tp) for dst_tp, need in wanted if len(need.holders) == 1}
-    replicated_load = {rank: 0 for rank in range(layout.src_ranks)}
-    chosen: list[int] = []
-    for dst_tp, need in wanted:
-        ranks = [rank for rank, _ in need.holders]
-        if len(ranks) > 1:
-            preferred = [r for r in ranks if (r, dst_tp) in feeds] or ranks
-            ranks = [min(preferred, key=lambda r: (replicated_load[r], r))]
-            replicated_load[ranks[0]] += boxes.numel(need.common)
-            feeds.add((ranks[0], dst_tp))
-        chosen.append(ranks[0])
+    chosen = _choose_holders(wanted, source_tables)
 
     per_channel: dict[tuple[int, int], list[Copy]] = {}
     for rank, (dst_tp, need) in zip(chosen, wanted):
@@ -122,7 +123,7 @@ def build_plan(module: ModuleType, cfg, layout: Layout, dtype_bytes: int) -> Pla
         ))
 
     channels = tuple(
-        Channel(rank, *layout.src_position(rank), dst_tp, layout.engines, tuple(copies))
+        Channel(layout.trainer(rank), dst_tp, layout.engines, tuple(copies))
         for (rank, dst_tp), copies in sorted(per_channel.items())
     )
     src_shapes = {
@@ -132,6 +133,44 @@ def build_plan(module: ModuleType, cfg, layout: Layout, dtype_bytes: int) -> Pla
     check_plan(channels, src_shapes, engine_tables)
     digest = plan_digest(module.FAMILY, cfg, layout, dtype_bytes, channels)
     return Plan(module.FAMILY, layout, dtype_bytes, channels, src_shapes, dst_shapes, digest)
+
+
+def _choose_holders(wanted: list, source_tables: dict) -> list[int]:
+    """The source rank of each needed piece.
+
+    Single-holder pieces fix the channels. A replicated piece first goes to a holder
+    that already feeds that engine rank (equal TP stays one-to-one), the replicated
+    bytes spread evenly over those holders. Then, largest first, a replicated piece
+    moves to its least loaded holder where the two loads differ by more than
+    BALANCE_SLACK and the move narrows the gap: a channel more is worth an evener load
+    where experts sit unevenly or dense replicas sit on DP ranks that hold experts.
+    """
+    feeds = {(need.holders[0][0], dst_tp) for dst_tp, need in wanted if len(need.holders) == 1}
+    replicated_load = {rank: 0 for rank in source_tables}
+    chosen: list[int] = []
+    for dst_tp, need in wanted:
+        ranks = [rank for rank, _ in need.holders]
+        if len(ranks) > 1:
+            preferred = [r for r in ranks if (r, dst_tp) in feeds] or ranks
+            ranks = [min(preferred, key=lambda r: (replicated_load[r], r))]
+            replicated_load[ranks[0]] += boxes.numel(need.common)
+            feeds.add((ranks[0], dst_tp))
+        chosen.append(ranks[0])
+
+    load = {rank: 0 for rank in source_tables}
+    for rank, (_, need) in zip(chosen, wanted):
+        load[rank] += boxes.numel(need.common)
+    replicated = sorted((i for i, (_, need) in enumerate(wanted) if len(need.holders) > 1),
+                        key=lambda i: (-boxes.numel(wanted[i][1].common), i))
+    for i in replicated:
+        need, now = wanted[i][1], chosen[i]
+        size = boxes.numel(need.common)
+        lightest = min((rank for rank, _ in need.holders), key=lambda r: (load[r], r))
+        if load[now] - load[lightest] > BALANCE_SLACK * load[now] and load[lightest] + size < load[now]:
+            load[now] -= size
+            load[lightest] += size
+            chosen[i] = lightest
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -169,12 +208,36 @@ def _phase(module: ModuleType, cfg, megatron_name: str) -> int:
     return 0 if family.stage == "first" else cfg.layers + 1
 
 
+def source_table(module: ModuleType, cfg, layout: Layout, src: TrainerRank) -> list:
+    """What one sending trainer rank may send: its dense tensors, and its experts if it
+    is at expert DP rank 0. Dense tensors are equal on every DP rank, so a sender at
+    dense DP rank above 0 (there for its experts) is one more holder of them, which
+    the planner uses to spread their bytes; the experts of expert DP ranks above 0 are
+    left out, as the experts' gradient replicas."""
+    table = module.megatron_shard_table(cfg, src.tp, layout.train_tp, src.pp, layout.train_pp,
+                                        src.ep, layout.train_ep, src.etp, layout.train_etp)
+    return [local for local in table
+            if src.sends_experts or module.resolve(local.name, cfg).expert is None]
+
+
+def source_label(src: TrainerRank, sep: str = " ") -> str:
+    """pp/tp, and dp where it is not 0: unique, since (pp, tp, dp) fixes the rank."""
+    return sep.join([f"pp{src.pp}", f"tp{src.tp}"] + ([f"dp{src.dp}"] if src.dp else []))
+
+
 def _source_tables(module: ModuleType, cfg, layout: Layout) -> dict[int, list]:
-    return {
-        layout.src_rank(pp, tp): module.megatron_shard_table(cfg, tp, layout.train_tp, pp, layout.train_pp)
-        for pp in range(layout.train_pp)
-        for tp in range(layout.train_tp)
-    }
+    return {src.rank: source_table(module, cfg, layout, src) for src in layout.senders}
+
+
+def _check_experts(module: ModuleType, cfg, layout: Layout) -> None:
+    """Expert parallelism asked of a model without experts is a mistake, not a no-op."""
+    if not any(family.experts for family in module.families(cfg)):
+        asked = [f"{name}={getattr(layout, name)}" for name in ("train_ep", "infer_ep") if getattr(layout, name) not in (1, False)]
+        if layout.train_etp != layout.train_tp:
+            asked.append(f"train_etp={layout.train_etp}")
+        if asked:
+            raise PlanError(f"{module.FAMILY} has no experts, yet the layout asks for expert parallelism "
+                            f"({', '.join(asked)})")
 
 
 def plan_digest(family: str, cfg, layout: Layout, dtype_bytes: int, channels) -> str:

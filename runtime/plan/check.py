@@ -20,7 +20,7 @@ def check_plan(channels, src_shapes: dict, engine_tables: dict) -> None:
             where = f"channel {channel.name}: {copy.src_tensor}{boxes.fmt(copy.src_box)} -> {copy.dst_tensor}{boxes.fmt(copy.dst_box)}"
             if copy.src_tensor not in shapes or not boxes.inside(copy.src_box, shapes[copy.src_tensor]):
                 raise PlanError(f"{where}: source box outside its tensor")
-            if boxes.shape(copy.src_box) != boxes.shape(copy.dst_box):
+            if not boxes.same_extent(copy.src_box, copy.dst_box):
                 raise PlanError(f"{where}: source and destination boxes differ in shape")
             written.setdefault((channel.dst_tp, copy.dst_tensor), []).append(copy.dst_box)
 

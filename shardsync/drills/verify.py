@@ -52,7 +52,7 @@ def run_verify(model: str, train_tp: int, train_pp: int, infer_tp: int, engines:
         checkpoints += [work / f"ckpt-{update}" for update in range(1, updates + 1)]
         dist_port = free_port()
         ranks = [(f"trainer pp{pp} tp{tp}", _megatron_trainer,
-                  (hf_config, layout, layout.src_rank(pp, tp), dist_port, port, [str(c) for c in checkpoints[1:]],
+                  (hf_config, layout, layout.trainer_at(pp, tp).rank, dist_port, port, [str(c) for c in checkpoints[1:]],
                    dtype, timeout))
                  for pp in range(train_pp) for tp in range(train_tp)]
     elif source == "plain":
@@ -184,7 +184,7 @@ def _megatron_trainer(hf_config, layout, rank, dist_port, port, checkpoints, dty
     from shardsync.harness.megatron_gather import gather_hf_state
     from shardsync.harness.megatron_policy import PolicyRank
 
-    policy = PolicyRank(hf_config, rank, layout.src_ranks, dist_port, layout.train_tp, layout.train_pp,
+    policy = PolicyRank(hf_config, rank, layout.world, dist_port, layout.train_tp, layout.train_pp,
                         timeout_s=timeout)
     source = policy.source
     sender = source.sender(layout.infer_tp, layout.engines, rendezvous=f"127.0.0.1:{port}",

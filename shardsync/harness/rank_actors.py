@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from shardsync.runtime.plan import Layout
+from shardsync.runtime.plan.build import source_table
 from shardsync.harness.faults import StopAtFirstPiece, corrupt_next_bucket
 from shardsync.harness.tensors import materialize, random_hf_tensors
 from shardsync.runtime.targets import TensorTargets
@@ -38,7 +39,7 @@ class RankSpec:
     hf_config: dict
     layout: Layout
     options: dict = field(default_factory=dict)  # Sender/Receiver keyword options (dtype as a name)
-    position: tuple[int, int] = (0, 0)  # (pp, tp) of a trainer, (engine, tp) of an engine
+    position: tuple[int, ...] = (0, 0)  # (pp, tp) or (pp, tp, dp) of a trainer, (engine, tp) of an engine
 
 
 class RankProcess:
@@ -171,8 +172,8 @@ class _Rank:
         self.mid_update = mid_update
         options = {**spec.options, "dtype": getattr(torch, spec.options.get("dtype", "float32"))}
         if spec.role == "trainer":
-            pp, tp = spec.position
-            self.end = Sender(spec.hf_config, spec.layout, pp_rank=pp, tp_rank=tp, **options)
+            pp, tp, dp = (tuple(spec.position) + (0,))[:3]
+            self.end = Sender(spec.hf_config, spec.layout, pp_rank=pp, tp_rank=tp, dp_rank=dp, **options)
         else:
             engine, tp = spec.position
             self.end = Receiver(spec.hf_config, spec.layout, engine=engine, tp_rank=tp, **options)
@@ -221,7 +222,8 @@ class _Rank:
         module, cfg = self.end.module, self.end.cfg
         weights = random_hf_tensors(module.hf_shapes(cfg), seed)
         engine, tp = self.spec.position
-        expected = materialize(module.vllm_shard_table(cfg, tp, self.spec.layout.infer_tp), weights, self.end.dtype)
+        layout = self.spec.layout
+        expected = materialize(module.vllm_shard_table(cfg, tp, layout.infer_tp, layout.infer_ep), weights, self.end.dtype)
         return {"mismatched": [n for n, t in expected.items() if not torch.equal(self.params[n], t)]}
 
     def resources(self) -> dict:
@@ -239,8 +241,7 @@ class _Rank:
 
     def _trainer_tensors(self, seed: int, fault: str | None):
         module, cfg, layout = self.end.module, self.end.cfg, self.spec.layout
-        pp, tp = self.spec.position
-        table = module.megatron_shard_table(cfg, tp, layout.train_tp, pp, layout.train_pp)
+        table = source_table(module, cfg, layout, self.end.position)
         tensors = materialize(table, random_hf_tensors(module.hf_shapes(cfg), seed), torch.float32)
         # a TP-split weight: each rank sends its own (a replicated one may come from another rank)
         victim = next(n for n in tensors if n.endswith("linear_fc1.weight"))

@@ -34,6 +34,9 @@ class ShardsyncInitInfo(WeightTransferInitInfo):
     engines: int
     engine_index: int
     train_pp: int = 1
+    train_ep: int = 1  # megatron-core's expert parallel size
+    train_etp: int | None = None  # its expert tensor parallel size (default train_tp)
+    train_dp: int | None = None  # its data parallel size (default: the smallest train_ep x train_etp allows)
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     timeout: float = 60.0
     make_vocab_size_divisible_by: int = 128
@@ -94,7 +97,10 @@ def connect_worker(model, model_config, parallel_config, device, init_info: Shar
     """Connect one vLLM worker's Receiver and wrap its live model as write targets."""
     from vllm.distributed import get_tensor_model_parallel_rank
 
-    layout = Layout(init_info.train_tp, init_info.train_pp, parallel_config.tensor_parallel_size, init_info.engines)
+    infer_tp = parallel_config.tensor_parallel_size
+    layout = Layout(init_info.train_tp, init_info.train_pp, infer_tp, init_info.engines, train_ep=init_info.train_ep,
+                    train_etp=init_info.train_etp, train_dp=init_info.train_dp,
+                    infer_ep=bool(parallel_config.enable_expert_parallel) and infer_tp > 1)
     receiver = Receiver(
         model_config.hf_config.to_dict(), layout, engine=init_info.engine_index,
         tp_rank=get_tensor_model_parallel_rank(), rendezvous=init_info.rendezvous,
@@ -108,7 +114,7 @@ def connect_worker(model, model_config, parallel_config, device, init_info: Shar
         logger.info("shardsync: %s (method %s) joined %d channel(s); full HF tensors go through vLLM's own loader",
                     receiver.who, receiver.method, len(channels))
         return receiver, VllmLoader(model, model_config)
-    table = receiver.module.vllm_shard_table(receiver.cfg, receiver.tp_rank, layout.infer_tp)
+    table = receiver.module.vllm_shard_table(receiver.cfg, receiver.tp_rank, layout.infer_tp, layout.infer_ep)
     targets = VllmTargets(model, receiver.tensor_shapes(), receiver.expected_numel(),
                           {t.name: t.padding for t in table if t.padding})
     modes = targets.mode
