@@ -746,6 +746,13 @@ def check_architecture(hf: dict, architectures: Sequence[str]) -> None:
         raise ConfigError(f"architectures={named}: this module converts {list(architectures)}")
 
 
+def require_value(hf: dict, field: str, value, why: str) -> None:
+    """Refuse a config whose `field` is set to anything but `value`: a setting the
+    families cannot describe must not be converted as if it were the one they do."""
+    if field in hf and hf[field] != value:
+        raise ConfigError(f"{field}={hf[field]!r}: these converters need {value!r} ({why})")
+
+
 def read_int(hf: dict, field: str, default: int | None = None) -> int:
     value = _read(hf, field, default)
     if type(value) is not int or value <= 0:

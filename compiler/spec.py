@@ -22,7 +22,9 @@ from shardsync.compiler.megatron import (MOE_FIELDS, NORMALIZATIONS, SECTION, Me
                                          missing_families)
 from shardsync.compiler.yaml_lines import LineDict, load_yaml
 
-TOP_LEVEL = {"family": True, "architectures": True, "config": True, "derived": False, "megatron": True, "params": True}
+TOP_LEVEL = {"family": True, "architectures": True, "config": True, "derived": False, "requires": False,
+             "megatron": True, "params": True}
+REQUIREMENT_FIELDS = {"value": True, "why": True}
 PARAM_FIELDS = {"megatron": True, "hf": True, "vllm": False, "when": False, "stage": False, "experts": False,
                 "split": False, "dims": False, "layout": False, "shape": False, "parts": False, "cols": False}
 SHORTHAND_FIELDS = ("split", "dims")
@@ -96,11 +98,25 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Requirement:
+    """An HF field these converters serve at one value only (absent counts as that value)."""
+
+    field: str
+    value: str  # a Python literal
+    why: str
+
+    @property
+    def why_literal(self) -> str:
+        return repr(self.why)
+
+
+@dataclass(frozen=True)
 class Spec:
     family: str
     architectures: tuple[str, ...]
     config: tuple[ConfigEntry, ...]
     derived: tuple[Derived, ...]
+    requires: tuple[Requirement, ...]
     params: tuple[Param, ...]
     megatron: Megatron
     source_name: str
@@ -159,6 +175,7 @@ def parse_spec(text: str, path: str) -> Spec:
     bool_names = {e.name for e in config if e.type == "bool"}
     derived = check.derived(raw.get("derived") or LineDict(), raw.line_of("derived"), int_names, bool_names)
     int_names |= {d.name for d in derived}
+    requires = check.requires(raw.get("requires") or LineDict(), raw.line_of("requires"))
     params = check.params(raw["params"], raw.line_of("params"), int_names, bool_names)
     if any(p.stage == "layer" for p in params) and "layers" not in int_names:
         check.fail(raw.line_of("config"), "config", "missing 'layers': params with {layer} need the number of layers")
@@ -169,6 +186,7 @@ def parse_spec(text: str, path: str) -> Spec:
         architectures=architectures,
         config=config,
         derived=derived,
+        requires=requires,
         params=params,
         megatron=megatron,
         source_name=Path(path).name,
@@ -248,6 +266,25 @@ class _Checker:
             return int_expression(value, int_names)
         except ExpressionError as exc:
             self.fail(line, f"{where}.default", str(exc))
+
+    def requires(self, value, line: int) -> tuple[Requirement, ...]:
+        if not isinstance(value, dict):
+            self.fail(line, "requires", f"expected a mapping of HF field to {{value, why}}, got {_describe(value)}")
+        result = []
+        for field, item in value.items():
+            where = f"requires.{field}"
+            item_line = value.line_of(field)
+            if not isinstance(field, str) or not field:
+                self.fail(item_line, "requires", f"expected an HF field name, got {_describe(field)}")
+            self.mapping(item, where, REQUIREMENT_FIELDS, item_line)
+            literal = item["value"]
+            if not _is_json_literal(literal):
+                self.fail(item_line, f"{where}.value", f"expected a number, boolean, string or list of them, "
+                                                      f"got {_describe(literal)}")
+            if not isinstance(item["why"], str) or not item["why"].strip():
+                self.fail(item_line, f"{where}.why", "expected a sentence saying why other values are refused")
+            result.append(Requirement(field, repr(_plain(literal)), item["why"].strip()))
+        return tuple(result)
 
     def derived(self, value, line: int, int_names: set[str], bool_names: set[str]) -> tuple[Derived, ...]:
         if not isinstance(value, dict):
@@ -520,3 +557,14 @@ def _describe(value) -> str:
     if value is None:
         return "nothing"
     return repr(value)
+
+
+def _is_json_literal(value) -> bool:
+    if isinstance(value, list):
+        return all(isinstance(v, (bool, int, float, str)) for v in value)
+    return isinstance(value, (bool, int, float, str))
+
+
+def _plain(value):
+    """YAML's list type (with line numbers) as a plain list, for a clean repr."""
+    return list(value) if isinstance(value, list) else value

@@ -54,6 +54,11 @@ MISTAKES = [
      ["megatron.normalization", "RMSNorm, LayerNorm"]),
     ("  rotary_base: rope_theta\n", "  rotary_base: rope_theta\n  rope_scaling: 2\n", "rope_scaling",
      ["megatron.rope_scaling", "unknown field"]),
+    # a refused HF setting says why, and is a plain literal
+    ("megatron:\n  normalization", "requires:\n  decoder_sparse_step: {value: 1}\nmegatron:\n  normalization",
+     "decoder_sparse_step:", ["requires.decoder_sparse_step", "missing required field 'why'"]),
+    ("megatron:\n  normalization", "requires:\n  mlp_only_layers: {value: {a: 1}, why: dense}\nmegatron:\n  normalization",
+     "mlp_only_layers:", ["requires.mlp_only_layers.value", "expected a number, boolean, string or list"]),
 ]
 
 

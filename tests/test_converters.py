@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import re
 import subprocess
 import sys
 
@@ -172,3 +174,13 @@ def test_a_config_read_back_from_transformers_is_the_same_config(preset):
     clash = {**hf, "rope_parameters": {"rope_theta": hf.get("rope_theta", 10000.0) * 2}}
     with pytest.raises(module.ConfigError, match="rope_theta: .* at the top level but .* in rope_parameters"):
         module.config_from_hf(clash)
+
+
+@pytest.mark.parametrize("family,preset", [("qwen3_moe", "qwen3-moe-tiny"), ("qwen2_moe", "qwen2-moe-tiny")])
+@pytest.mark.parametrize("field,value", [("mlp_only_layers", [1]), ("decoder_sparse_step", 2)])
+def test_qwen_moe_configs_with_dense_layers_are_refused_not_misconverted(family, preset, field, value):
+    module = importlib.import_module(f"shardsync.generated.{family}")
+    config = model_config(preset)
+    module.config_from_hf(config)  # the preset itself: every layer a mixture of experts
+    with pytest.raises(module.ConfigError, match=re.escape(f"{field}={value!r}: these converters need")):
+        module.config_from_hf({**config, field: value})
