@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from shardsync.generated import qwen2, qwen3
 from shardsync.runtime.errors import PlanError
+from shardsync.runtime.plan import boxes
 from shardsync.runtime.plan import Layout, build_plan
 from shardsync.runtime.plan.check import check_plan
 from shardsync.runtime.plan.summary import summarize
@@ -138,3 +139,18 @@ def test_plan_command_json():
     bad = subprocess.run([sys.executable, "-m", "shardsync.cli", "plan", "--model", "qwen3-4b", "--train-tp", "3",
                           "--infer-tp", "2"], capture_output=True, text=True)
     assert bad.returncode == 2 and "num_key_value_heads=8" in bad.stderr and "Traceback" not in bad.stderr
+
+
+_spans = st.tuples(st.integers(0, 6), st.integers(1, 4)).map(lambda s: (s[0], s[0] + s[1]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(written=st.lists(st.tuples(_spans, _spans, _spans), max_size=8))
+def test_the_overlap_sweep_finds_a_shared_element_exactly_when_one_exists(written):
+    from shardsync.runtime.plan.check import _first_overlap
+
+    pairwise = any(boxes.intersect(a, b) is not None for i, a in enumerate(written) for b in written[i + 1:])
+    found = _first_overlap(written)
+    assert (found is not None) == pairwise
+    if found is not None:
+        assert boxes.intersect(*found) is not None

@@ -110,16 +110,19 @@ def build_plan(module: ModuleType, cfg, layout: Layout, dtype_bytes: int) -> Pla
 
     chosen = _choose_holders(wanted, source_tables)
 
+    phases: dict[str, int] = {}
     per_channel: dict[tuple[int, int], list[Copy]] = {}
     for rank, (dst_tp, need) in zip(chosen, wanted):
         src_tensor, src_local_box = dict(need.holders)[rank]
+        if src_tensor not in phases:
+            phases[src_tensor] = _phase(module, cfg, src_tensor)
         per_channel.setdefault((rank, dst_tp), []).append(Copy(
             src_tensor=src_tensor,
             src_box=boxes.translate(need.common, need.src_hf_box, src_local_box),
             dst_tensor=need.dst_tensor,
             dst_box=boxes.translate(need.common, need.piece.hf_box, need.piece.local_box),
             hf_name=need.piece.hf_name,
-            phase=_phase(module, cfg, src_tensor),
+            phase=phases[src_tensor],
         ))
 
     channels = tuple(

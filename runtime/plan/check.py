@@ -34,10 +34,10 @@ def check_plan(channels, src_shapes: dict, engine_tables: dict) -> None:
                 for pad in local.padding:
                     if boxes.intersect(box, pad) is not None:
                         raise PlanError(f"{where}: box {boxes.fmt(box)} writes padding {boxes.fmt(pad)}")
-            for i, a in enumerate(got):
-                for b in got[i + 1:]:
-                    if boxes.intersect(a, b) is not None:
-                        raise PlanError(f"{where}: {boxes.fmt(a)} and {boxes.fmt(b)} both write {boxes.fmt(boxes.intersect(a, b))}")
+            overlap = _first_overlap(got)
+            if overlap is not None:
+                a, b = overlap
+                raise PlanError(f"{where}: {boxes.fmt(a)} and {boxes.fmt(b)} both write {boxes.fmt(boxes.intersect(a, b))}")
             total = 1
             for n in local.shape:
                 total *= n
@@ -48,3 +48,19 @@ def check_plan(channels, src_shapes: dict, engine_tables: dict) -> None:
     if written:
         (dst_tp, name), _ = next(iter(written.items()))
         raise PlanError(f"engine tp{dst_tp} has no tensor {name}, yet the plan writes it")
+
+
+def _first_overlap(written: list) -> tuple | None:
+    """Two boxes that share an element, or None. A sweep over the first dimension: only
+    boxes whose first-dimension ranges overlap are compared, so a stacked expert tensor
+    (one slot per box) costs about one comparison per box, not one per pair."""
+    if any(not box for box in written):  # a scalar's box: any two overlap
+        return (written[0], written[1]) if len(written) > 1 else None
+    active: list = []
+    for box in sorted(written):
+        active = [a for a in active if a[0][1] > box[0][0]]
+        for a in active:
+            if boxes.intersect(a, box) is not None:
+                return a, box
+        active.append(box)
+    return None
