@@ -1,16 +1,20 @@
 """The baseline, selectable as `method="gather"`: what the common path does today.
 
-Per pipeline stage, every trainer TP rank all-gathers each tensor's TP shards over
-the stage's TP group; TP rank 0 turns them into full HF tensors, packs those in
-model order into buckets of the same size as the shard path's and broadcasts each
-bucket to every engine rank, which assembles each full tensor and slices its own
-shard from it (by the spec's vLLM table), or, for a spec without one, hands it to
-the engine's own loader (`load_weights`, as vLLM models have). Same transport
-(groups over the same store), same bucket size, same cast while packing: a
-comparison with the shard path is a comparison of methods.
+Per pipeline stage, what RL frameworks do: every dense tensor's TP shards are
+all-gathered over the stage's TP group; every expert's shards over its expert-TP
+group, then over its expert-parallel group, so the stage's first rank holds every
+expert whole. That rank turns them into full HF tensors, packs those in model order
+into buckets of the same size as the shard path's and broadcasts each bucket to
+every engine rank, which takes its share of each full tensor by the spec's vLLM
+table (experts it does not hold under expert parallelism are dropped), or, for a
+spec without one, hands it to the engine's own loader (`load_weights`, as vLLM
+models have). Same transport (groups over the same store), same bucket size, same
+cast while packing: a comparison with the shard path is a comparison of methods.
 
-Whole tensors are held at the sender and at every receiver: `peak_temp_bytes`
-records the most held at once (gathered shards and full tensors).
+Only the transfer's senders take part: dense-DP-0 ranks in the dense gathers,
+expert-DP-0 ranks in the expert gathers (a sender at dense DP rank above 0 is
+there for its experts alone). Whole tensors are held at every gathering rank and at
+the receivers: `peak_temp_bytes` records the most held at once.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +30,7 @@ from shardsync.runtime.methods.base import Context, OverChannels, engine_name, t
 from shardsync.runtime.plan import boxes
 from shardsync.runtime.plan import buckets as bucketing
 from shardsync.runtime.plan.boxes import Box
+from shardsync.runtime.plan.layout import Layout, TrainerRank
 from shardsync.runtime.reports import ChannelReport, Receipt
 from shardsync.runtime.wire.channels import Channels
 from shardsync.runtime.wire.pack import pack
@@ -43,11 +48,24 @@ class FullCopy:
 
 
 @dataclass(frozen=True)
+class Step:
+    """One Megatron tensor name of a stage. Every sender walks a stage's steps in the
+    same order and takes part in the gathers of those it holds, which keeps each
+    group's collectives in step and no two groups waiting on each other."""
+
+    name: str  # as every rank names it: experts by their local index
+    expert: bool
+    hf: tuple[str, ...]  # the full HF tensors its gathers complete on the stage's first rank
+
+
+@dataclass(frozen=True)
 class StageSchedule:
     stage: int
-    megatron: tuple[str, ...]  # the stage's Megatron tensors, in model order
-    hf_of: dict  # Megatron name -> the HF names it converts to
+    steps: tuple[Step, ...]
     buckets: tuple[bucketing.Bucket, ...]
+    # where each gathered shard's pieces go: ("tp", t) for dense shards of TP rank t,
+    # ("ep", r, t) for expert shards of EP rank r and expert-TP rank t -> {name: LocalTensor}
+    tables: dict = field(repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -58,19 +76,70 @@ class StageSchedule:
         return sum(b.numel for b in self.buckets)
 
 
-def stage_schedules(module, cfg, layout, capacity: int) -> list[StageSchedule]:
-    """Every stage's full HF tensors in model order, packed into buckets."""
+def stage_schedules(module, cfg, layout: Layout, capacity: int) -> list[StageSchedule]:
+    """Every stage's full HF tensors in the order its gathers complete them, packed into buckets."""
     shapes = module.hf_shapes(cfg)
+    experts = _has_experts(module, cfg)
     schedules = []
     for stage in range(layout.train_pp):
-        table = module.megatron_shard_table(cfg, 0, layout.train_tp, stage, layout.train_pp)
-        hf_of = {}
-        for local in table:
-            family, layer, expert = module.resolve(local.name, cfg)
-            hf_of[local.name] = tuple(family.hf_names(layer, expert))
-        copies = [FullCopy(hf, _full(shapes[hf]), hf, _full(shapes[hf])) for names in hf_of.values() for hf in names]
-        schedules.append(StageSchedule(stage, tuple(hf_of), hf_of, bucketing.schedule(copies, capacity)))
+        tables = _stage_tables(module, cfg, layout, stage, experts)
+        steps = []
+        for name in _names_in_order(module, cfg, layout, stage):
+            if name in tables[("tp", 0)]:
+                steps.append(Step(name, False, _hf_names(tables[("tp", 0)][name])))
+            else:  # an expert, by its local index: complete once every EP rank's one of that index arrived
+                held = [tables[("ep", r, t)][name] for r in range(layout.train_ep) for t in range(layout.train_etp)]
+                steps.append(Step(name, True, _hf_names(*held)))
+        copies = [FullCopy(hf, _full(shapes[hf]), hf, _full(shapes[hf])) for step in steps for hf in step.hf]
+        schedules.append(StageSchedule(stage, tuple(steps), bucketing.schedule(copies, capacity), tables))
     return schedules
+
+
+def _stage_tables(module, cfg, layout: Layout, stage: int, experts: bool) -> dict:
+    """Dense tensors of every TP rank and experts of every (EP, expert-TP) rank of a stage."""
+    def table(tp: int, ep: int, etp: int) -> list:
+        return module.megatron_shard_table(cfg, tp, layout.train_tp, stage, layout.train_pp,
+                                           ep, layout.train_ep, etp, layout.train_etp)
+
+    def is_expert(local) -> bool:
+        return module.resolve(local.name, cfg).expert is not None
+
+    tables = {("tp", t): {local.name: local for local in table(t, 0, 0) if not is_expert(local)}
+              for t in range(layout.train_tp)}
+    if experts:
+        tables.update({("ep", r, t): {local.name: local for local in table(0, r, t) if is_expert(local)}
+                       for r in range(layout.train_ep) for t in range(layout.train_etp)})
+    return tables
+
+
+def _names_in_order(module, cfg, layout: Layout, stage: int) -> list[str]:
+    return [local.name for local in module.megatron_shard_table(cfg, 0, layout.train_tp, stage, layout.train_pp,
+                                                                 0, layout.train_ep, 0, layout.train_etp)]
+
+
+def _hf_names(*held) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(piece.hf_name for local in held for piece in local.pieces))
+
+
+def _has_experts(module, cfg) -> bool:
+    return any(family.experts for family in module.families(cfg))
+
+
+def gather_groups(layout: Layout, stage: int, experts: bool) -> list[tuple[str, tuple[TrainerRank, ...]]]:
+    """A stage's gather groups, members in rank order within each: the dense TP group
+    (dense-DP-0 ranks); per EP rank its expert-TP group, then per expert-TP rank its
+    EP group (expert-DP-0 ranks). Groups of one member are not made."""
+    senders = [s for s in layout.senders if s.pp == stage]
+    groups = [(f"gather-pp{stage}", tuple(sorted((s for s in senders if s.dp == 0), key=lambda s: s.tp)))]
+    if experts:
+        holders = [s for s in senders if s.edp == 0]
+        groups += [(f"gather-pp{stage}-etp-of-ep{r}", tuple(sorted((s for s in holders if s.ep == r),
+                                                                   key=lambda s: s.etp)))
+                   for r in range(layout.train_ep)]
+        groups += [(f"gather-pp{stage}-ep-of-etp{t}", tuple(sorted((s for s in holders if s.etp == t),
+                                                                   key=lambda s: s.ep)))
+                   for t in range(layout.train_etp)]
+    return [(name, members) for name, members in groups if len(members) > 1]
 
 
 class GatherMethod(OverChannels):
@@ -79,6 +148,7 @@ class GatherMethod(OverChannels):
     def __init__(self, context: Context):
         self.context = context
         module, cfg, layout = context.module, context.cfg, context.layout
+        self.experts = _has_experts(module, cfg)
         self.stages = stage_schedules(module, cfg, layout, context.capacity)
         self.shapes = module.hf_shapes(cfg)
         largest = max((b.numel for s in self.stages for b in s.buckets), default=0)
@@ -87,10 +157,6 @@ class GatherMethod(OverChannels):
         self.channels = Channels(context.device, context.timeout, context.channel_options)
         self.peak_temp_bytes = 0
         self._held = 0
-        if context.trainer is not None:
-            pp = context.trainer.pp
-            self.tables = {t: {local.name: local for local in module.megatron_shard_table(
-                cfg, t, layout.train_tp, pp, layout.train_pp)} for t in range(layout.train_tp)}
         # HF name -> (vLLM tensor, piece) of this engine rank; None: the engine's loader takes full tensors
         self.pieces: dict[str, list] | None = None
         if context.engine is not None and module.VLLM_LAYOUT:
@@ -109,18 +175,26 @@ class GatherMethod(OverChannels):
                 for s in self.stages]
         return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
 
+    @property
+    def _broadcasts(self) -> bool:
+        """The stage's first rank converts and broadcasts; the others only gather."""
+        me = self.context.trainer
+        return me is not None and me == self.context.layout.trainer_at(me.pp, 0, 0)
 
     # -- set-up -----------------------------------------------------------------------
 
     def connect(self, store, diagnose) -> None:
+        """Groups are joined in one global order (each stage's gathers, then its
+        broadcast), every process following its part of it, so no join waits on
+        another."""
         layout = self.context.layout
-        if self.context.trainer is not None:
-            pp, tp = self.context.trainer.pp, self.context.trainer.tp
-            if layout.train_tp > 1:
-                peers = tuple(trainer_name(layout.trainer_at(pp, t)) for t in range(layout.train_tp))
-                self.channels.join(store, f"gather-pp{pp}", tp, peers, diagnose)
-            if tp == 0:
-                self._join_broadcast(store, pp, 0, diagnose)
+        me = self.context.trainer
+        if me is not None:
+            for name, members in gather_groups(layout, me.pp, self.experts):
+                if me in members:
+                    self.channels.join(store, name, members.index(me), tuple(map(trainer_name, members)), diagnose)
+            if self._broadcasts:
+                self._join_broadcast(store, me.pp, 0, diagnose)
         else:
             engine, tp = self.context.engine
             for stage in self.stages:
@@ -135,57 +209,94 @@ class GatherMethod(OverChannels):
     # -- updates ----------------------------------------------------------------------
 
     def send(self, tensors, update: int) -> tuple[ChannelReport, ...]:
-        """All ranks of the stage gather; TP rank 0 converts, packs and broadcasts."""
-        pp, tp = self.context.trainer.pp, self.context.trainer.tp
-        stage = self.stages[pp]
-        broadcast = self.channels.get(stage.name)
+        """Every sender of the stage gathers what it holds; the first rank converts,
+        packs and broadcasts as the buckets need the tensors."""
+        stage = self.stages[self.context.trainer.pp]
         started = time.perf_counter()
+        waiting = list(stage.steps)
+        if not self._broadcasts:
+            for step in waiting:
+                self._gather(step, stage, tensors, update)
+            return (ChannelReport(f"gather-pp{stage.stage}", len(stage.steps), 0, time.perf_counter() - started),)
+        broadcast = self.channels[stage.name]
         outbound = self.pipe.outbound(update)
-        if broadcast is not None:
-            outbound.header(broadcast, len(stage.buckets))
-            sending = outbound.sending(broadcast)
+        outbound.header(broadcast, len(stage.buckets))
+        sending = outbound.sending(broadcast)
         full: dict[str, torch.Tensor] = {}
-        waiting = list(stage.megatron)
         last_use = _last_bucket(stage)
         for index, bucket in enumerate(stage.buckets):
             for entry in bucket.entries:
                 while entry.src_tensor not in full:
-                    self._gather(waiting.pop(0), stage, tensors, full, tp, update)
-            if broadcast is not None:
-                sending.put(bucket, lambda buffer: pack(bucket, full, buffer))
+                    full.update(self._gather(waiting.pop(0), stage, tensors, update))
+            sending.put(bucket, lambda buffer: pack(bucket, full, buffer))
             for name in [n for n in full if last_use[n] == index]:
                 self._release(full.pop(name))
-        if broadcast is None:
-            return (ChannelReport(f"gather-pp{pp}", len(stage.megatron), 0, time.perf_counter() - started),)
+        for step in waiting:  # tensors without HF partners still take part in their gathers
+            for tensor in self._gather(step, stage, tensors, update).values():
+                self._release(tensor)
         sending.drain()
         outbound.close(broadcast)
         outbound.check()
-        return (ChannelReport(stage.name, len(stage.megatron), stage.numel * self.elsize,
+        return (ChannelReport(stage.name, len(stage.steps), stage.numel * self.elsize,
                               time.perf_counter() - started),)
 
-    def _gather(self, name: str, stage: StageSchedule, tensors, full: dict, tp: int, update: int) -> None:
-        """One Megatron tensor's shards from every TP rank; full HF tensors on TP rank 0.
-        A name without HF tensors here (none) still takes part in the collective."""
-        shard = tensors[name]
+    def _gather(self, step: Step, stage: StageSchedule, tensors, update: int) -> dict[str, torch.Tensor]:
+        """One step's gathers where this rank holds the tensor; on the stage's first rank,
+        the full HF tensors they complete (held until packed), elsewhere nothing."""
+        me = self.context.trainer
+        if not (me.sends_experts if step.expert else me.sends_dense):
+            return {}
+        shard = tensors[step.name]
+        gathered, held = (self._gather_expert if step.expert else self._gather_dense)(step.name, shard, stage, update)
+        full = {}
+        if self._broadcasts:
+            for hf in step.hf:
+                full[hf] = torch.empty(self.shapes[hf], dtype=shard.dtype, device=shard.device)
+                self._hold(_nbytes(full[hf]))
+            for key, piece_shard in gathered.items():
+                for piece in stage.tables[key][step.name].pieces:
+                    full[piece.hf_name][boxes.as_slices(piece.hf_box)] = piece_shard[boxes.as_slices(piece.local_box)]
+        self._release_bytes(held)
+        return full
+
+    def _gather_dense(self, name: str, shard, stage: StageSchedule, update: int) -> tuple[dict, int]:
+        """Every TP rank's shard, keyed by its table; and the bytes that holds."""
         group = self.channels.get(f"gather-pp{stage.stage}")
         if group is None:
-            shards = [shard]
-        else:
-            shards = [torch.empty_like(shard) for _ in range(group.size)]
-            self._hold(sum(s.numel() * s.element_size() for s in shards))
-            group.wait(group.all_gather(shards, shard.contiguous()), f"gathering {name}", update)
-        if tp == 0:
-            for hf in stage.hf_of[name]:
-                full[hf] = torch.empty(self.shapes[hf], dtype=shard.dtype, device=shard.device)
-                self._hold(full[hf].numel() * full[hf].element_size())
-            for rank, piece_shard in enumerate(shards):
-                for piece in self.tables[rank][name].pieces:
-                    full[piece.hf_name][boxes.as_slices(piece.hf_box)] = piece_shard[boxes.as_slices(piece.local_box)]
-        else:
-            for hf in stage.hf_of[name]:
-                full[hf] = None  # not held here: only TP rank 0 converts and sends
-        if group is not None:
-            self._release_bytes(sum(s.numel() * s.element_size() for s in shards))
+            return {("tp", 0): shard}, 0
+        shards = self._all_gather(group, shard.contiguous(), f"gathering {name} over TP", update)
+        return {("tp", t): s for t, s in enumerate(shards)}, sum(map(_nbytes, shards))
+
+    def _gather_expert(self, name: str, shard, stage: StageSchedule, update: int) -> tuple[dict, int]:
+        """Local expert `name` of every EP rank, whole: its expert-TP shards gathered and
+        joined as they came (rank order), then those joined tensors gathered over EP.
+        The first rank cuts each back into its shards and places them by the tables,
+        so no layout is assumed beyond what the tables say."""
+        me, layout = self.context.trainer, self.context.layout
+        etp_group = self.channels.get(f"gather-pp{stage.stage}-etp-of-ep{me.ep}")
+        joined, held = shard.contiguous(), 0
+        if etp_group is not None:
+            parts = self._all_gather(etp_group, joined, f"gathering {name} over expert TP", update)
+            joined = torch.cat(parts)
+            self._hold(_nbytes(joined))
+            self._release_bytes(sum(map(_nbytes, parts)))
+            held = _nbytes(joined)
+        ep_group = self.channels.get(f"gather-pp{stage.stage}-ep-of-etp{me.etp}")
+        whole = [joined]
+        if ep_group is not None:
+            whole = self._all_gather(ep_group, joined, f"gathering {name} over EP", update)
+            self._release_bytes(held)
+            held = sum(map(_nbytes, whole))
+        ep_ranks = range(layout.train_ep) if ep_group is not None else (me.ep,)
+        gathered = {("ep", r, t): part for r, tensor in zip(ep_ranks, whole)
+                    for t, part in enumerate(torch.split(tensor, shard.shape[0]))}
+        return gathered, held
+
+    def _all_gather(self, group, tensor, what: str, update: int) -> list[torch.Tensor]:
+        outputs = [torch.empty_like(tensor) for _ in range(group.size)]
+        self._hold(sum(map(_nbytes, outputs)))
+        group.wait(group.all_gather(outputs, tensor), what, update)
+        return outputs
 
     def receive(self, sink, update: int) -> Receipt:
         """Every stage's buckets in order, assembled into full tensors: each sliced into
@@ -207,9 +318,11 @@ class GatherMethod(OverChannels):
 
     def _full_tensors(self, inbound, reports: list):
         """Yield (HF name, full tensor) as each tensor's last bucket arrives; a yielded
-        tensor is released once the consumer asks for the next one. A bucket that fails
-        its checksum is recorded (the update then fails) and the stream goes on, so
-        every member finishes the exchange."""
+        tensor is released once the consumer asks for the next one. A tensor that lies
+        whole in one bucket is yielded as a view of it when this rank slices its share
+        (the bucket stays put until the next is asked for), and one this rank holds no
+        piece of is not assembled. A bucket that fails its checksum is recorded (the
+        update then fails) and the stream goes on, so every member finishes the exchange."""
         for stage in self.stages:
             group = self.channels[stage.name]
             started = time.perf_counter()
@@ -219,19 +332,26 @@ class GatherMethod(OverChannels):
             full: dict[str, torch.Tensor] = {}
             for index, bucket, buffer, _intact in inbound.buckets(group, stage.buckets):
                 for entry in bucket.entries:
-                    if entry.dst_tensor not in full:
-                        full[entry.dst_tensor] = torch.empty(self.shapes[entry.dst_tensor], dtype=buffer.dtype,
-                                                             device=buffer.device)
-                        self._hold(full[entry.dst_tensor].numel() * buffer.element_size())
+                    name = entry.dst_tensor
                     source = buffer[entry.offset:entry.offset + entry.numel].view(boxes.shape(entry.dst_box))
-                    full[entry.dst_tensor][boxes.as_slices(entry.dst_box)] = source
-                    remaining[entry.dst_tensor] -= entry.numel
-                    if remaining[entry.dst_tensor] == 0:
-                        tensor = full.pop(entry.dst_tensor)
-                        yield entry.dst_tensor, tensor
+                    if self.pieces is not None and name not in self.pieces:
+                        continue  # not this rank's (an expert another EP rank holds)
+                    if self.pieces is not None and entry.numel == remaining[name] == boxes.numel(
+                            _full(self.shapes[name])):
+                        remaining[name] = 0
+                        yield name, source
+                        continue
+                    if name not in full:
+                        full[name] = torch.empty(self.shapes[name], dtype=buffer.dtype, device=buffer.device)
+                        self._hold(_nbytes(full[name]))
+                    full[name][boxes.as_slices(entry.dst_box)] = source
+                    remaining[name] -= entry.numel
+                    if remaining[name] == 0:
+                        tensor = full.pop(name)
+                        yield name, tensor
                         self._release(tensor)
             inbound.close(group)
-            reports.append(ChannelReport(stage.name, len(stage.megatron), stage.numel * self.elsize,
+            reports.append(ChannelReport(stage.name, len(stage.steps), stage.numel * self.elsize,
                                          time.perf_counter() - started))
 
     def _slice(self, hf_name: str, tensor: torch.Tensor, targets) -> None:
@@ -247,10 +367,14 @@ class GatherMethod(OverChannels):
 
     def _release(self, tensor: torch.Tensor | None) -> None:
         if tensor is not None:
-            self._release_bytes(tensor.numel() * tensor.element_size())
+            self._release_bytes(_nbytes(tensor))
 
     def _release_bytes(self, nbytes: int) -> None:
         self._held -= nbytes
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _full(shape) -> Box:
