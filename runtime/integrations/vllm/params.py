@@ -12,6 +12,10 @@ Two cases, chosen per layer:
   `process_weights_after_loading` runs for that layer alone, so extra memory is
   about one layer. Nothing goes through a checkpoint-format (full) tensor.
 
+A fused-MoE layer is one such layer (`routed_experts`: w13/w2 for all its local
+experts); its post-processing is run as the engine's first load ran it, experts'
+own step included (`_process_as_first_load`), so the result equals a fresh load.
+
 Writing into a post-processed layer's parameter in place would change nothing the
 kernels read (or only a copy of it, as with the CPU embedding, whose packed lm_head
 matmul is separate), which is why the rule is per layer and not per shape.
@@ -171,8 +175,40 @@ def _process(layer: torch.nn.Module, info) -> None:
 
     if hasattr(layer, "_already_called_process_weights_after_loading"):
         delattr(layer, "_already_called_process_weights_after_loading")
-    layer.quant_method.process_weights_after_loading(layer)
+    _process_as_first_load(layer)
     if hasattr(layer, "update_param_tp_status"):
         layer.update_param_tp_status()
     _copy_and_restore_kernel_tensors(layer, info)
     info.reset()
+
+
+def _process_as_first_load(layer: torch.nn.Module) -> None:
+    """The layer's post-processing, transforming the weights as the engine's first load did.
+
+    A fused-MoE method whose kernel is already built treats the call as a weight
+    update and skips its experts' own step (`fused_experts.process_weights_after_loading`:
+    on CPU, padding the intermediate to a multiple of 32 and prepacking w13/w2),
+    so the kernel would read raw loading-format weights. That step is run here
+    when the method skipped it. The kernel itself, and with it the expert map and
+    routing tables it was built with, is kept: rebuilding it is what a first load
+    does beyond transforming weights, and the engine's expert placement must not move.
+    """
+    method = layer.quant_method
+    experts = getattr(getattr(method, "moe_kernel", None), "fused_experts", None)
+    if experts is None:
+        method.process_weights_after_loading(layer)
+        return
+    own_step = experts.process_weights_after_loading
+    ran = []
+
+    def watched(module: torch.nn.Module) -> None:
+        ran.append(True)
+        own_step(module)
+
+    experts.process_weights_after_loading = watched  # an instance attribute, removed below
+    try:
+        method.process_weights_after_loading(layer)
+    finally:
+        del experts.process_weights_after_loading
+    if not ran:
+        own_step(layer)
