@@ -138,3 +138,155 @@ def test_a_model_that_differs_from_the_hf_config_is_refused_by_field():
     assert "GPTModel.vocab_size is 1024" in messages["vocab padding"] and "make_vocab_size_divisible_by=100 gives 1000" in messages["vocab padding"]
     assert "share_embeddings_and_output_weights is True" in messages["tied"]
     assert "ffn_hidden_size is 384" in messages["ffn"]
+
+
+# ---- mixture of experts ------------------------------------------------------------
+
+def _moe_rank(hf_config, layout, rank, dist_port, checks):
+    """One MoE trainer rank: a step, its tensors, the gather path's HF state (rank 0), its
+    Sender's table, and on rank 0 `check_model` against changed HF configs."""
+    from shardsync.runtime.errors import ModelMismatchError, PlanError
+    from shardsync.runtime.integrations.megatron.source import check_model
+    from shardsync.harness.megatron_gather import gather_hf_state
+    from shardsync.harness.megatron_policy import PolicyRank
+
+    policy = PolicyRank.for_layout(hf_config, layout, rank, dist_port, timeout_s=120)
+    loss = policy.train_step(*BATCH)
+    source = policy.source
+    tensors = source.tensors()
+    params = [p.data_ptr() for p in source.model.parameters()]
+    views = sum(t.data_ptr() in params for t in tensors.values())
+    with policy.device_context():
+        full = gather_hf_state(policy.model, source.module, source.cfg)
+    if source.is_sender:
+        shapes = source.sender(layout.infer_tp, layout.engines, rendezvous="127.0.0.1:1", timeout=5).local_shapes()
+    else:
+        try:
+            source.sender(layout.infer_tp, layout.engines, rendezvous="127.0.0.1:1", timeout=5)
+            shapes = "no refusal"
+        except PlanError as exc:
+            shapes = str(exc)
+    messages = {}
+    for label, change in (checks if rank == 0 else {}).items():
+        saved = {k: getattr(source.model.config, k) for k in change.get("model", {})}
+        for k, v in change.get("model", {}).items():
+            setattr(source.model.config, k, v)
+        try:
+            check_model(policy.model, {**hf_config, **change.get("hf", {})}, layout.train_tp)
+            messages[label] = None
+        except ModelMismatchError as exc:
+            messages[label] = str(exc)
+        for k, v in saved.items():
+            setattr(source.model.config, k, v)
+    position = tuple(getattr(source, f) for f in ("pp_rank", "tp_rank", "dp_rank", "ep_rank", "etp_rank", "edp_rank"))
+    return {"tensors": _pickled(tensors), "full": _pickled(full), "views": views, "shapes": shapes,
+            "position": position, "messages": messages, "eval": policy.eval_mode,
+            "loss": loss, "is_sender": source.is_sender}
+
+
+MOE_CHECKS = {
+    "same": {},
+    "topk": {"hf": {"num_experts_per_tok": 1}},
+    "experts": {"hf": {"num_experts": 8}},
+    "expert ffn": {"hf": {"moe_intermediate_size": 96}},
+    "routing": {"hf": {"norm_topk_prob": False}},
+    "score function": {"model": {"moe_router_score_function": "sigmoid"}},
+}
+
+
+def _run_moe(model: str, layout: Layout, checks: dict) -> dict:
+    hf_config = model_config(model)
+    dist_port = free_port()
+    ranks = [(f"trainer {r}", _moe_rank, (hf_config, layout, r, dist_port, checks)) for r in range(layout.world)]
+    results = run_ranks(ranks, deadline_s=240, fail_fast_s=20)
+    errors = {who: r["error"] for who, r in results.items() if "error" in r}
+    assert not errors, errors
+    return results
+
+
+def _check_moe_tensors(model: str, layout: Layout, results: dict) -> None:
+    """Every sender's tensors are the oracle's cut of the gathered HF state, by name,
+    shape and value (vocab padding rows aside), and exactly the names and shapes its
+    `source_table` gives; replica-only ranks say why they send nothing."""
+    from shardsync import generated
+    from shardsync.runtime.plan.build import source_table
+    from tests.reference import Model, megatron_moe_rank, megatron_padding_rows
+
+    hf_config = model_config(model)
+    module = generated.for_architecture(hf_config["architectures"][0])
+    cfg = module.config_from_hf(hf_config)
+    full = _unpickled(results["trainer 0"]["full"])
+    assert {n: tuple(t.shape) for n, t in full.items()} == dict(module.hf_shapes(cfg))  # the gather path, whole
+    m = Model.from_hf(hf_config)
+    senders = {src.rank for src in layout.senders}
+    for r in range(layout.world):
+        result, src = results[f"trainer {r}"], layout.trainer(r)
+        assert result["position"] == (src.pp, src.tp, src.dp, src.ep, src.etp, src.edp)
+        assert result["is_sender"] == (r in senders)
+        assert result["loss"] is None or result["loss"] == result["loss"]  # finite: a real step ran
+        if r not in senders:
+            assert "holds only replicas" in result["shapes"], result["shapes"]
+            continue
+        table = {local.name: tuple(local.shape) for local in source_table(module, cfg, layout, src)}
+        got = _unpickled(result["tensors"])
+        assert {n: tuple(t.shape) for n, t in got.items()} == table == result["shapes"]
+        assert result["views"] == len(got)  # read in place, no copy
+        oracle = megatron_moe_rank(m, full, src.tp, layout.train_tp, src.ep, layout.train_ep, src.etp,
+                                   layout.train_etp, vocab_divisible=128)
+        different = []
+        for name, tensor in got.items():
+            rows = tensor.shape[0] - megatron_padding_rows(name, m, src.tp, layout.train_tp, 128)
+            if not torch.equal(tensor[:rows], oracle[name][:rows]):
+                different.append(name)
+        assert different == [], f"trainer {r}: {different}"
+
+
+def test_qwen3_moe_tp2_ep2_senders_hold_what_the_oracle_cuts_and_a_wrong_router_is_refused():
+    layout = Layout(2, 1, 2, 1, train_ep=2, train_etp=1)  # world 2: rank r holds experts [2r, 2r + 1]
+    results = _run_moe("qwen3-moe-tiny", layout, MOE_CHECKS)
+    _check_moe_tensors("qwen3-moe-tiny", layout, results)
+    assert results["trainer 0"]["eval"]  # MoE at TP 2 trains in eval() mode on CPU
+    _check_refusals(results)
+
+
+def test_qwen3_moe_tp2_ep2_etp2_dp2_every_rank_sends():
+    # expert TP 2 x EP 2 spans 4 ranks: dense DP 2, and dp1's ranks hold experts 2, 3
+    layout = Layout(2, 1, 2, 1, train_ep=2)
+    assert layout.world == 4 and len(layout.senders) == 4
+    _check_moe_tensors("qwen3-moe-tiny", layout, _run_moe("qwen3-moe-tiny", layout, {}))
+
+
+def _check_refusals(results: dict) -> None:
+    messages = results["trainer 0"]["messages"]
+    assert messages["same"] is None
+    assert messages["topk"].startswith("TransformerConfig.moe_router_topk is 2; the HF config implies 1 "
+                                       "(from HF num_experts_per_tok=1)"), messages["topk"]
+    assert messages["experts"].startswith("TransformerConfig.num_moe_experts is 4; the HF config implies 8 "
+                                          "(from HF num_experts=8)"), messages["experts"]
+    assert "is 64; the HF config implies 96 (from HF moe_intermediate_size=96)" in messages["expert ffn"]
+    assert messages["routing"].startswith("TransformerConfig.moe_router_pre_softmax is False; the HF config "
+                                          "implies True (from HF norm_topk_prob=False)"), messages["routing"]
+    assert messages["score function"].startswith("TransformerConfig.moe_router_score_function is 'sigmoid'")
+
+
+def test_qwen2_moe_tp2_shared_expert_and_its_gate_and_a_wrong_shared_size_is_refused():
+    layout = Layout(2, 1, 1, 2)  # expert TP 2, EP 1: world 2
+    checks = {"same": {}, "shared ffn": {"hf": {"shared_expert_intermediate_size": 128}}}
+    results = _run_moe("qwen2-moe-tiny", layout, checks)
+    _check_moe_tensors("qwen2-moe-tiny", layout, results)
+    assert any("shared_experts.gate_weight" in n for n in _unpickled(results["trainer 1"]["tensors"]))
+    messages = results["trainer 0"]["messages"]
+    assert messages["same"] is None
+    assert messages["shared ffn"].startswith("TransformerConfig.moe_shared_expert_intermediate_size is 64; the HF "
+                                             "config implies 128 (from HF shared_expert_intermediate_size=128)")
+
+
+def test_mixtral_ep2_with_data_parallel_replicas_that_send_nothing():
+    layout = Layout(1, 1, 2, 1, train_ep=2, train_dp=4)  # ranks 2, 3: expert-DP 1, dense DP 2, 3
+    results = _run_moe("mixtral-tiny", layout, {"same": {}, "experts": {"hf": {"num_local_experts": 2}}})
+    _check_moe_tensors("mixtral-tiny", layout, results)
+    assert not results["trainer 0"]["eval"]  # TP 1: a real train() step
+    assert [r for r in range(4) if not results[f"trainer {r}"]["is_sender"]] == [2, 3]
+    messages = results["trainer 0"]["messages"]
+    assert messages["same"] is None
+    assert "(from HF num_local_experts=2)" in messages["experts"]

@@ -75,15 +75,18 @@ def cpu_shims():
 
 
 def init_parallel(rank: int, world_size: int, port: int, tp: int, pp: int, seed: int = 1234,
-                  timeout_s: float = 300.0) -> None:
-    """torch.distributed over gloo, then Megatron's TP/PP groups and RNG trackers."""
+                  timeout_s: float = 300.0, ep: int = 1, etp: int | None = None) -> None:
+    """torch.distributed over gloo, then Megatron's TP/PP/EP/ETP groups and RNG trackers;
+    the data-parallel size is what the world leaves (world / (tp x pp))."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world_size, timeout=timedelta(seconds=timeout_s))
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             expert_model_parallel_size=ep, expert_tensor_parallel_size=etp or tp,
+                                             distributed_timeout_minutes=max(1, int(timeout_s // 60)))
     model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True, force_reset_rng=True)
 
 
@@ -91,7 +94,10 @@ def build_gpt_model(hf_config: dict, *, make_vocab_size_divisible_by: int = 128,
                     seq_length: int = 256):
     """This rank's GPTModel stage for an HF config, with the local (non-TE) layer spec.
 
-    Dropout is off, so the trainer's forward is comparable with the engine's.
+    Dropout is off, so the trainer's forward is comparable with the engine's. An MoE
+    model routes tokens with the allgather dispatcher (the one that runs over gloo with
+    these shims; alltoall wants CUDA streams) and no auxiliary loss: the demo's loss is
+    the policy gradient alone. Expert parallel sizes come from `parallel_state`.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -105,7 +111,7 @@ def build_gpt_model(hf_config: dict, *, make_vocab_size_divisible_by: int = 128,
         **fields, activation_func=activation_for(hf_config), hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, pipeline_dtype=params_dtype,
         params_dtype=params_dtype, use_cpu_initialization=True, init_method_std=0.02,
-        bf16=params_dtype == torch.bfloat16)
+        bf16=params_dtype == torch.bfloat16, **_moe_fields(fields))
     spec = get_gpt_layer_local_spec(num_experts=fields.get("num_moe_experts"), qk_layernorm=fields["qk_layernorm"],
                                     normalization=fields["normalization"])
     return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=model_fields["vocab_size"],
@@ -113,3 +119,26 @@ def build_gpt_model(hf_config: dict, *, make_vocab_size_divisible_by: int = 128,
                     post_process=parallel_state.is_pipeline_last_stage(),
                     share_embeddings_and_output_weights=model_fields["share_embeddings_and_output_weights"],
                     position_embedding_type="rope", rotary_base=model_fields["rotary_base"])
+
+
+def _moe_fields(fields: dict) -> dict:
+    """TransformerConfig fields an MoE model needs on CPU over gloo (none for a dense one)."""
+    from megatron.core import parallel_state
+
+    if not fields.get("num_moe_experts"):
+        return {}
+    return {"expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
+            "expert_tensor_parallel_size": parallel_state.get_expert_tensor_parallel_world_size(),
+            "moe_token_dispatcher_type": "allgather", "moe_router_load_balancing_type": "none",
+            "moe_aux_loss_coeff": 0.0}
+
+
+def needs_eval_mode(model) -> bool:
+    """megatron-core's MoE layer refuses to train with TP > 1 unless sequence parallelism
+    is on, and the local spec's torch norms cannot do sequence parallelism; in eval()
+    mode it skips that check, and with dropout off a step computes the same gradients.
+    So a CPU MoE model at TP > 1 trains in eval() mode (tests and demo only)."""
+    from megatron.core import parallel_state
+
+    return bool(getattr(model.config, "num_moe_experts", None)) and \
+        parallel_state.get_tensor_model_parallel_world_size() > 1

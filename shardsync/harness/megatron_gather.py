@@ -4,18 +4,25 @@ Every rank sends its shards, with the global offsets megatron-core's own
 `sharded_state_dict()` gives them (its checkpoint format, independent of the shard
 tables), to global rank 0, which assembles full Megatron tensors in the TP-1 layout
 whatever the trainer's TP, and converts them with the generated `convert_to_hf`. This
-is what the seed's full-gather sync did; `shardsync verify --source megatron` loads its
-output into a fresh vLLM engine to judge the shard-to-shard transfer. Not for the hot
-path: rank 0 holds the model.
+is the full-gather sync; `shardsync verify --source megatron` loads its output into a
+fresh vLLM engine to judge the shard-to-shard transfer. Not for the hot path: rank 0
+holds the model.
+
+Experts come the same way: megatron-core's state dict gives each local expert its
+global (layer, expert) offset, so every EP and ETP position lands in its place, once
+(its main replica: expert-DP rank 0), whatever the trainer's expert layout.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
 from shardsync.runtime.integrations.megatron.source import unwrap_model
 
 _LAYERS = "decoder.layers."
+_LOCAL_EXPERT = re.compile(r"\.local_experts\.\d+\.")
 
 
 def gather_hf_state(model, module, cfg) -> dict[str, torch.Tensor] | None:
@@ -61,9 +68,12 @@ def _built(sharded) -> list:
     return []
 
 
-def _global_name(name: str, layer_offset: tuple[int, ...]) -> str:
-    """`decoder.layers.<local>.rest` with megatron-core's global layer number."""
-    if not name.startswith(_LAYERS) or not layer_offset:
+def _global_name(name: str, prepended: tuple[int, ...]) -> str:
+    """`decoder.layers.<local>.rest` with megatron-core's global layer number, and an
+    expert's local index with its global one (the second prepended axis)."""
+    if not name.startswith(_LAYERS) or not prepended:
         return name
     _, _, rest = name[len(_LAYERS):].partition(".")
-    return f"{_LAYERS}{layer_offset[0]}.{rest}"
+    if len(prepended) > 1 and _LOCAL_EXPERT.search(rest):
+        rest = _LOCAL_EXPERT.sub(f".local_experts.{prepended[1]}.", rest, count=1)
+    return f"{_LAYERS}{prepended[0]}.{rest}"

@@ -15,38 +15,58 @@ from functools import partial
 import torch
 
 from shardsync.runtime.integrations.megatron.source import MegatronSource
-from shardsync.harness.megatron_cpu import build_gpt_model, cpu_shims, init_parallel
+from shardsync.harness.megatron_cpu import build_gpt_model, cpu_shims, init_parallel, needs_eval_mode
 
 
 class PolicyRank:
-    """Model stage, optimizer and source for one (pp, tp) trainer rank."""
+    """Model stage, optimizer and source for one trainer rank.
+
+    `world_size` is the whole trainer (tp x dp x pp): data-parallel replicas are real
+    ranks that run every step, since megatron-core's expert ranks span them. Every rank
+    gets the same batch, so replicas stay equal and any of them could report."""
 
     def __init__(self, hf_config: dict, rank: int, world_size: int, port: int, tp: int, pp: int, *,
-                 lr: float = 1e-3, seed: int = 1234, params_dtype=torch.float32, timeout_s: float = 300.0):
+                 ep: int = 1, etp: int | None = None, lr: float = 1e-3, seed: int = 1234,
+                 params_dtype=torch.float32, timeout_s: float = 300.0):
         from megatron.core import parallel_state
 
         # on a machine without CUDA, every call into megatron-core runs under the CPU shims
         self.device_context = cpu_shims if not torch.cuda.is_available() else contextlib.nullcontext
         with self.device_context():
-            self._build(hf_config, rank, world_size, port, tp, pp, lr, seed, params_dtype, timeout_s)
+            self._build(hf_config, rank, world_size, port, tp, pp, ep, etp, lr, seed, params_dtype, timeout_s)
         self.parallel_state = parallel_state
 
-    def _build(self, hf_config, rank, world_size, port, tp, pp, lr, seed, params_dtype, timeout_s) -> None:
+    @classmethod
+    def for_layout(cls, hf_config: dict, layout, rank: int, port: int, **options) -> "PolicyRank":
+        """Global trainer rank `rank` of a Layout (its TP, PP, EP, ETP; DP from its world)."""
+        return cls(hf_config, rank, layout.world, port, layout.train_tp, layout.train_pp, ep=layout.train_ep,
+                   etp=layout.train_etp, **options)
+
+    def _build(self, hf_config, rank, world_size, port, tp, pp, ep, etp, lr, seed, params_dtype, timeout_s) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        init_parallel(rank, world_size, port, tp, pp, seed=seed, timeout_s=timeout_s)
+        init_parallel(rank, world_size, port, tp, pp, seed=seed, timeout_s=timeout_s, ep=ep, etp=etp)
         self.hf_config = hf_config
         self.vocab = int(hf_config["vocab_size"])
         model = build_gpt_model(hf_config, params_dtype=params_dtype)
+        self.eval_mode = needs_eval_mode(model)
         # Megatron's own gradient path: DDP buffers, then finalize_model_grads (which sums
         # q/k-norm grads over TP and tied-embedding grads over the pipeline) and its optimizer
         self.model = DistributedDataParallel(model.config, DistributedDataParallelConfig(), module=model)
         model.config.finalize_model_grads_func = finalize_model_grads
+        # replicas start equal, as megatron-core's training loop makes them: over DP (and
+        # expert DP) by DDP, over TP for what TP does not split
+        self.model.broadcast_params()
+        if self.eval_mode:
+            _broadcast_tp_replicas(model)
+            model.config.finalize_model_grads_func = _with_tp_replica_grads_averaged(finalize_model_grads, model)
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.0, clip_grad=0.0, params_dtype=params_dtype,
                             use_distributed_optimizer=False), [self.model])
+        if self.eval_mode:
+            self.model.eval()
         self.source = MegatronSource(self.model, hf_config)
 
     @property
@@ -55,8 +75,9 @@ class PolicyRank:
 
     @property
     def reports(self) -> bool:
-        """The rank whose results the driver reads: last stage, TP rank 0."""
-        return self.is_last_stage and self.parallel_state.get_tensor_model_parallel_rank() == 0
+        """The rank whose results the driver reads: last stage, TP rank 0, DP rank 0."""
+        return (self.is_last_stage and self.parallel_state.get_tensor_model_parallel_rank() == 0
+                and self.parallel_state.get_data_parallel_rank() == 0)
 
     def logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]] | None:
         """Logprob of every completion token (on the last stage; None elsewhere)."""
@@ -85,6 +106,49 @@ class PolicyRank:
             forward_step_func=partial(_forward_step, vocab=self.vocab), data_iterator=iter([batch]),
             model=[self.model], num_microbatches=1, seq_length=length, micro_batch_size=len(sequences),
             forward_only=forward_only)
+
+
+def _tp_replicas(model) -> list[torch.nn.Parameter]:
+    """Parameters every TP rank holds whole (norms, router, shared-expert gate): not split
+    by TP and not experts (those have their own expert groups)."""
+    return [p for p in model.parameters()
+            if not getattr(p, "tensor_model_parallel", False) and getattr(p, "allreduce", True)]
+
+
+def _broadcast_tp_replicas(model) -> None:
+    """TP rank 0's values of the TP-replicated parameters on every TP rank. An MoE model's
+    router is initialized from each rank's own CPU generator, whose state the expert
+    initialization before it has moved differently per rank."""
+    from megatron.core import parallel_state
+
+    group, src = parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_src_rank()
+    for param in _tp_replicas(model):
+        torch.distributed.broadcast(param.data, src=src, group=group)
+
+
+def _with_tp_replica_grads_averaged(finalize, model):
+    """`finalize_model_grads`, then the TP-replicated parameters' gradients averaged over
+    TP. In eval() mode at TP > 1 (see `needs_eval_mode`) megatron-core's MoE layer gives
+    each TP rank its own gradient for the router and the norms around it, which sequence
+    parallelism would have summed; unaveraged, the TP replicas drift apart and no rank
+    holds the model. Gloo has no AVG: sum, then divide."""
+    from megatron.core import parallel_state
+
+    replicas = _tp_replicas(model)
+
+    def finalize_and_average(*args, **kwargs):
+        finalize(*args, **kwargs)
+        group = parallel_state.get_tensor_model_parallel_group()
+        size = torch.distributed.get_world_size(group)
+        for param in replicas:
+            grad = getattr(param, "main_grad", None)
+            if grad is None:
+                grad = param.grad
+            if grad is not None:
+                torch.distributed.all_reduce(grad, group=group)
+                grad.div_(size)
+
+    return finalize_and_average
 
 
 def _batch(sequences, starts, advantages) -> dict:

@@ -57,39 +57,80 @@ def transformer_fields(hf_config: dict, tp_size: int, make_vocab_size_divisible_
 
 
 class MegatronSource:
-    """One trainer rank's model stage: position from `parallel_state`, tensors by name."""
+    """One trainer rank's model stage: position from `parallel_state`, tensors by name.
+
+    The rank's dense position (TP, PP, DP) and expert position (EP, ETP, expert DP) are
+    read from megatron-core's own groups, so the layout this rank plans with is the one
+    the trainer runs. A rank at dense and expert DP rank above 0 holds only replicas:
+    it is no sender (`is_sender`), and `sender()` says so."""
 
     def __init__(self, model, hf_config: dict, make_vocab_size_divisible_by: int = 128):
-        from megatron.core import parallel_state
+        from megatron.core import parallel_state as ps
 
         self.model = unwrap_model(model)
         self.hf_config = hf_config
         self.make_vocab_size_divisible_by = make_vocab_size_divisible_by
-        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-        self.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+        self.tp_rank, self.tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+        self.pp_rank, self.pp_size = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.ep_rank, self.ep_size = ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
+        self.etp_rank = ps.get_expert_tensor_parallel_rank()
+        self.etp_size = ps.get_expert_tensor_parallel_world_size()
+        self.edp_rank = ps.get_expert_data_parallel_rank()
         self.module = generated.for_architecture((hf_config.get("architectures") or [None])[0])
         self.cfg = self.module.config_from_hf(hf_config, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
         check_model(self.model, hf_config, self.tp_size, make_vocab_size_divisible_by)
         self._params = self._index()
 
-    def layout(self, infer_tp: int, engines: int) -> Layout:
-        return Layout(self.tp_size, self.pp_size, infer_tp, engines)
+    def layout(self, infer_tp: int, engines: int, infer_ep: bool = False) -> Layout:
+        """The transfer's layout: this trainer's sizes, the engines' as given."""
+        return Layout(self.tp_size, self.pp_size, infer_tp, engines, train_ep=self.ep_size, train_etp=self.etp_size,
+                      train_dp=self.dp_size, infer_ep=infer_ep)
 
-    def sender(self, infer_tp: int, engines: int, **options):
+    @property
+    def position(self):
+        """This rank in the layout's terms (a `TrainerRank`), checked against megatron-core's
+        own expert position: a trainer built with another rank order plans wrong copies."""
+        position = self.layout(1, 1).trainer_at(self.pp_rank, self.tp_rank, self.dp_rank)
+        theirs = (self.ep_rank, self.etp_rank, self.edp_rank)
+        ours = (position.ep, position.etp, position.edp)
+        if theirs != ours:
+            raise ModelMismatchError(
+                f"trainer pp{self.pp_rank} tp{self.tp_rank} dp{self.dp_rank}: megatron-core puts it at expert rank "
+                f"(ep, etp, edp) = {theirs}, shardsync's layout at {ours} (shardsync numbers ranks as "
+                f"initialize_model_parallel's default order tp-cp-ep-dp-pp does)")
+        return position
+
+    @property
+    def is_sender(self) -> bool:
+        """Whether this rank holds a unique shard (dense DP rank 0 or expert DP rank 0)."""
+        return self.dp_rank == 0 or self.edp_rank == 0
+
+    def sender(self, infer_tp: int, engines: int, infer_ep: bool = False, **options):
         """A Sender for this rank; `options` as for `runtime.transfer.Sender`."""
+        from shardsync.runtime.errors import PlanError
         from shardsync.runtime.transfer import Sender
 
-        return Sender(self.hf_config, self.layout(infer_tp, engines), pp_rank=self.pp_rank, tp_rank=self.tp_rank,
+        if not self.is_sender:
+            raise PlanError(
+                f"trainer pp{self.pp_rank} tp{self.tp_rank} dp{self.dp_rank} holds only replicas: its dense "
+                f"tensors are dp0's and its experts (ep{self.ep_rank} etp{self.etp_rank}) expert-dp0's, so it "
+                f"sends nothing; check `source.is_sender` and create no Sender on it")
+        self.position  # noqa: B018 - refuses a rank order other than shardsync's
+        return Sender(self.hf_config, self.layout(infer_tp, engines, infer_ep), pp_rank=self.pp_rank,
+                      tp_rank=self.tp_rank, dp_rank=self.dp_rank,
                       make_vocab_size_divisible_by=self.make_vocab_size_divisible_by, **options)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The live parameters, as detached views (no copy), by global Megatron name."""
-        return {name: param.detach() for name, param in self._params.items()}
+        """The live parameters this rank sends, as detached views (no copy), by global
+        Megatron name: the dense ones, and the experts (local index as megatron-core
+        names them) if it is at expert DP rank 0."""
+        return {name: param.detach() for name, param in self._params.items()
+                if self.edp_rank == 0 or self.module.resolve(name, self.cfg).expert is None}
 
     def _index(self) -> dict[str, torch.nn.Parameter]:
-        table = self.module.megatron_shard_table(self.cfg, self.tp_rank, self.tp_size, self.pp_rank, self.pp_size)
+        table = self.module.megatron_shard_table(self.cfg, self.tp_rank, self.tp_size, self.pp_rank, self.pp_size,
+                                                 self.ep_rank, self.ep_size, self.etp_rank, self.etp_size)
         wanted = [local.name for local in table]
         found = global_parameters(self.model)
         if self.cfg.tied and self.pp_size > 1 and self.pp_rank == self.pp_size - 1:
@@ -98,9 +139,14 @@ class MegatronSource:
         extra = [n for n in found if n not in set(wanted)]
         if missing or extra:
             raise TensorError(
-                f"trainer pp{self.pp_rank} tp{self.tp_rank}: the model's parameters differ from the "
-                f"{self.module.FAMILY} spec: missing {missing[:4]}, unexpected {extra[:4]} (shardsync reads "
+                f"trainer pp{self.pp_rank} tp{self.tp_rank} ep{self.ep_rank}: the model's parameters differ from "
+                f"the {self.module.FAMILY} spec: missing {missing[:4]}, unexpected {extra[:4]} (shardsync reads "
                 f"megatron-core's local layer spec names; a Transformer-Engine spec fuses norms into linears)")
+        wrong = [f"{n} {tuple(found[n].shape)} (spec {tuple(local.shape)})" for n, local in
+                 ((local.name, local) for local in table) if tuple(found[n].shape) != tuple(local.shape)]
+        if wrong:
+            raise TensorError(f"trainer pp{self.pp_rank} tp{self.tp_rank} ep{self.ep_rank}: shapes differ from the "
+                              f"{self.module.FAMILY} spec: {', '.join(wrong[:4])}")
         return {name: found[name] for name in wanted}
 
 
@@ -109,10 +155,14 @@ def check_model(model, hf_config: dict, tp_size: int, make_vocab_size_divisible_
     model = unwrap_model(model)
     fields, model_fields = transformer_fields(hf_config, tp_size, make_vocab_size_divisible_by)
     config = model.config
+    module = generated.for_architecture((hf_config.get("architectures") or [None])[0])
     for field, expected in fields.items():
         actual = getattr(config, field, None)
         if not _same(actual, expected):
-            raise ModelMismatchError(f"TransformerConfig.{field} is {actual!r}; the HF config implies {expected!r}")
+            raise ModelMismatchError(f"TransformerConfig.{field} is {actual!r}; the HF config implies {expected!r}"
+                                     f"{_hf_source(module, hf_config, field)}")
+    if fields.get("num_moe_experts"):
+        _check_routing(config)
     act = getattr(config.activation_func, "__name__", str(config.activation_func))
     wanted = activation_for(hf_config).__name__
     if act != wanted:
@@ -134,6 +184,38 @@ def check_model(model, hf_config: dict, tp_size: int, make_vocab_size_divisible_
         if base is not None and not math.isclose(base, model_fields["rotary_base"], rel_tol=1e-3):
             raise ModelMismatchError(f"GPTModel rotary_base is {base:.6g}; the HF config has "
                                      f"rope_theta={model_fields['rotary_base']:.6g}")
+
+
+_HF_OF = {"num_moe_experts": "experts", "moe_router_topk": "topk", "moe_ffn_hidden_size": "moe_ffn",
+          "ffn_hidden_size": "moe_ffn", "moe_router_pre_softmax": "norm_topk",
+          "moe_shared_expert_intermediate_size": "shared_ffn", "moe_shared_expert_gate": "shared_ffn"}
+"""MoE TransformerConfig field -> the spec config field it comes from (for the message)."""
+
+ROUTING = {"moe_router_score_function": "softmax", "moe_router_enable_expert_bias": False,
+           "moe_router_num_groups": None, "moe_router_group_topk": None,
+           "moe_router_topk_scaling_factor": (None, 1.0)}
+"""Router settings the three HF MoE families share: softmax scores, no expert bias, no
+group-limited routing, no scaling of the top-k weights. A router set otherwise picks
+or weighs other experts with the same tensors, which no shape check can see."""
+
+
+def _hf_source(module, hf_config: dict, field: str) -> str:
+    """`(from HF num_experts_per_tok=2)`, where the field comes from one HF field."""
+    attr = _HF_OF.get(field)
+    hf_fields = getattr(getattr(module, "Config", None), "HF_FIELDS", {})
+    if attr is None or attr not in hf_fields:
+        return ""
+    name = hf_fields[attr]
+    return f" (from HF {name}={hf_config.get(name)!r})"
+
+
+def _check_routing(config) -> None:
+    for field, allowed in ROUTING.items():
+        allowed = allowed if isinstance(allowed, tuple) else (allowed,)
+        actual = getattr(config, field, allowed[0])
+        if actual not in allowed:
+            raise ModelMismatchError(f"TransformerConfig.{field} is {actual!r}; the HF config's router implies "
+                                     f"{allowed[0]!r}")
 
 
 def _same(actual, expected) -> bool:
