@@ -290,3 +290,55 @@ def test_mixtral_ep2_with_data_parallel_replicas_that_send_nothing():
     messages = results["trainer 0"]["messages"]
     assert messages["same"] is None
     assert "(from HF num_local_experts=2)" in messages["experts"]
+
+
+def _plain_engine(hf_config, layout, engine, tp, port, wire_dtype, updates):
+    """A plain engine rank: vLLM's layout as zeros, written by each update in place."""
+    from shardsync.runtime.transfer import Receiver
+
+    receiver = Receiver(hf_config, layout, engine=engine, tp_rank=tp, rendezvous=f"127.0.0.1:{port}",
+                        dtype=wire_dtype, timeout=120, verify=True)  # as megatron_verify_rank's senders
+    receiver.connect()
+    params = {name: torch.zeros(shape, dtype=wire_dtype) for name, shape in receiver.tensor_shapes().items()}
+    for _ in range(updates):
+        receiver.update(params)
+    receiver.close()
+    return {"params": _pickled(params)}
+
+
+def test_verify_rank_moves_a_live_moe_model_into_engines_as_its_gather_path_checkpoint_has_it(tmp_path):
+    """`megatron_verify_rank` on every rank of TP 1 x EP 2 x DP 4 (two replica-only ranks
+    that still step), two updates into a plain engine of TP 2: what arrives after the
+    last is the vLLM cut of the checkpoint rank 0 wrote through the gather path."""
+    from safetensors.torch import load_file
+
+    from shardsync import generated
+    from shardsync.harness.megatron_verify import megatron_verify_rank
+    from shardsync.harness.tensors import materialize
+
+    hf_config = model_config("mixtral-tiny")
+    layout = Layout(1, 1, 2, 1, train_ep=2, train_dp=4)
+    checkpoints = [str(tmp_path / f"ckpt-{u}") for u in (1, 2)]
+    dist_port, port = free_port(), free_port()
+    ranks = [(f"trainer {r}", megatron_verify_rank,
+              (hf_config, layout, r, dist_port, port, checkpoints, "float32", 120)) for r in range(layout.world)]
+    ranks += [(f"engine {e} tp{s}", _plain_engine, (hf_config, layout, e, s, port, torch.float32, 2))
+              for e in range(layout.engines) for s in range(layout.infer_tp)]
+    results = run_ranks(ranks, deadline_s=300, fail_fast_s=20)
+    errors = {who: r["error"] for who, r in results.items() if "error" in r}
+    assert not errors, errors
+    assert [results[f"trainer {r}"]["sender"] for r in range(4)] == [True, True, False, False]
+    assert all(results[f"trainer {r}"]["groups_during_updates"] == 0 for r in range(4))
+    assert sum(results[f"trainer {r}"]["groups_created"] for r in range(4)) > 0
+    module = generated.for_architecture(hf_config["architectures"][0])
+    cfg = module.config_from_hf(hf_config)
+    full = load_file(str(tmp_path / "ckpt-2" / "model.safetensors"))
+    first = load_file(str(tmp_path / "ckpt-1" / "model.safetensors"))
+    assert any(not torch.equal(full[n], first[n]) for n in full if ".experts." in n)  # the experts trained
+    for e in range(layout.engines):
+        for s in range(layout.infer_tp):
+            expected = materialize(module.vllm_shard_table(cfg, s, layout.infer_tp), full, torch.float32)
+            got = _unpickled(results[f"engine {e} tp{s}"]["params"])
+            assert sorted(got) == sorted(expected)
+            different = [n for n in expected if not torch.equal(got[n], expected[n])]
+            assert different == [], different
