@@ -311,18 +311,20 @@ def demo(args) -> int:
 def transfer_demo(args) -> int:
     from shardsync.demo.transfer import run_demo
 
+    checked(args)
     return run_demo(model=args.model, train_tp=args.train_tp, infer_tp=args.infer_tp, engines=args.engines,
-                    dtype=args.dtype, bucket_bytes=int(args.bucket_mb * 2**20))
+                    dtype=args.dtype, bucket_bytes=int(args.bucket_mb * 2**20), **_parallel_of(layout_of(args)))
 
 
 def bench_pack(args) -> int:
     from shardsync.bench.pack import run_pack_bench
 
-    load_converter(args.model)
+    args.dtype = args.wire_dtype
+    planned(args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here (use --device cpu)")
     result = run_pack_bench(args.model, args.train_tp, args.infer_tp, args.device, args.src_dtype, args.wire_dtype,
-                            args.bucket_mb, args.repeat)
+                            args.bucket_mb, args.repeat, **_parallel_of(layout_of(args)))
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
@@ -342,7 +344,8 @@ def bench(args) -> int:
     with tqdm(total=2 * args.repeat, desc="updates (both methods)", unit="update", disable=None) as bar:
         result = run_bench(args.model, args.train_tp, args.train_pp, args.infer_tp, args.engines, args.bucket_mb,
                            args.repeat, overlap=not args.no_overlap, dtype=args.dtype, timeout=args.timeout,
-                           engine=args.engine, work_dir=args.out, progress=lambda done, total: bar.update(done - bar.n))
+                           engine=args.engine, work_dir=args.out, progress=lambda done, total: bar.update(done - bar.n),
+                           **_parallel_of(layout_of(args)))
     print(table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -360,7 +363,8 @@ def chaos(args) -> int:
     from shardsync.drills.chaos import run_scenario
 
     result = run_scenario(args.scenario, model=args.model, train_tp=args.train_tp, infer_tp=args.infer_tp,
-                          engines=args.engines, timeout=args.timeout, engine=args.engine)
+                          engines=args.engines, timeout=args.timeout, engine=args.engine,
+                          **_parallel_of(layout_of(args)))
     print(json.dumps(result))
     return 0 if result["detected"] and result["recovered"] and not result["hung"] else 1
 
@@ -378,6 +382,12 @@ def soak(args) -> int:
         raise UserError("--updates must be at least 1")
     with tqdm(total=args.updates, desc="updates", unit="update", disable=None) as bar:
         result = run_soak(args.model, args.train_tp, args.infer_tp, args.engines, args.updates,
-                          progress=lambda _: bar.update(1))
+                          progress=lambda _: bar.update(1), **_parallel_of(layout_of(args)))
     print(json.dumps(result))
     return 0 if result["ok"] else 1
+
+
+def _parallel_of(layout: Layout) -> dict:
+    """The expert and data parallel options the rank-running commands pass on."""
+    return {"train_ep": layout.train_ep, "train_etp": layout.train_etp, "train_dp": layout.train_dp,
+            "infer_ep": layout.infer_ep}

@@ -28,15 +28,18 @@ from shardsync.presets import model_config
 
 def run_pack_bench(model: str = "qwen3-4b", train_tp: int = 2, infer_tp: int = 2, device: str = "cuda",
                    src_dtype: str = "bfloat16", wire_dtype: str = "bfloat16", bucket_mb: float = 64.0,
-                   repeat: int = 5) -> dict:
+                   repeat: int = 5, train_ep: int = 1, train_etp: int | None = None, train_dp: int | None = None,
+                   infer_ep: bool = False) -> dict:
     device = torch.device(device)
     src, wire = getattr(torch, src_dtype), getattr(torch, wire_dtype)
     hf_config = model_config(model)
     module = generated.for_architecture(hf_config["architectures"][0])
     cfg = module.config_from_hf(hf_config)
     elsize = torch.empty((), dtype=wire).element_size()
-    plan = build_plan(module, cfg, Layout(train_tp, 1, infer_tp, 1), elsize)
-    channel = plan.channels_of_source(0)[0]  # trainer tp0 -> engine tp0
+    layout = Layout(train_tp, 1, infer_tp, 1, train_ep=train_ep, train_etp=train_etp, train_dp=train_dp,
+                    infer_ep=infer_ep)
+    plan = build_plan(module, cfg, layout, elsize)
+    channel = plan.channels_of_source(0)[0]  # trainer rank 0 -> its first engine TP rank
     schedule = bucketing.schedule(channel.copies, max(1, int(bucket_mb * 2**20) // elsize))
     sources = {name: torch.randn(shape, dtype=src, device=device) for name, shape in plan.src_shapes[0].items()}
     dests = {name: torch.zeros(shape, dtype=wire, device=device) for name, shape in plan.dst_shapes[channel.dst_tp].items()}
@@ -70,6 +73,7 @@ def run_pack_bench(model: str = "qwen3-4b", train_tp: int = 2, infer_tp: int = 2
     flat_b = torch.empty_like(flat_a)
     result = {
         "model": model, "device": _device_name(device), "train_tp": train_tp, "infer_tp": infer_tp,
+        "train_ep": layout.train_ep, "train_etp": layout.train_etp, "infer_ep": infer_ep,
         "src_dtype": src_dtype, "wire_dtype": wire_dtype, "bucket_mb": bucket_mb, "buckets": len(schedule),
         "copies": len(channel.copies), "pieces": sum(len(b.entries) for b in schedule), "payload_bytes": payload,
         "copy_s": _time(lambda: flat_b.copy_(flat_a), device, repeat),

@@ -9,8 +9,9 @@ _LABELS = {"shard": "shardsync (shard to shard)", "gather": "baseline (gather + 
 
 def table(result: dict) -> str:
     lines = [
-        f"{result['model']}: trainer TP {result['train_tp']} PP {result['train_pp']} -> {result['engines']} engine(s) "
-        f"x TP {result['infer_tp']}, {result['dtype']}, buckets of {human_bytes(result['bucket_bytes'])}, "
+        f"{result['model']}: trainer {_trainer_layout(result)} -> {result['engines']} engine(s) "
+        f"x TP {result['infer_tp']}{' with EP' if result.get('infer_ep') else ''}, {result['dtype']}, "
+        f"buckets of {human_bytes(result['bucket_bytes'])}, "
         f"overlap {'on' if result['overlap'] else 'off'}, median of {result['repeat']} updates per method",
         f"  {'method':<30} {'update s':>9} {'sent/trainer rank':>28} {'trainer extra peak':>30} {'engine extra peak':>20}",
     ]
@@ -24,6 +25,14 @@ def table(result: dict) -> str:
                  f"both: {'yes' if result['engines_equal'] else 'NO'}")
     lines.append("  (extra peak = buffers + whole tensors held, as tracked; resident-set growth is in the JSON)")
     return "\n".join(lines)
+
+
+def _trainer_layout(result: dict) -> str:
+    """TP and PP, and the expert and data parallel sizes where the run has experts spread."""
+    text = f"TP {result['train_tp']} PP {result['train_pp']}"
+    if result.get("train_ep", 1) > 1 or result.get("train_etp", result["train_tp"]) != result["train_tp"]:
+        text += f" EP {result['train_ep']} ETP {result['train_etp']} DP {result['train_dp']}"
+    return text
 
 
 def plot(result: dict, path: str) -> None:
@@ -47,10 +56,11 @@ def plot(result: dict, path: str) -> None:
         values.append(max(result["engine_peak_extra_bytes"][method]) / 2**20)
         mem_ax.bar([i + offset * width for i in range(ranks + 1)], values, width, label=_LABELS[method])
     mem_ax.set_xticks([i + width / 2 for i in range(ranks + 1)],
-                      [f"trainer {i}" for i in range(ranks)] + ["engine rank (max)"], fontsize=8)
+                      result.get("trainer_ranks", [f"trainer {i}" for i in range(ranks)]) + ["engine rank (max)"],
+                      fontsize=8)
     mem_ax.set(title="extra peak memory per rank (tracked)", ylabel="MiB")
     mem_ax.legend(fontsize=8)
-    fig.suptitle(f"{result['model']}: TP {result['train_tp']} PP {result['train_pp']} -> {result['engines']} x TP "
+    fig.suptitle(f"{result['model']}: {_trainer_layout(result)} -> {result['engines']} x TP "
                  f"{result['infer_tp']}, {result['dtype']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

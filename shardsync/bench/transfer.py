@@ -22,7 +22,9 @@ import time
 
 import torch
 
+from shardsync.runtime.methods.base import trainer_name
 from shardsync.runtime.plan import Layout
+from shardsync.runtime.plan.build import source_table
 from shardsync.harness.tensors import materialize, random_hf_tensors
 from shardsync.harness.local_cluster import free_port, run_ranks
 from shardsync.presets import model_config
@@ -32,15 +34,19 @@ METHODS = ("shard", "gather")
 
 def run_bench(model: str, train_tp: int, train_pp: int, infer_tp: int, engines: int, bucket_mb: float = 16.0,
               repeat: int = 5, overlap: bool = True, dtype: str = "bfloat16", timeout: float = 300.0,
-              engine: str = "tensors", work_dir: str = "out/bench", progress=None) -> dict:
+              engine: str = "tensors", work_dir: str = "out/bench", progress=None, train_ep: int = 1,
+              train_etp: int | None = None, train_dp: int | None = None, infer_ep: bool = False) -> dict:
+    """One process per sender of the trainer (`layout.senders`: with expert parallelism,
+    ranks at dense DP rank above 0 too) and per engine rank (per engine with vLLM)."""
     hf_config = model_config(model)
-    layout = Layout(train_tp, train_pp, infer_tp, engines)
+    layout = Layout(train_tp, train_pp, infer_tp, engines, train_ep=train_ep, train_etp=train_etp,
+                    train_dp=train_dp, infer_ep=infer_ep)
     ports = {"shard": free_port(), "gather": free_port(), "barrier": free_port()}
     options = {"bucket_bytes": int(bucket_mb * 2**20), "timeout": timeout, "dtype": dtype, "overlap": overlap}
     rounds = mp.get_context("spawn").Queue()
     everyone = _everyone(layout, engine)
-    ranks = [(f"trainer pp{pp} tp{tp}", _trainer, (hf_config, layout, pp, tp, ports, options, repeat, rounds, everyone))
-             for pp in range(train_pp) for tp in range(train_tp)]
+    ranks = [(trainer_name(src), _trainer, (hf_config, layout, src.rank, ports, options, repeat, rounds, everyone))
+             for src in layout.senders]
     if engine == "vllm":
         ranks += [(f"engine {e}", _vllm_engine, (hf_config, layout, e, ports, options, repeat, everyone, work_dir))
                   for e in range(engines)]
@@ -70,13 +76,15 @@ def run_bench(model: str, train_tp: int, train_pp: int, infer_tp: int, engines: 
 
 
 def _summary(model, layout, options, repeat, results, engine) -> dict:
-    trainers = [results[f"trainer pp{pp} tp{tp}"] for pp in range(layout.train_pp) for tp in range(layout.train_tp)]
+    trainers = [results[trainer_name(src)] for src in layout.senders]
     engine_results = [r for who, r in sorted(results.items()) if who.startswith("engine")]
     per_update = {m: [max(t["seconds"][m][i] for t in trainers) for i in range(repeat)] for m in METHODS}
     median = {m: statistics.median(per_update[m]) for m in METHODS}
     return {
         "model": model, "train_tp": layout.train_tp, "train_pp": layout.train_pp, "infer_tp": layout.infer_tp,
-        "engines": layout.engines, "dtype": options["dtype"], "bucket_bytes": options["bucket_bytes"],
+        "engines": layout.engines, "train_ep": layout.train_ep, "train_etp": layout.train_etp,
+        "train_dp": layout.train_dp, "infer_ep": layout.infer_ep,
+        "trainer_ranks": [trainer_name(src) for src in layout.senders], "dtype": options["dtype"], "bucket_bytes": options["bucket_bytes"],
         "overlap": options["overlap"], "repeat": repeat, "engine": engine,
         "shardsync_s": median["shard"], "baseline_s": median["gather"],
         "speedup": median["gather"] / median["shard"],
@@ -123,17 +131,18 @@ def _order(index: int) -> tuple[str, ...]:
 
 
 def _everyone(layout: Layout, engine: str) -> list[str]:
-    trainers = [f"trainer pp{pp} tp{tp}" for pp in range(layout.train_pp) for tp in range(layout.train_tp)]
+    trainers = [trainer_name(src) for src in layout.senders]
     if engine == "vllm":  # one process per engine; its TP workers are vLLM's
         return trainers + [f"engine {e}" for e in range(layout.engines)]
     return trainers + [f"engine {e} tp{s}" for e in range(layout.engines) for s in range(layout.infer_tp)]
 
 
-def _trainer(hf_config, layout, pp, tp, ports, options, repeat, rounds, everyone) -> dict:
-    who = f"trainer pp{pp} tp{tp}"
-    senders = _endpoints("trainer", hf_config, layout, ports, options, pp_rank=pp, tp_rank=tp)
+def _trainer(hf_config, layout, rank, ports, options, repeat, rounds, everyone) -> dict:
+    src = layout.trainer(rank)
+    who = trainer_name(src)
+    senders = _endpoints("trainer", hf_config, layout, ports, options, pp_rank=src.pp, tp_rank=src.tp, dp_rank=src.dp)
     sender = senders["shard"]
-    table = sender.module.megatron_shard_table(sender.cfg, tp, layout.train_tp, pp, layout.train_pp)
+    table = source_table(sender.module, sender.cfg, layout, src)
     hf = random_hf_tensors(sender.module.hf_shapes(sender.cfg), seed=5)
     tensors = materialize(table, hf, torch.float32)  # the trainer's fp32 shards, cast to the wire dtype
     del hf
@@ -150,7 +159,7 @@ def _trainer(hf_config, layout, pp, tp, ports, options, repeat, rounds, everyone
                 seconds[method].append(time.perf_counter() - started)
             rss[method] = max(rss[method], peak.growth)
             sent[method] = report.bytes
-            if who == "trainer pp0 tp0":
+            if who == everyone[0]:
                 rounds.put(method)
     result = {"seconds": seconds, "bytes": sent, "rss": rss,
               "tracked": {m: senders[m].buffer_bytes + senders[m].peak_temp_bytes for m in METHODS}}
@@ -200,10 +209,12 @@ def _vllm_engine(hf_config, layout, engine, ports, options, repeat, everyone, wo
     (work / "config.json").write_text(json.dumps({**hf_config, "torch_dtype": options["dtype"]}))
     llm = LLM(model=str(work), load_format="dummy", skip_tokenizer_init=True, dtype=options["dtype"],
               enforce_eager=True, tensor_parallel_size=layout.infer_tp, max_model_len=256, seed=0,
+              enable_expert_parallel=layout.infer_ep,
               worker_extension_cls=INSPECTABLE_EXTENSION)
     try:
         for method in METHODS:
             init = {"train_tp": layout.train_tp, "train_pp": layout.train_pp, "engines": layout.engines,
+                    "train_ep": layout.train_ep, "train_etp": layout.train_etp, "train_dp": layout.train_dp,
                     "engine_index": engine, "rendezvous": f"127.0.0.1:{ports[method]}",
                     "bucket_bytes": options["bucket_bytes"], "timeout": options["timeout"], "method": method}
             llm.collective_rpc("shardsync_init", args=(init,))

@@ -11,7 +11,9 @@ import time
 
 import torch
 
+from shardsync.runtime.methods.base import trainer_name
 from shardsync.runtime.plan import Layout
+from shardsync.runtime.plan.build import source_table
 from shardsync.runtime.plan.summary import human_bytes
 from shardsync.harness.tensors import materialize, random_hf_tensors
 from shardsync.runtime.transfer import Receiver, Sender
@@ -22,14 +24,19 @@ UPDATES = 2
 
 
 def run_demo(model: str = "qwen3-tiny", train_tp: int = 2, infer_tp: int = 2, engines: int = 2,
-             dtype: str = "bfloat16", bucket_bytes: int = 1 << 20, timeout: float = 60.0) -> int:
+             dtype: str = "bfloat16", bucket_bytes: int = 1 << 20, timeout: float = 60.0, train_ep: int = 1,
+             train_etp: int | None = None, train_dp: int | None = None, infer_ep: bool = False) -> int:
+    """One process per sender of the trainer (`layout.senders`) and per engine rank."""
     hf_config = model_config(model)
-    layout = Layout(train_tp, 1, infer_tp, engines)
+    layout = Layout(train_tp, 1, infer_tp, engines, train_ep=train_ep, train_etp=train_etp, train_dp=train_dp,
+                    infer_ep=infer_ep)
     options = {"rendezvous": f"127.0.0.1:{free_port()}", "bucket_bytes": bucket_bytes, "timeout": timeout,
                "dtype": dtype}
-    print(f"shardsync demo: {model}, trainer TP {train_tp} -> {engines} engines x TP {infer_tp} (plain tensors), "
-          f"{dtype}, buckets of {human_bytes(bucket_bytes)}")
-    ranks = [(f"trainer pp0 tp{tp}", _trainer, (hf_config, layout, tp, options)) for tp in range(train_tp)]
+    experts = (f" EP {layout.train_ep} ETP {layout.train_etp} DP {layout.train_dp} ({len(layout.senders)} sending ranks)"
+               if layout.train_ep > 1 or layout.train_etp != train_tp else "")
+    print(f"shardsync demo: {model}, trainer TP {train_tp}{experts} -> {engines} engines x TP {infer_tp}"
+          f"{' with EP' if infer_ep else ''} (plain tensors), {dtype}, buckets of {human_bytes(bucket_bytes)}")
+    ranks = [(trainer_name(src), _trainer, (hf_config, layout, src.rank, options)) for src in layout.senders]
     ranks += [(f"engine {e} tp{tp}", _engine, (hf_config, layout, e, tp, options))
               for e in range(engines) for tp in range(infer_tp)]
     print(f"starting {len(ranks)} processes (each imports torch first) ...", flush=True)
@@ -40,18 +47,20 @@ def run_demo(model: str = "qwen3-tiny", train_tp: int = 2, infer_tp: int = 2, en
         print(f"{who} failed:\n{error}")
     if failed:
         return 1
-    trainers = [results[f"trainer pp0 tp{tp}"] for tp in range(train_tp)]
+    trainers = [results[trainer_name(src)] for src in layout.senders]
     engine_results = [r for who, r in sorted(results.items()) if who.startswith("engine")]
     print(f"plan {trainers[0]['plan']}: {sum(t['channels'] for t in trainers)} channels, "
           f"connected in {max(t['connect_s'] for t in trainers):.2f} s")
+    width = max([16] + [len(r[0]) + 1 for t in trainers for r in t["reports"][0]])  # dp in a name makes it longer
     for update in range(UPDATES):
         print(f"\nupdate {update + 1}")
-        print(f"  {'channel':<16} {'from':<16} {'to':<16} {'copies':>6} {'bytes':>11} {'seconds':>8} {'MiB/s':>8}")
+        print(f"  {'channel':<{width}} {'from':<{width}} {'to':<16} {'copies':>6} {'bytes':>11} {'seconds':>8} "
+              f"{'MiB/s':>8}")
         for trainer in trainers:
             for name, copies, sent, seconds in trainer["reports"][update]:
                 src, dst = name.split("-to-")
                 engines_to = ",".join(str(e) for e in range(engines))
-                print(f"  {name:<16} {'trainer ' + src.replace('-', ' '):<16} {f'engine {engines_to} {dst}':<16} "
+                print(f"  {name:<{width}} {'trainer ' + src.replace('-', ' '):<{width}} {f'engine {engines_to} {dst}':<16} "
                       f"{copies:>6} {human_bytes(sent):>11} {seconds:>8.3f} {sent / seconds / 2**20:>8.1f}")
         exact = sum(1 for r in engine_results if not r["mismatches"][update])
         print(f"  engine ranks exact after the update: {exact}/{len(engine_results)}")
@@ -62,13 +71,14 @@ def run_demo(model: str = "qwen3-tiny", train_tp: int = 2, infer_tp: int = 2, en
     return 0 if all(not any(r["mismatches"]) for r in engine_results) else 1
 
 
-def _trainer(hf_config: dict, layout: Layout, tp: int, options: dict) -> dict:
-    sender = Sender(hf_config, layout, pp_rank=0, tp_rank=tp, **_with_dtype(options))
+def _trainer(hf_config: dict, layout: Layout, rank: int, options: dict) -> dict:
+    src = layout.trainer(rank)
+    sender = Sender(hf_config, layout, pp_rank=src.pp, tp_rank=src.tp, dp_rank=src.dp, **_with_dtype(options))
     started = time.monotonic()
     sender.connect()
     connect_s = time.monotonic() - started
     after_connect = sender.channels_created
-    table = sender.module.megatron_shard_table(sender.cfg, tp, layout.train_tp)
+    table = source_table(sender.module, sender.cfg, layout, src)
     reports = []
     for seed in range(UPDATES):
         weights = random_hf_tensors(sender.module.hf_shapes(sender.cfg), seed)
@@ -86,7 +96,7 @@ def _engine(hf_config: dict, layout: Layout, engine: int, tp: int, options: dict
     after_connect = receiver.channels_created
     dtype = receiver.dtype
     params = {name: torch.zeros(shape, dtype=dtype) for name, shape in receiver.tensor_shapes().items()}
-    table = receiver.module.vllm_shard_table(receiver.cfg, tp, layout.infer_tp)
+    table = receiver.module.vllm_shard_table(receiver.cfg, tp, layout.infer_tp, layout.infer_ep)
     mismatches = []
     for seed in range(UPDATES):
         receiver.update(params)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 
+from shardsync.runtime.methods.base import trainer_name
 from shardsync.runtime.plan import Layout
 from shardsync.harness.local_cluster import free_port
 from shardsync.presets import model_config
@@ -38,10 +39,9 @@ class _Drill:
         options = {"rendezvous": f"127.0.0.1:{free_port()}", "timeout": timeout, "bucket_bytes": 1 << 16,
                    "verify": True, "dtype": "float32"}
         self.specs: dict[str, RankSpec] = {}
-        for pp in range(layout.train_pp):
-            for tp in range(layout.train_tp):
-                who = f"trainer pp{pp} tp{tp}"
-                self.specs[who] = RankSpec(who, "trainer", hf_config, layout, options, (pp, tp))
+        for src in layout.senders:  # with expert parallelism, ranks at dense DP rank above 0 too
+            who = trainer_name(src)
+            self.specs[who] = RankSpec(who, "trainer", hf_config, layout, options, (src.pp, src.tp, src.dp))
         for engine in range(layout.engines):
             config = engine_config if engine_config is not None and engine == odd_engine else hf_config
             if engine_kind == "vllm":  # one process per engine: vLLM starts its TP workers itself
@@ -94,13 +94,16 @@ class _Drill:
 
 
 def run_scenario(scenario: str, model: str = "qwen3-tiny", train_tp: int = 2, infer_tp: int = 2, engines: int = 2,
-                 timeout: float = 10.0, engine: str = "tensors", log=print) -> dict:
+                 timeout: float = 10.0, engine: str = "tensors", log=print, train_ep: int = 1,
+                 train_etp: int | None = None, train_dp: int | None = None, infer_ep: bool = False) -> dict:
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}: one of {', '.join(SCENARIOS)}")
     hf_config = model_config(model)
-    layout = Layout(train_tp, 1, infer_tp, engines)
+    layout = Layout(train_tp, 1, infer_tp, engines, train_ep=train_ep, train_etp=train_etp, train_dp=train_dp,
+                    infer_ep=infer_ep)
     result = {"scenario": scenario, "engine": engine, "model": model, "train_tp": train_tp, "infer_tp": infer_tp,
-              "engines": engines, "timeout": timeout, "detected": False, "seconds_to_error": None,
+              "engines": engines, "train_ep": layout.train_ep, "train_etp": layout.train_etp,
+              "train_dp": layout.train_dp, "infer_ep": infer_ep, "timeout": timeout, "detected": False, "seconds_to_error": None,
               "engine_state_after_fault": None,
               "recovered": False, "hung": False, "errors": {}}
     odd = {**hf_config, "num_hidden_layers": hf_config["num_hidden_layers"] + 1}
@@ -148,7 +151,7 @@ def _kill_receiver(drill: _Drill, result: dict) -> None:
 
 
 def _kill_sender(drill: _Drill, result: dict) -> None:
-    victim = drill.ranks["trainer pp0 tp0"]  # hosts the store: the hardest one to lose
+    victim = drill.ranks[trainer_name(drill.layout.trainer(0))]  # hosts the store: the hardest one to lose
     watcher = drill.engines(0)[0]
     others = [r for r in drill.all() if r is not victim]
     for rank in [victim] + [r for r in others if r is not watcher]:

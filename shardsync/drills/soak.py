@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+from shardsync.runtime.methods.base import trainer_name
 from shardsync.runtime.plan import Layout
 from shardsync.harness.local_cluster import free_port
 from shardsync.presets import model_config
@@ -18,17 +19,23 @@ RSS_MARGIN_BYTES = 16 << 20  # allocator noise; a leak over hundreds of updates 
 
 
 def run_soak(model: str = "qwen3-tiny", train_tp: int = 2, infer_tp: int = 1, engines: int = 2, updates: int = 200,
-             timeout: float = 30.0, progress=None) -> dict:
+             timeout: float = 30.0, progress=None, train_ep: int = 1, train_etp: int | None = None,
+             train_dp: int | None = None, infer_ep: bool = False) -> dict:
+    """One process per sender of the trainer (`layout.senders`) and per engine rank."""
     hf_config = model_config(model)
-    layout = Layout(train_tp, 1, infer_tp, engines)
+    layout = Layout(train_tp, 1, infer_tp, engines, train_ep=train_ep, train_etp=train_etp, train_dp=train_dp,
+                    infer_ep=infer_ep)
     options = {"rendezvous": f"127.0.0.1:{free_port()}", "timeout": timeout, "bucket_bytes": 1 << 16,
                "verify": True, "dtype": "float32"}
-    specs = [RankSpec(f"trainer pp0 tp{tp}", "trainer", hf_config, layout, options, (0, tp)) for tp in range(train_tp)]
+    specs = [RankSpec(trainer_name(src), "trainer", hf_config, layout, options, (src.pp, src.tp, src.dp))
+             for src in layout.senders]
     specs += [RankSpec(f"engine {e} tp{tp}", "engine", hf_config, layout, options, (e, tp))
               for e in range(engines) for tp in range(infer_tp)]
     ranks = [RankProcess(spec) for spec in specs]
     engine_ranks = [r for r in ranks if r.spec.role == "engine"]
-    result = {"model": model, "train_tp": train_tp, "infer_tp": infer_tp, "engines": engines, "updates": 0,
+    result = {"model": model, "train_tp": train_tp, "infer_tp": infer_tp, "engines": engines,
+              "train_ep": layout.train_ep, "train_etp": layout.train_etp, "train_dp": layout.train_dp,
+              "infer_ep": infer_ep, "updates": 0,
               "exact_updates": 0, "verify": True}
     try:
         connected = _ok(call(ranks, "connect", timeout=3 * timeout), "connect")

@@ -243,8 +243,10 @@ class _Rank:
         module, cfg, layout = self.end.module, self.end.cfg, self.spec.layout
         table = source_table(module, cfg, layout, self.end.position)
         tensors = materialize(table, random_hf_tensors(module.hf_shapes(cfg), seed), torch.float32)
-        # a TP-split weight: each rank sends its own (a replicated one may come from another rank)
-        victim = next(n for n in tensors if n.endswith("linear_fc1.weight"))
+        # a TP- or EP-split weight: each rank sends its own (a replicated one may come from another
+        # rank); an MLP's, else (a rank without experts of a model whose every MLP is experts) attention's
+        victim = next((n for n in tensors if n.endswith("linear_fc1.weight")), None) or next(
+            n for n in tensors if n.endswith("linear_qkv.weight"))
         allow = fault == "nan-allowed"
         if fault in ("nan", "nan-allowed"):
             tensors[victim].view(-1)[3] = float("nan")
