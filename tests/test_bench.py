@@ -39,3 +39,24 @@ def test_bench_compares_both_methods_on_the_same_processes(tmp_path):
     # the whole model either way (counted once per broadcast), but the norms, which
     # every engine TP rank holds whole, go once per engine TP rank on the shard path
     assert 0 < sum(shard_sent) - gather_sent[0] < 0.01 * gather_sent[0]
+
+
+def test_bench_takes_expert_parallel_layouts(tmp_path):
+    """TP 2 x EP 2 (expert TP 1): each rank sends its own experts shard to shard; the
+    baseline's rank 0 gathers every expert over EP and sends the whole model."""
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "shardsync.cli", "bench", "--model", "qwen3-moe-tiny", "--train-tp", "2",
+               "--train-ep", "2", "--train-etp", "1", "--infer-tp", "2", "--engines", "2", "--repeat", "1",
+               "--bucket-mb", "0.25", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "trainer TP 2 PP 1 EP 2 ETP 1 DP 1" in result.stdout
+    report = json.loads(out.read_text())
+    assert (report["train_ep"], report["train_etp"], report["train_dp"]) == (2, 1, 1)
+    assert report["trainer_ranks"] == ["trainer pp0 tp0", "trainer pp0 tp1"]
+    assert report["engines_equal"] is True
+    bucket = report["bucket_bytes"]
+    assert all(b <= 2 * bucket for b in report["trainer_peak_extra_bytes"]["shard"])
+    assert all(b > 2 * bucket for b in report["trainer_peak_extra_bytes"]["gather"])  # both gather experts
+    shard_sent, gather_sent = (report["bytes_sent_per_trainer_rank"][m] for m in ("shard", "gather"))
+    assert min(shard_sent) > 0 and gather_sent[1] == 0 and gather_sent[0] > 0

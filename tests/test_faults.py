@@ -52,6 +52,19 @@ def test_a_fault_is_detected_named_and_undone(scenario):
         assert result["engine_states"] == {"engine 0": "stale", "engine 1": "fresh"}, result
 
 
+def test_a_killed_store_host_is_detected_and_undone_with_experts_on_a_dense_dp_replica():
+    """TP 1 x EP 2: the second sender is dense DP rank 1, there for its experts; the first
+    (the store's host) is killed mid-update, every engine names it, and the restarted
+    trainer, both ranks, brings every engine back exact."""
+    result = run_scenario("kill-sender", model="qwen3-moe-tiny", train_tp=1, train_ep=2, infer_tp=2, engines=1,
+                          timeout=TIMEOUT, log=lambda *_: None)
+    assert result["detected"] and result["recovered"] and not result["hung"], result
+    assert result["train_dp"] == 2 and result["engine_state_after_fault"] == "stale", result
+    assert all("trainer pp0 tp0" in e and "update 2" in e for who, e in result["errors"].items()
+               if who.startswith("engine")), result["errors"]
+    assert result["channels_recreated"] == 4, result  # each sender's channel to each engine TP rank
+
+
 def _connect(role: str, hf_config: dict, layout: Layout, port: int, **extra) -> RankProcess:
     position = (0, 0)
     who = "trainer pp0 tp0" if role == "trainer" else "engine 0 tp0"
