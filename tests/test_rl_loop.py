@@ -35,3 +35,20 @@ def test_three_steps_tp2_trainer_to_two_tp1_engines_stay_within_the_logprob_boun
         assert record.bytes == initial_bytes > 0
         assert record.tokens == 4 * 8
     assert stale.logprob_abs_diff_max > 100 * FLOAT32_BOUND, stale
+
+
+def test_moe_trainer_at_tp1_ep2_into_one_engine_stays_within_the_logprob_bound(tmp_path):
+    # TP 1 x EP 2: dense DP 2, each rank holds two experts and sends them; one TP-1 engine
+    config = LoopConfig(model="qwen3-moe-tiny", train_tp=1, train_pp=1, train_ep=2, infer_tp=1, engines=1, steps=2,
+                        prompts=2, max_tokens=6, timeout=240)
+    loop = RLLoop(config, tmp_path, log=lambda *_: None)
+    try:
+        _, initial_bytes, at_connect = loop.sync()
+        records = [loop.step() for _ in range(2)]
+    finally:
+        loop.close()
+    assert at_connect == 2  # both ranks send: dp1 holds experts 2 and 3
+    for record in records:
+        assert record.logprob_abs_diff_max <= FLOAT32_BOUND, record
+        assert record.channels_created == at_connect
+        assert record.bytes == initial_bytes > 0
