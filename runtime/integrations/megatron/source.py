@@ -7,6 +7,12 @@ field would be caught by the plan's shape check; one that only changes numbers
 (norm epsilon, RoPE base, the vocab padding) would not, so each is compared and
 refused by name. Works on any device: mixed dtypes (bf16 linears, fp32 norms) are
 cast to the wire dtype while packing.
+
+Mixture-of-experts models: router settings that change which experts a token reaches
+or how their outputs are weighed are compared too, since the tensors are the same
+either way. Experts keep megatron-core's local index (`local_experts.{j}` on EP rank r
+is global expert r*E/EP + j, which the shard tables know), and a rank hands them over
+only at expert-DP rank 0: elsewhere they are gradient replicas.
 """
 
 from __future__ import annotations
@@ -188,7 +194,7 @@ def check_model(model, hf_config: dict, tp_size: int, make_vocab_size_divisible_
 
 _HF_OF = {"num_moe_experts": "experts", "moe_router_topk": "topk", "moe_ffn_hidden_size": "moe_ffn",
           "ffn_hidden_size": "moe_ffn", "moe_router_pre_softmax": "norm_topk",
-          "moe_shared_expert_intermediate_size": "shared_ffn", "moe_shared_expert_gate": "shared_ffn"}
+          "moe_shared_expert_intermediate_size": "shared_ffn"}
 """MoE TransformerConfig field -> the spec config field it comes from (for the message)."""
 
 ROUTING = {"moe_router_score_function": "softmax", "moe_router_enable_expert_bias": False,
