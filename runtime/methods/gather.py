@@ -126,9 +126,10 @@ def _has_experts(module, cfg) -> bool:
 
 
 def gather_groups(layout: Layout, stage: int, experts: bool) -> list[tuple[str, tuple[TrainerRank, ...]]]:
-    """A stage's gather groups, members in rank order within each: the dense TP group
-    (dense-DP-0 ranks); per EP rank its expert-TP group, then per expert-TP rank its
-    EP group (expert-DP-0 ranks). Groups of one member are not made."""
+    """A stage's gather groups: the dense TP group (dense-DP-0 ranks); per EP rank its
+    expert-TP group, then per expert-TP rank its EP group (expert-DP-0 ranks). Member i
+    is the rank at index i of the group's axis, which is how the stage's first rank
+    knows whose shard each gathered output is. Groups of one member are not made."""
     senders = [s for s in layout.senders if s.pp == stage]
     groups = [(f"gather-pp{stage}", tuple(sorted((s for s in senders if s.dp == 0), key=lambda s: s.tp)))]
     if experts:
