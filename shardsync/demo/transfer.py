@@ -32,8 +32,8 @@ def run_demo(model: str = "qwen3-tiny", train_tp: int = 2, infer_tp: int = 2, en
                     infer_ep=infer_ep)
     options = {"rendezvous": f"127.0.0.1:{free_port()}", "bucket_bytes": bucket_bytes, "timeout": timeout,
                "dtype": dtype}
-    experts = (f" EP {layout.train_ep} ETP {layout.train_etp} DP {layout.train_dp} ({len(layout.senders)} sending ranks)"
-               if layout.train_ep > 1 or layout.train_etp != train_tp else "")
+    experts = (f" EP {layout.train_ep} ETP {layout.train_etp} DP {layout.train_dp} "
+               f"({len(layout.senders)} sending ranks)" if layout.train_ep > 1 or layout.train_etp != train_tp else "")
     print(f"shardsync demo: {model}, trainer TP {train_tp}{experts} -> {engines} engines x TP {infer_tp}"
           f"{' with EP' if infer_ep else ''} (plain tensors), {dtype}, buckets of {human_bytes(bucket_bytes)}")
     ranks = [(trainer_name(src), _trainer, (hf_config, layout, src.rank, options)) for src in layout.senders]
@@ -60,7 +60,8 @@ def run_demo(model: str = "qwen3-tiny", train_tp: int = 2, infer_tp: int = 2, en
             for name, copies, sent, seconds in trainer["reports"][update]:
                 src, dst = name.split("-to-")
                 engines_to = ",".join(str(e) for e in range(engines))
-                print(f"  {name:<{width}} {'trainer ' + src.replace('-', ' '):<{width}} {f'engine {engines_to} {dst}':<16} "
+                sender = "trainer " + src.replace("-", " ")
+                print(f"  {name:<{width}} {sender:<{width}} {f'engine {engines_to} {dst}':<16} "
                       f"{copies:>6} {human_bytes(sent):>11} {seconds:>8.3f} {sent / seconds / 2**20:>8.1f}")
         exact = sum(1 for r in engine_results if not r["mismatches"][update])
         print(f"  engine ranks exact after the update: {exact}/{len(engine_results)}")
