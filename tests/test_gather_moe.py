@@ -28,6 +28,8 @@ LAYOUTS = {
     "qwen3-moe 6 experts TP1 EP2 -> TP4 EP": ("qwen3-moe-tiny-6e", Layout(1, 1, 4, 1, train_ep=2, infer_ep=True)),
     "qwen2-moe shared TP2 ETP2 PP2 -> TP1": ("qwen2-moe-tiny", Layout(2, 2, 1, 1, train_etp=2)),
     "mixtral EP2 -> TP2": ("mixtral-tiny", Layout(1, 1, 2, 1, train_ep=2)),
+    # expert TP then EP, and dense-DP-1 senders in both expert gathers
+    "qwen3-moe TP2 EP2 ETP2 DP2 -> TP2": ("qwen3-moe-tiny", Layout(2, 1, 2, 1, train_ep=2, train_etp=2)),
 }
 
 
