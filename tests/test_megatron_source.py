@@ -135,7 +135,8 @@ def test_a_model_that_differs_from_the_hf_config_is_refused_by_field():
     assert messages["kv heads"].startswith("TransformerConfig.num_query_groups is 2")
     assert messages["norm eps"].startswith("TransformerConfig.layernorm_epsilon is 1e-06")
     assert "rotary_base is 1e+06" in messages["rope"]
-    assert "GPTModel.vocab_size is 1024" in messages["vocab padding"] and "make_vocab_size_divisible_by=100 gives 1000" in messages["vocab padding"]
+    assert "GPTModel.vocab_size is 1024" in messages["vocab padding"]
+    assert "make_vocab_size_divisible_by=100 gives 1000" in messages["vocab padding"]
     assert "share_embeddings_and_output_weights is True" in messages["tied"]
     assert "ffn_hidden_size is 384" in messages["ffn"]
 

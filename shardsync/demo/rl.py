@@ -17,15 +17,16 @@ from shardsync.runtime.plan.summary import human_bytes
 from shardsync.demo.rl_loop import LoopConfig, RLLoop, StepRecord, loop_layout
 
 FLOAT32_BOUND = 1e-4
-_COLUMNS = f"{'step':>4} {'sync s':>8} {'moved':>10} {'|dlogp| mean':>13} {'|dlogp| max':>12} {'channels':>8} {'reward':>7}"
+_COLUMNS = (f"{'step':>4} {'sync s':>8} {'moved':>10} {'|dlogp| mean':>13} {'|dlogp| max':>12} {'channels':>8} "
+            f"{'reward':>7}")
 
 
 def run_demo(config: LoopConfig, out_dir: str = "out/demo", log=print) -> int:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     layout = loop_layout(config)
-    experts = (f" EP {layout.train_ep} ETP {layout.train_etp}" if layout.train_ep > 1 or layout.train_etp != layout.train_tp
-               else "")
+    expert_parallel = layout.train_ep > 1 or layout.train_etp != layout.train_tp
+    experts = f" EP {layout.train_ep} ETP {layout.train_etp}" if expert_parallel else ""
     log(f"shardsync demo: {config.model}, megatron-core trainer TP {layout.train_tp}{experts} DP {layout.train_dp} "
         f"PP {layout.train_pp} ({layout.world} ranks, {len(layout.senders)} sending) -> {config.engines} vLLM "
         f"engine(s) x TP {config.infer_tp}, {config.dtype}, {config.steps} steps (Ray)")

@@ -269,7 +269,8 @@ class RLLoop:
         try:
             return self.ray.get(refs, timeout=timeout or self.config.timeout)
         except self.ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"{what}: no answer from the actors within {timeout or self.config.timeout:.0f}s") from None
+            waited = timeout or self.config.timeout
+            raise TimeoutError(f"{what}: no answer from the actors within {waited:.0f}s") from None
 
 
 def loop_layout(config: LoopConfig):
