@@ -44,21 +44,30 @@ class Heartbeat:
         self._thread.join(timeout=2 * BEAT_S)
 
 
-def silent_peers(store, peers: tuple[str, ...], host: str) -> str:
+def silent_peers(store, peers: tuple[str, ...], host: str, others: tuple[str, ...] = ()) -> str:
     """A sentence naming the peers that stopped beating (watched for SILENT_AFTER_S).
-    Uses the endpoint's own connection: a new one to a dead host would retry for
-    the whole store timeout, an open one fails at once."""
+
+    Where every peer still beats, the rest of the transfer (`others`) is watched in the
+    same pause: a peer stuck on a channel to an endpoint that died is waiting on that
+    endpoint, and the sentence names it. Uses the endpoint's own connection: a new one
+    to a dead host would retry for the whole store timeout, an open one fails at once."""
+    watched = tuple(peers) + tuple(o for o in others if o not in peers)
     try:
         _beats(store, host)  # reaching the store at all says whether its host lives
-        before = {p: _beats(store, p) for p in peers}
+        before = {p: _beats(store, p) for p in watched}
         time.sleep(SILENT_AFTER_S)
-        after = {p: _beats(store, p) for p in peers}
+        after = {p: _beats(store, p) for p in watched}
     except RuntimeError:
         return f"the rendezvous store is unreachable: its host, {host}, is gone"
     silent = [p for p in peers if before[p] == after[p]]
-    if not silent:
-        return f"{', '.join(peers)} still alive (heartbeats go on), so stuck rather than gone"
-    return f"{', '.join(silent)} stopped responding (no heartbeat for {SILENT_AFTER_S:.0f}s)"
+    if silent:
+        return f"{', '.join(silent)} stopped responding (no heartbeat for {SILENT_AFTER_S:.0f}s)"
+    sentence = f"{', '.join(peers)} still alive (heartbeats go on), so stuck rather than gone"
+    gone = [p for p in watched[len(peers):] if before[p] == after[p]]
+    if gone:
+        sentence += (f"; {', '.join(gone)} stopped responding (no heartbeat for {SILENT_AFTER_S:.0f}s), "
+                     f"which may be what {'they wait' if len(peers) > 1 else 'it waits'} on")
+    return sentence
 
 
 class Watch:

@@ -172,7 +172,8 @@ class Session:
             pass  # the store is gone: nobody is left waiting for this
 
     def diagnose(self, peers: tuple[str, ...]) -> str:
-        return silent_peers(self.store, peers, self.host_name)
+        others = tuple(p for p in self.everyone if p != self.who) if peers else ()
+        return silent_peers(self.store, peers, self.host_name, others)
 
     def close(self) -> None:
         """Leave the store. The host first keeps it up for the peers still reading it
