@@ -5,7 +5,9 @@ by box, so each engine rank takes every full HF tensor and lets the model's own
 `load_weights` fuse and slice it, wrapped in vLLM's layerwise reload (what vLLM's
 NCCL weight-transfer engine does): parameters post-processed after loading (linears
 repacked for oneDNN on CPU, quantized kernels) are restored to the loading format
-before their layer loads and re-processed after it.
+before their layer loads and re-processed after it; a fused-MoE layer is
+re-processed as its first load was (`experts_processed_as_first_load`), which vLLM's
+reload alone does not do.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ class VllmLoader:
     def load_weights(self, weights) -> set[str]:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
+        from shardsync.runtime.integrations.vllm.params import experts_processed_as_first_load
+
         initialize_layerwise_reload(self.model)
-        loaded = self.model.load_weights(weights)
-        finalize_layerwise_reload(self.model, self.model_config)
+        with experts_processed_as_first_load(self.model):
+            loaded = self.model.load_weights(weights)
+            finalize_layerwise_reload(self.model, self.model_config)
         return loaded

@@ -23,6 +23,9 @@ matmul is separate), which is why the rule is per layer and not per shape.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from functools import partial
+
 import torch
 
 from shardsync.runtime.plan import boxes
@@ -182,7 +185,7 @@ def _process(layer: torch.nn.Module, info) -> None:
     info.reset()
 
 
-def _process_as_first_load(layer: torch.nn.Module) -> None:
+def _process_as_first_load(layer: torch.nn.Module, process=None) -> None:
     """The layer's post-processing, transforming the weights as the engine's first load did.
 
     A fused-MoE method whose kernel is already built treats the call as a weight
@@ -192,11 +195,13 @@ def _process_as_first_load(layer: torch.nn.Module) -> None:
     when the method skipped it. The kernel itself, and with it the expert map and
     routing tables it was built with, is kept: rebuilding it is what a first load
     does beyond transforming weights, and the engine's expert placement must not move.
+    `process` is the method's own post-processing where its attribute is wrapped.
     """
     method = layer.quant_method
+    process = process or method.process_weights_after_loading
     experts = getattr(getattr(method, "moe_kernel", None), "fused_experts", None)
     if experts is None:
-        method.process_weights_after_loading(layer)
+        process(layer)
         return
     own_step = experts.process_weights_after_loading
     ran = []
@@ -207,8 +212,32 @@ def _process_as_first_load(layer: torch.nn.Module) -> None:
 
     experts.process_weights_after_loading = watched  # an instance attribute, removed below
     try:
-        method.process_weights_after_loading(layer)
+        process(layer)
     finally:
         del experts.process_weights_after_loading
     if not ran:
         own_step(layer)
+
+
+@contextmanager
+def experts_processed_as_first_load(model: torch.nn.Module):
+    """While vLLM's own layerwise reload runs (full HF tensors through `load_weights`):
+    each fused-MoE layer's post-processing runs as in `_process_as_first_load`, which
+    that reload, calling the method directly, would otherwise skip the experts' step of."""
+    wrapped = []
+    for layer in model.modules():
+        method = getattr(layer, "quant_method", None)
+        if getattr(getattr(method, "moe_kernel", None), "fused_experts", None) is None or method in wrapped:
+            continue
+        process = method.process_weights_after_loading
+        method.process_weights_after_loading = partial(_process_with, process)
+        wrapped.append(method)
+    try:
+        yield
+    finally:
+        for method in wrapped:
+            del method.process_weights_after_loading
+
+
+def _process_with(process, layer: torch.nn.Module) -> None:
+    _process_as_first_load(layer, process)
