@@ -244,8 +244,8 @@ class Sender(_Endpoint):
 class Receiver(_Endpoint):
     """An engine rank's end: writes the pieces it is sent into its live tensors in place.
 
-    Extra keyword arguments are forwarded to channel creation (the seed's receiver
-    set-up dropped them and failed with a TypeError).
+    Extra keyword arguments are forwarded to channel creation, as a Sender's are: a
+    framework's channel options must reach both ends of every channel.
     """
 
     def __init__(self, hf_config: dict, layout: Layout, *, engine: int, tp_rank: int, **options):

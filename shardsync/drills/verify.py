@@ -22,6 +22,7 @@ engine to compare with; engine-side EP is checked on plain tensors instead.
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 import time
@@ -104,7 +105,7 @@ def run_verify(model: str, layout: Layout, dtype: str = "float32", updates: int 
     # vLLM imported before the trainer processes spawn: importing it loads OpenCV, whose loader
     # puts its package directory first on sys.path for a moment, and a process spawned in that
     # moment inherits the path and cannot import torch (its `typing` is OpenCV's)
-    from vllm import LLM  # noqa: F401
+    importlib.import_module("vllm")
 
     trainers = threading.Thread(target=trainers_main, daemon=True)
     trainers.start()
