@@ -30,6 +30,7 @@ from shardsync.runtime.methods.base import Context, OverChannels, engine_name, t
 from shardsync.runtime.plan import boxes
 from shardsync.runtime.plan import buckets as bucketing
 from shardsync.runtime.plan.boxes import Box
+from shardsync.runtime.plan.build import has_experts, is_expert
 from shardsync.runtime.plan.layout import Layout, TrainerRank
 from shardsync.runtime.reports import ChannelReport, Receipt
 from shardsync.runtime.wire.channels import Channels
@@ -79,7 +80,7 @@ class StageSchedule:
 def stage_schedules(module, cfg, layout: Layout, capacity: int) -> list[StageSchedule]:
     """Every stage's full HF tensors in the order its gathers complete them, packed into buckets."""
     shapes = module.hf_shapes(cfg)
-    experts = _has_experts(module, cfg)
+    experts = has_experts(module, cfg)
     schedules = []
     for stage in range(layout.train_pp):
         tables = _stage_tables(module, cfg, layout, stage, experts)
@@ -101,13 +102,13 @@ def _stage_tables(module, cfg, layout: Layout, stage: int, experts: bool) -> dic
         return module.megatron_shard_table(cfg, tp, layout.train_tp, stage, layout.train_pp,
                                            ep, layout.train_ep, etp, layout.train_etp)
 
-    def is_expert(local) -> bool:
-        return module.resolve(local.name, cfg).expert is not None
+    def held(tp: int, ep: int, etp: int, experts_only: bool) -> dict:
+        return {local.name: local for local in table(tp, ep, etp)
+                if is_expert(module, cfg, local.name) == experts_only}
 
-    tables = {("tp", t): {local.name: local for local in table(t, 0, 0) if not is_expert(local)}
-              for t in range(layout.train_tp)}
+    tables = {("tp", t): held(t, 0, 0, False) for t in range(layout.train_tp)}
     if experts:
-        tables.update({("ep", r, t): {local.name: local for local in table(0, r, t) if is_expert(local)}
+        tables.update({("ep", r, t): held(0, r, t, True)
                        for r in range(layout.train_ep) for t in range(layout.train_etp)})
     return tables
 
@@ -119,10 +120,6 @@ def _names_in_order(module, cfg, layout: Layout, stage: int) -> list[str]:
 
 def _hf_names(*held) -> tuple[str, ...]:
     return tuple(dict.fromkeys(piece.hf_name for local in held for piece in local.pieces))
-
-
-def _has_experts(module, cfg) -> bool:
-    return any(family.experts for family in module.families(cfg))
 
 
 def gather_groups(layout: Layout, stage: int, experts: bool) -> list[tuple[str, tuple[TrainerRank, ...]]]:
@@ -149,7 +146,7 @@ class GatherMethod(OverChannels):
     def __init__(self, context: Context):
         self.context = context
         module, cfg, layout = context.module, context.cfg, context.layout
-        self.experts = _has_experts(module, cfg)
+        self.experts = has_experts(module, cfg)
         self.stages = stage_schedules(module, cfg, layout, context.capacity)
         self.shapes = module.hf_shapes(cfg)
         largest = max((b.numel for s in self.stages for b in s.buckets), default=0)

@@ -97,7 +97,8 @@ def build_plan(module: ModuleType, cfg, layout: Layout, dtype_bytes: int) -> Pla
     _check_experts(module, cfg, layout)
     source_tables = _source_tables(module, cfg, layout)
     sources = _source_pieces(source_tables)
-    engine_tables = {s: module.vllm_shard_table(cfg, s, layout.infer_tp, layout.infer_ep) for s in range(layout.infer_tp)}
+    engine_tables = {s: module.vllm_shard_table(cfg, s, layout.infer_tp, layout.infer_ep)
+                     for s in range(layout.infer_tp)}
 
     wanted: list[tuple[int, _Need]] = []  # (dst_tp, need) in model order per engine rank
     for dst_tp, table in engine_tables.items():
@@ -219,8 +220,16 @@ def source_table(module: ModuleType, cfg, layout: Layout, src: TrainerRank) -> l
     left out, as the experts' gradient replicas."""
     table = module.megatron_shard_table(cfg, src.tp, layout.train_tp, src.pp, layout.train_pp,
                                         src.ep, layout.train_ep, src.etp, layout.train_etp)
-    return [local for local in table
-            if src.sends_experts or module.resolve(local.name, cfg).expert is None]
+    return [local for local in table if src.sends_experts or not is_expert(module, cfg, local.name)]
+
+
+def is_expert(module: ModuleType, cfg, megatron_name: str) -> bool:
+    """Whether a Megatron tensor is one expert's (sent from expert-DP-0 ranks only)."""
+    return module.resolve(megatron_name, cfg).expert is not None
+
+
+def has_experts(module: ModuleType, cfg) -> bool:
+    return any(family.experts for family in module.families(cfg))
 
 
 def source_label(src: TrainerRank, sep: str = " ") -> str:
@@ -234,8 +243,9 @@ def _source_tables(module: ModuleType, cfg, layout: Layout) -> dict[int, list]:
 
 def _check_experts(module: ModuleType, cfg, layout: Layout) -> None:
     """Expert parallelism asked of a model without experts is a mistake, not a no-op."""
-    if not any(family.experts for family in module.families(cfg)):
-        asked = [f"{name}={getattr(layout, name)}" for name in ("train_ep", "infer_ep") if getattr(layout, name) not in (1, False)]
+    if not has_experts(module, cfg):
+        asked = [f"{name}={getattr(layout, name)}" for name in ("train_ep", "infer_ep")
+                 if getattr(layout, name) not in (1, False)]
         if layout.train_etp != layout.train_tp:
             asked.append(f"train_etp={layout.train_etp}")
         if asked:

@@ -24,6 +24,7 @@ import torch
 from shardsync import generated
 from shardsync.runtime.errors import ModelMismatchError, TensorError
 from shardsync.runtime.plan import Layout
+from shardsync.runtime.plan.build import is_expert
 
 _LAYERS = "decoder.layers."
 _OUTPUT = "output_layer.weight"
@@ -132,7 +133,7 @@ class MegatronSource:
         Megatron name: the dense ones, and the experts (local index as megatron-core
         names them) if it is at expert DP rank 0."""
         return {name: param.detach() for name, param in self._params.items()
-                if self.edp_rank == 0 or self.module.resolve(name, self.cfg).expert is None}
+                if self.edp_rank == 0 or not is_expert(self.module, self.cfg, name)}
 
     def _index(self) -> dict[str, torch.nn.Parameter]:
         table = self.module.megatron_shard_table(self.cfg, self.tp_rank, self.tp_size, self.pp_rank, self.pp_size,
