@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import queue
 import random
+import signal
 import socket
 import threading
 import time
@@ -82,7 +83,8 @@ def run_ranks(ranks: list[tuple[str, Callable, tuple]], deadline_s: float,
                     raise RuntimeError(f"ranks did not finish within {deadline_s:.0f}s: {missing}") from None
                 dead = [w for w in missing if not procs[w].is_alive() and procs[w].exitcode not in (None, 0)]
                 if dead and results.empty():
-                    raise RuntimeError(f"ranks died without reporting: {dead}") from None
+                    how = ", ".join(f"{w} ({_exit_reason(procs[w].exitcode)})" for w in dead)
+                    raise RuntimeError(f"ranks died without reporting: {how}; their stderr says why") from None
     finally:
         for proc in procs.values():
             proc.join(timeout=5)
@@ -92,7 +94,20 @@ def run_ranks(ranks: list[tuple[str, Callable, tuple]], deadline_s: float,
     return collected
 
 
+def _exit_reason(code: int) -> str:
+    """A process's exit code in words: a signal by name (SIGKILL is often the OOM killer)."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
 def _rank_main(who: str, fn: Callable, args: tuple, results) -> None:
+    import faulthandler
+
+    faulthandler.enable()  # a crash in native code prints every thread's Python stack to stderr
     import torch
 
     from shardsync import log_lines
