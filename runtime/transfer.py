@@ -141,6 +141,12 @@ class _Endpoint:
         return self.transport.channels_created if self.transport is not None else 0
 
     @property
+    def mappings_created(self) -> int:
+        """Shared buffers and events this endpoint created or mapped (colocated method),
+        over every connect: at connect, 0 during updates."""
+        return self.transport.mappings_created if self.transport is not None else 0
+
+    @property
     def buffer_bytes(self) -> int:
         return self.transport.buffer_bytes if self.transport is not None else 0
 
@@ -339,7 +345,7 @@ class Receiver(_Endpoint):
             sink.begin_update()
         receipt: Receipt = self.transport.receive(counting or sink, number)
         if receipt.corrupted:
-            written = "" if counting is None else "; the bucket was not written"
+            written = "" if counting is None else "; a bucket that failed its checksum on arrival is not written"
             raise TransferError(f"update {number}: {self.who}: {'; '.join(receipt.corrupted)}{written}")
         if receipt.unloaded:
             raise TransferError(f"update {number}: {self.who}: the engine's loader stopped before taking "

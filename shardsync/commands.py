@@ -291,7 +291,7 @@ def verify(args) -> int:
     if layout.infer_ep:
         raise UserError(INFER_EP_REFUSED)
     result = run_verify(args.model, layout, dtype=args.dtype, updates=args.updates, out_dir=args.out,
-                        timeout=args.timeout, partial=args.partial, source=args.source)
+                        timeout=args.timeout, partial=args.partial, source=args.source, method=args.method)
     print(json.dumps(result))
     return 0 if result["ok"] else 1
 
@@ -308,7 +308,8 @@ def demo(args) -> int:
         raise UserError("--steps must be at least 1")
     config = LoopConfig(model=args.model, train_tp=args.train_tp, train_pp=args.train_pp, train_ep=args.train_ep,
                         train_etp=args.train_etp, train_dp=args.train_dp, infer_tp=args.infer_tp,
-                        engines=args.engines, steps=args.steps, dtype=args.dtype, timeout=args.timeout)
+                        engines=args.engines, steps=args.steps, dtype=args.dtype, timeout=args.timeout,
+                        method=args.method)
     return run_demo(config, out_dir=args.out)
 
 
@@ -317,7 +318,8 @@ def transfer_demo(args) -> int:
 
     checked(args)
     return run_demo(model=args.model, train_tp=args.train_tp, infer_tp=args.infer_tp, engines=args.engines,
-                    dtype=args.dtype, bucket_bytes=int(args.bucket_mb * 2**20), **_parallel_of(layout_of(args)))
+                    dtype=args.dtype, bucket_bytes=int(args.bucket_mb * 2**20), method=args.method,
+                    **_parallel_of(layout_of(args)))
 
 
 def bench_pack(args) -> int:
@@ -367,7 +369,7 @@ def chaos(args) -> int:
     from shardsync.drills.chaos import run_scenario
 
     result = run_scenario(args.scenario, model=args.model, train_tp=args.train_tp, infer_tp=args.infer_tp,
-                          engines=args.engines, timeout=args.timeout, engine=args.engine,
+                          engines=args.engines, timeout=args.timeout, engine=args.engine, method=args.method,
                           **_parallel_of(layout_of(args)))
     print(json.dumps(result))
     return 0 if result["detected"] and result["recovered"] and not result["hung"] else 1
@@ -386,7 +388,7 @@ def soak(args) -> int:
         raise UserError("--updates must be at least 1")
     with tqdm(total=args.updates, desc="updates", unit="update", disable=None) as bar:
         result = run_soak(args.model, args.train_tp, args.infer_tp, args.engines, args.updates,
-                          progress=lambda _: bar.update(1), **_parallel_of(layout_of(args)))
+                          progress=lambda _: bar.update(1), method=args.method, **_parallel_of(layout_of(args)))
     print(json.dumps(result))
     return 0 if result["ok"] else 1
 

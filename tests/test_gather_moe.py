@@ -1,9 +1,9 @@
-"""Mixture-of-experts layouts end to end over gloo, both methods on the same processes.
+"""Mixture-of-experts layouts end to end, every method on the same processes.
 
 Each layout runs every sender of the trainer (`layout.senders`: with expert
 parallelism, ranks at dense DP rank above 0 too) and every engine rank as its own
-process; each process connects a shard and a gather endpoint and runs two updates on
-each. Trainers hand over their tables' tensors cut from random HF weights; every engine
+process; each process connects a shard, a gather and a colocated endpoint (shared
+memory on this host) and runs two updates on each. Trainers hand over their tables' tensors cut from random HF weights; every engine
 tensor must equal, bitwise, what vLLM's table of that rank takes from those weights
 (experts of other EP ranks left out under engine expert parallelism).
 """
@@ -19,7 +19,7 @@ from shardsync.presets import model_config
 from shardsync.runtime.methods.gather import gather_groups
 from shardsync.runtime.plan import Layout
 
-METHODS = ("shard", "gather")
+METHODS = ("shard", "gather", "colocated")
 SEEDS = (11, 23)
 BUCKET_BYTES = 4096
 
@@ -85,7 +85,7 @@ def _engine(model: str, layout: Layout, engine: int, tp: int, ports: dict) -> di
 
 
 @pytest.mark.parametrize("model,layout", list(LAYOUTS.values()), ids=list(LAYOUTS))
-def test_both_methods_deliver_exactly_what_the_tables_say(model, layout):
+def test_every_method_delivers_exactly_what_the_tables_say(model, layout):
     ports = {m: free_port() for m in METHODS}
     ranks = [(f"trainer {s.rank}", _trainer, (model, layout, s.rank, ports)) for s in layout.senders]
     ranks += [(f"engine {e} tp{t}", _engine, (model, layout, e, t, ports))
@@ -102,7 +102,7 @@ def test_both_methods_deliver_exactly_what_the_tables_say(model, layout):
         for method in METHODS:  # made at connect, none by the updates; two buffers at most
             assert result[method]["created"] == len(result[method]["channels"]) >= 1, (who, method)
             assert result[method]["buffers"] <= 2 * BUCKET_BYTES, (who, method)
-        assert result["shard"]["peak"] == 0, who
+        assert result["shard"]["peak"] == result["colocated"]["peak"] == 0, who
 
     model_config_ = model_config(model)
     from shardsync import generated
@@ -122,4 +122,5 @@ def test_both_methods_deliver_exactly_what_the_tables_say(model, layout):
         else:
             assert result["gather"]["sent"] == [0] * len(SEEDS), sender
             assert result["gather"]["peak"] > 0, sender  # it gathered too
-        assert all(b > 0 for b in result["shard"]["sent"]), sender  # every sender sends its own bytes
+        for method in ("shard", "colocated"):  # every sender sends its own bytes
+            assert all(b > 0 for b in result[method]["sent"]), (sender, method)

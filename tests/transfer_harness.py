@@ -15,12 +15,14 @@ import torch
 
 from shardsync.runtime.plan import Layout
 from shardsync.runtime.transfer import Receiver, Sender
-from shardsync.harness.faults import slow_to_read_outcome
+from shardsync.harness.faults import SlowTargets, reuse_slots_early, slow_to_read_outcome
+from shardsync.runtime.targets import TensorTargets
 from shardsync.harness.local_cluster import free_port, run_ranks
 from tests import reference as ref
 
 SEEDS = (11, 23)  # one per update: the trainer's weights change between updates
 SLOW_READ_S = 3.0  # how long a `slow_reader` waits before reading the last update's outcomes
+SLOW_PIECE_S = 0.01  # how long a "slow-reader" engine takes before each piece it writes
 
 
 @dataclass(frozen=True)
@@ -37,10 +39,20 @@ class Case:
     stall: str | None = None  # a rank that connects, then never takes part in an update
     method: str = "auto"
     slow_reader: str | None = None  # a rank that reads the last update's outcomes SLOW_READ_S late
+    verify: bool = False
+    device: str = "cpu"
+    faults: tuple[tuple[str, str], ...] = ()  # (who, fault of shardsync.harness.faults) injected after connect
 
     def slow(self, who: str) -> None:
         if who == self.slow_reader:
             slow_to_read_outcome(SLOW_READ_S, update=self.updates)
+        for victim, fault in self.faults:
+            if victim == who and fault == "reuse-slots-early":
+                reuse_slots_early()
+
+    def targets(self, who: str, params: dict):
+        slow = [fault for victim, fault in self.faults if victim == who and fault.startswith("slow-reader")]
+        return SlowTargets(TensorTargets(params), SLOW_PIECE_S) if slow else params
 
     @property
     def layout(self) -> Layout:
@@ -48,7 +60,8 @@ class Case:
 
     def options(self, port: int) -> dict:
         return {"rendezvous": f"127.0.0.1:{port}", "bucket_bytes": self.bucket_bytes, "timeout": self.timeout,
-                "dtype": getattr(torch, self.dtype), "method": self.method}
+                "dtype": getattr(torch, self.dtype), "method": self.method, "verify": self.verify,
+                "device": self.device}
 
 
 def run(case: Case, allow_errors: bool = False) -> dict:
@@ -77,12 +90,14 @@ def _trainer(case: Case, port: int, pp: int, tp: int) -> dict:
     reports = []
     for seed in SEEDS[:case.updates]:
         full = ref.megatron_full(model, ref.random_hf(model, seed), 128, case.train_tp, seed)
-        shards = {n: ref.megatron_shard(n, t, tp, case.train_tp).clone() for n, t in full.items() if n in names}
+        shards = {n: ref.megatron_shard(n, t, tp, case.train_tp).clone().to(case.device)
+                  for n, t in full.items() if n in names}
         failed = _attempt(lambda: reports.append(sender.update(shards)))
         if failed:
             return failed
     result = {
         "groups_created": sender.channels_created,
+        "mappings_created": sender.mappings_created,
         "method": sender.method,
         "channels": len(sender.channels),
         "buffer_bytes": sender.buffer_bytes,
@@ -104,20 +119,23 @@ def _engine(case: Case, port: int, engine: int, tp: int) -> dict:
     if case.stall == receiver.who:
         return _stall(case)
     case.slow(receiver.who)
-    params = {name: torch.zeros(shape, dtype=dtype) for name, shape in receiver.tensor_shapes().items()}
+    params = {name: torch.zeros(shape, dtype=dtype, device=case.device)
+              for name, shape in receiver.tensor_shapes().items()}
+    targets = case.targets(receiver.who, params)
     mismatches = []
     for seed in SEEDS[:case.updates]:
-        failed = _attempt(lambda: receiver.update(params))
+        failed = _attempt(lambda: receiver.update(targets))
         if failed:
             return failed
         hf = ref.random_hf(model, seed)
         # without a vLLM layout table the engine holds full HF tensors, loaded by name
         expected = hf if receiver.loads_full_tensors else ref.vllm_rank(model, hf, tp, case.infer_tp)
         assert list(expected) == list(params)
-        mismatches.append([n for n, t in expected.items() if not torch.equal(params[n], t.to(dtype))])
+        mismatches.append([n for n, t in expected.items() if not torch.equal(params[n].cpu(), t.to(dtype))])
     element = torch.empty((), dtype=dtype).element_size()
     result = {
         "groups_created": receiver.channels_created,
+        "mappings_created": receiver.mappings_created,
         "method": receiver.method,
         "channels": len(receiver.channels),
         "buffer_bytes": receiver.buffer_bytes,

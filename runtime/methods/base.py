@@ -67,6 +67,11 @@ class Method(Protocol):
         """Channels or buffers created by every connect so far; an update creates none."""
 
     @property
+    def mappings_created(self) -> int:
+        """Shared buffers (and interprocess events) created or mapped by every connect
+        so far: the colocated method's; an update maps none."""
+
+    @property
     def buffer_bytes(self) -> int:
         """Bytes of the persistent bucket buffers."""
 
@@ -96,6 +101,7 @@ class OverChannels:
 
     channels: Channels
     pipe: BucketPipe
+    mappings_created = 0  # nothing shared: every byte goes over a channel
 
     @property
     def channels_created(self) -> int:

@@ -20,6 +20,8 @@ from shardsync.runtime.wire.pipe import BucketPipe
 
 
 class ShardMethod(OverChannels):
+    pipe_class = BucketPipe  # where buckets go between pack and unpack: this endpoint's own buffers
+
     def __init__(self, context: Context):
         self.plan = context.plan
         if context.trainer is not None:
@@ -31,14 +33,19 @@ class ShardMethod(OverChannels):
             self.member = 1 + engine  # replicas follow the source, in engine order
         self.schedules = {c.name: _phased_schedule(c.copies, context.capacity) for c in self.mine}
         largest = max((b.numel for s in self.schedules.values() for bs in s.values() for b in bs), default=0)
-        self.pipe = BucketPipe(largest, context.dtype, context.device, verify=context.verify, overlap=context.overlap)
+        self.pipe = self.pipe_class(largest, context.dtype, context.device, verify=context.verify,
+                                    overlap=context.overlap)
         self.copier = BucketCopier(context.device)  # graphed on CUDA, plain foreach copies on the CPU
-        self.channels = Channels(context.device, context.timeout, context.channel_options)
+        self.channels = Channels(self.channel_device(context), context.timeout, context.channel_options)
+
+    @staticmethod
+    def channel_device(context: Context):
+        """Where the channels' collectives run: the bytes' own device (NCCL for CUDA)."""
+        return context.device
 
     @property
     def digest(self) -> str:
         return self.plan.digest
-
 
     @property
     def peak_temp_bytes(self) -> int:

@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import Callable, Iterator, Mapping
 
 import torch
-from torch._C._distributed_c10d import AllreduceOptions, BroadcastOptions, ReduceOp
+from torch._C._distributed_c10d import AllreduceOptions, BroadcastOptions, GatherOptions, ReduceOp
 from torch.distributed import PrefixStore, Store
 
 from shardsync.runtime.errors import TransferError
@@ -44,6 +44,14 @@ class Group:
     def all_gather(self, outputs: list[torch.Tensor], tensor: torch.Tensor):
         """Every member's `tensor` into `outputs` (one per member), on every member."""
         return self.backend.allgather([outputs], [tensor])
+
+    def gather_at_source(self, tensor: torch.Tensor):
+        """Every member's `tensor` to member 0, which hears each member directly: a member
+        that is gone fails member 0's wait at once, not after a timeout elsewhere in a ring."""
+        options = GatherOptions()
+        options.rootRank = 0
+        outputs = [[torch.empty_like(tensor) for _ in range(self.size)]] if self.rank == 0 else []
+        return self.backend.gather(outputs, [tensor], options)
 
     def send_header(self, update: int, buckets: int, device: torch.device) -> None:
         """Member 0 announces the update number and how many buckets follow."""

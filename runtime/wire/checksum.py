@@ -41,11 +41,22 @@ def write(buffer: torch.Tensor, numel: int) -> torch.Tensor:
 
 def check(buffer: torch.Tensor, numel: int) -> tuple[list[int], list[int]] | None:
     """None when `buffer[:numel]` matches the tail, else (sent, computed)."""
-    sent = _tail(buffer, numel).clone().view(torch.int64)
+    written = sent(buffer, numel)
     computed = compute(buffer[:numel])
-    if torch.equal(sent, computed):
+    if torch.equal(written, computed):
         return None
-    return sent.tolist(), computed.tolist()
+    return written.tolist(), computed.tolist()
+
+
+def sent(buffer: torch.Tensor, numel: int) -> torch.Tensor:
+    """The sums the sender wrote after `buffer[:numel]`, copied out of the buffer."""
+    return _tail(buffer, numel).clone().view(torch.int64)
+
+
+def matches(buffer: torch.Tensor, numel: int, sums: torch.Tensor) -> bool:
+    """Whether `buffer[:numel]` still sums to `sums` (what `sent` read earlier): a
+    buffer shared with its writer can change after its tail was read."""
+    return torch.equal(compute(buffer[:numel]), sums)
 
 
 def _tail(buffer: torch.Tensor, numel: int) -> torch.Tensor:

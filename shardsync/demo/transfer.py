@@ -25,17 +25,19 @@ UPDATES = 2
 
 def run_demo(model: str = "qwen3-tiny", train_tp: int = 2, infer_tp: int = 2, engines: int = 2,
              dtype: str = "bfloat16", bucket_bytes: int = 1 << 20, timeout: float = 60.0, train_ep: int = 1,
-             train_etp: int | None = None, train_dp: int | None = None, infer_ep: bool = False) -> int:
+             train_etp: int | None = None, train_dp: int | None = None, infer_ep: bool = False,
+             method: str = "auto") -> int:
     """One process per sender of the trainer (`layout.senders`) and per engine rank."""
     hf_config = model_config(model)
     layout = Layout(train_tp, 1, infer_tp, engines, train_ep=train_ep, train_etp=train_etp, train_dp=train_dp,
                     infer_ep=infer_ep)
     options = {"rendezvous": f"127.0.0.1:{free_port()}", "bucket_bytes": bucket_bytes, "timeout": timeout,
-               "dtype": dtype}
+               "dtype": dtype, "method": method}
     experts = (f" EP {layout.train_ep} ETP {layout.train_etp} DP {layout.train_dp} "
                f"({len(layout.senders)} sending ranks)" if layout.train_ep > 1 or layout.train_etp != train_tp else "")
     print(f"shardsync demo: {model}, trainer TP {train_tp}{experts} -> {engines} engines x TP {infer_tp}"
-          f"{' with EP' if infer_ep else ''} (plain tensors), {dtype}, buckets of {human_bytes(bucket_bytes)}")
+          f"{' with EP' if infer_ep else ''} (plain tensors), {dtype}, buckets of {human_bytes(bucket_bytes)}, "
+          f"method {method}")
     ranks = [(trainer_name(src), _trainer, (hf_config, layout, src.rank, options)) for src in layout.senders]
     ranks += [(f"engine {e} tp{tp}", _engine, (hf_config, layout, e, tp, options))
               for e in range(engines) for tp in range(infer_tp)]
@@ -69,6 +71,10 @@ def run_demo(model: str = "qwen3-tiny", train_tp: int = 2, infer_tp: int = 2, en
     during = sum(r["groups_created"][1] - r["groups_created"][0] for r in results.values())
     print(f"\nchannel group memberships created: {at_connect} at connect, {during} during {UPDATES} updates "
           f"(total {time.monotonic() - started:.1f} s)")
+    mapped = sum(r["mappings_created"][0] for r in results.values())
+    if mapped:
+        mapped_later = sum(r["mappings_created"][1] - r["mappings_created"][0] for r in results.values())
+        print(f"shared buffers created or mapped: {mapped} at connect, {mapped_later} during {UPDATES} updates")
     return 0 if all(not any(r["mismatches"]) for r in engine_results) else 1
 
 
@@ -78,7 +84,7 @@ def _trainer(hf_config: dict, layout: Layout, rank: int, options: dict) -> dict:
     started = time.monotonic()
     sender.connect()
     connect_s = time.monotonic() - started
-    after_connect = sender.channels_created
+    after_connect, mapped = sender.channels_created, sender.mappings_created
     table = source_table(sender.module, sender.cfg, layout, src)
     reports = []
     for seed in range(UPDATES):
@@ -86,7 +92,8 @@ def _trainer(hf_config: dict, layout: Layout, rank: int, options: dict) -> dict:
         report = sender.update(materialize(table, weights, torch.float32))
         reports.append([(c.name, c.copies, c.bytes, c.seconds) for c in report.channels])
     result = {"plan": sender.plan.digest[:12], "channels": len(sender.channels), "connect_s": connect_s,
-              "reports": reports, "groups_created": (after_connect, sender.channels_created)}
+              "reports": reports, "groups_created": (after_connect, sender.channels_created),
+              "mappings_created": (mapped, sender.mappings_created)}
     sender.close()
     return result
 
@@ -94,7 +101,7 @@ def _trainer(hf_config: dict, layout: Layout, rank: int, options: dict) -> dict:
 def _engine(hf_config: dict, layout: Layout, engine: int, tp: int, options: dict) -> dict:
     receiver = Receiver(hf_config, layout, engine=engine, tp_rank=tp, **_with_dtype(options))
     receiver.connect()
-    after_connect = receiver.channels_created
+    after_connect, mapped = receiver.channels_created, receiver.mappings_created
     dtype = receiver.dtype
     params = {name: torch.zeros(shape, dtype=dtype) for name, shape in receiver.tensor_shapes().items()}
     table = receiver.module.vllm_shard_table(receiver.cfg, tp, layout.infer_tp, layout.infer_ep)
@@ -104,8 +111,10 @@ def _engine(hf_config: dict, layout: Layout, engine: int, tp: int, options: dict
         expected = materialize(table, random_hf_tensors(receiver.module.hf_shapes(receiver.cfg), seed), dtype)
         mismatches.append([n for n, t in expected.items() if not torch.equal(params[n], t)])
     created = receiver.channels_created
+    result = {"mismatches": mismatches, "groups_created": (after_connect, created),
+              "mappings_created": (mapped, receiver.mappings_created)}
     receiver.close()
-    return {"mismatches": mismatches, "groups_created": (after_connect, created)}
+    return result
 
 
 def _with_dtype(options: dict) -> dict:

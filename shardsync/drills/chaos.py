@@ -24,6 +24,7 @@ import time
 from shardsync.runtime.methods.base import trainer_name
 from shardsync.runtime.plan import Layout
 from shardsync.harness.local_cluster import free_port
+from shardsync.harness.shm import mapped_segments, named_segments
 from shardsync.presets import model_config
 from shardsync.harness.rank_actors import RankProcess, RankSpec, call, collect
 
@@ -34,10 +35,10 @@ class _Drill:
     """The ranks of one scenario and the driver's view of them."""
 
     def __init__(self, hf_config: dict, layout: Layout, timeout: float, log, engine_config: dict | None = None,
-                 odd_engine: int | None = None, engine_kind: str = "tensors"):
+                 odd_engine: int | None = None, engine_kind: str = "tensors", method: str = "auto"):
         self.layout, self.timeout, self.log = layout, timeout, log
         options = {"rendezvous": f"127.0.0.1:{free_port()}", "timeout": timeout, "bucket_bytes": 1 << 16,
-                   "verify": True, "dtype": "float32"}
+                   "verify": True, "dtype": "float32", "method": method}
         self.specs: dict[str, RankSpec] = {}
         for src in layout.senders:  # with expert parallelism, ranks at dense DP rank above 0 too
             who = trainer_name(src)
@@ -88,6 +89,20 @@ class _Drill:
         checks = self.call("check", seed, ranks=self.engines())
         return all(not r.get("error") and not r["mismatched"] for r in checks.values())
 
+    def shared_segments(self) -> int:
+        """Colocated segments mapped by the drill's live processes (vLLM's workers included)."""
+        import psutil
+
+        pids = []
+        for rank in self.ranks.values():
+            if rank.process.is_alive():
+                pids.append(rank.process.pid)
+                try:
+                    pids += [child.pid for child in psutil.Process(rank.process.pid).children(recursive=True)]
+                except psutil.NoSuchProcess:
+                    pass
+        return len(set().union(*(mapped_segments(pid) for pid in pids)))
+
     def close(self) -> None:
         for rank in self.ranks.values():
             rank.kill()
@@ -95,13 +110,15 @@ class _Drill:
 
 def run_scenario(scenario: str, model: str = "qwen3-tiny", train_tp: int = 2, infer_tp: int = 2, engines: int = 2,
                  timeout: float = 10.0, engine: str = "tensors", log=print, train_ep: int = 1,
-                 train_etp: int | None = None, train_dp: int | None = None, infer_ep: bool = False) -> dict:
+                 train_etp: int | None = None, train_dp: int | None = None, infer_ep: bool = False,
+                 method: str = "auto") -> dict:
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}: one of {', '.join(SCENARIOS)}")
     hf_config = model_config(model)
     layout = Layout(train_tp, 1, infer_tp, engines, train_ep=train_ep, train_etp=train_etp, train_dp=train_dp,
                     infer_ep=infer_ep)
-    result = {"scenario": scenario, "engine": engine, "model": model, "train_tp": train_tp, "infer_tp": infer_tp,
+    result = {"scenario": scenario, "engine": engine, "method": method, "model": model, "train_tp": train_tp,
+              "infer_tp": infer_tp,
               "engines": engines, "train_ep": layout.train_ep, "train_etp": layout.train_etp,
               "train_dp": layout.train_dp, "infer_ep": infer_ep, "timeout": timeout, "detected": False,
               "seconds_to_error": None,
@@ -109,7 +126,7 @@ def run_scenario(scenario: str, model: str = "qwen3-tiny", train_tp: int = 2, in
               "recovered": False, "hung": False, "errors": {}}
     odd = {**hf_config, "num_hidden_layers": hf_config["num_hidden_layers"] + 1}
     drill = _Drill(hf_config, layout, timeout, log, engine_config=odd if scenario == "config-mismatch" else None,
-                   odd_engine=engines - 1, engine_kind=engine)
+                   odd_engine=engines - 1, engine_kind=engine, method=method)
     try:
         if scenario == "config-mismatch":
             _config_mismatch(drill, hf_config, result)
@@ -120,9 +137,20 @@ def run_scenario(scenario: str, model: str = "qwen3-tiny", train_tp: int = 2, in
             log(f"chaos {scenario}: {len(drill.ranks)} ranks connected, update 1 exact: {drill.exact(1)}")
             {"kill-receiver": _kill_receiver, "kill-sender": _kill_sender,
              "corrupt-bucket": _corrupt_bucket}[scenario](drill, result)
+        if method == "colocated":
+            _shared_memory(drill, result)
     finally:
         drill.close()
     return result
+
+
+def _shared_memory(drill: _Drill, result: dict) -> None:
+    """After recovery, the live processes map one segment per sending trainer rank (its
+    slots) and nothing a dead or closed endpoint held; no segment has a name."""
+    mapped = drill.shared_segments()
+    producers = len(drill.layout.senders)
+    result["shared_segments"] = {"mapped": mapped, "senders": producers, "named": named_segments()}
+    result["shared_memory_released"] = mapped == producers and not named_segments()
 
 
 def _kill_receiver(drill: _Drill, result: dict) -> None:

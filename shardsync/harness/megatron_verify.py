@@ -19,7 +19,7 @@ ADVANTAGES = [1.0, -0.5, 0.25, -1.0]
 
 
 def megatron_verify_rank(hf_config: dict, layout, rank: int, dist_port: int, port: int, checkpoints: list[str],
-                         dtype: str, timeout: float) -> dict:
+                         dtype: str, timeout: float, method: str = "auto") -> dict:
     """Global trainer rank `rank` of `layout`: before each update one optimizer step on a
     fixed batch (the same on every rank, so DP replicas stay equal), then rank 0 writes
     `checkpoints[i]`, then the senders send. Returns the channels its Sender created at
@@ -33,9 +33,10 @@ def megatron_verify_rank(hf_config: dict, layout, rank: int, dist_port: int, por
     sender = None
     if source.is_sender:
         sender = source.sender(layout.infer_tp, layout.engines, layout.infer_ep, rendezvous=f"127.0.0.1:{port}",
-                               dtype=getattr(torch, dtype), timeout=timeout, verify=True)
+                               dtype=getattr(torch, dtype), timeout=timeout, verify=True, method=method)
         sender.connect()
     after_connect = sender.channels_created if sender is not None else 0
+    mapped = sender.mappings_created if sender is not None else 0
     generator = torch.Generator().manual_seed(7)
     vocab = int(hf_config["vocab_size"])
     for path in checkpoints:
@@ -48,7 +49,9 @@ def megatron_verify_rank(hf_config: dict, layout, rank: int, dist_port: int, por
         if sender is not None:
             sender.update(source.tensors())
     if sender is None:
-        return {"groups_created": 0, "groups_during_updates": 0, "sender": False}
-    during = sender.channels_created - after_connect
+        return {"groups_created": 0, "groups_during_updates": 0, "mappings_created": 0, "mappings_during_updates": 0,
+                "sender": False}
+    result = {"groups_created": after_connect, "groups_during_updates": sender.channels_created - after_connect,
+              "mappings_created": mapped, "mappings_during_updates": sender.mappings_created - mapped, "sender": True}
     sender.close()
-    return {"groups_created": after_connect, "groups_during_updates": during, "sender": True}
+    return result

@@ -28,6 +28,7 @@ import torch
 from shardsync.runtime.plan import Layout
 from shardsync.runtime.plan.build import source_table
 from shardsync.harness.faults import StopAtFirstPiece, corrupt_next_bucket
+from shardsync.harness.shm import mapped_segments
 from shardsync.harness.tensors import materialize, random_hf_tensors
 from shardsync.runtime.targets import TensorTargets
 
@@ -189,12 +190,13 @@ class _Rank:
         if self.spec.role == "engine" and self.params is None:
             self.params = {n: torch.zeros(s, dtype=self.end.dtype) for n, s in self.end.tensor_shapes().items()}
         return {"epoch": self.end.session.epoch, "groups_created": self.end.channels_created,
-                "channels": len(self.end.channels)}
+                "channels": len(self.end.channels), "mappings_created": self.end.mappings_created}
 
     def reconnect(self) -> dict:
-        before = self.end.channels_created
+        before, mapped = self.end.channels_created, self.end.mappings_created
         self.end.reconnect()
-        return {"epoch": self.end.session.epoch, "groups_created": self.end.channels_created - before}
+        return {"epoch": self.end.session.epoch, "groups_created": self.end.channels_created - before,
+                "mappings_created": self.end.mappings_created - mapped}
 
     def update(self, seed: int, fault: str | None = None) -> dict:
         if self.spec.role == "trainer":
@@ -206,7 +208,8 @@ class _Rank:
 
     def state(self) -> dict:
         stale = getattr(self.end, "stale", None)
-        return {"stale": stale, "updates": self.end.updates, "groups_created": self.end.channels_created}
+        return {"stale": stale, "updates": self.end.updates, "groups_created": self.end.channels_created,
+                "mappings_created": self.end.mappings_created}
 
     def nonfinite(self) -> dict:
         """Engine tensors holding NaN or Inf."""
@@ -231,7 +234,7 @@ class _Rank:
 
         process = psutil.Process()
         return {"rss": process.memory_info().rss, "threads": process.num_threads(),
-                "fds": len(os.listdir("/proc/self/fd"))}
+                "fds": len(os.listdir("/proc/self/fd")), "shm_segments": len(mapped_segments())}
 
     def close(self) -> dict:
         self.end.close()

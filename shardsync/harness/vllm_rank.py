@@ -52,7 +52,8 @@ class VllmEngineRank:
         return {"rendezvous": options["rendezvous"], "train_tp": layout.train_tp, "train_pp": layout.train_pp,
                 "train_ep": layout.train_ep, "train_etp": layout.train_etp, "train_dp": layout.train_dp,
                 "engines": layout.engines, "engine_index": self.spec.position[0], "timeout": options["timeout"],
-                "verify": options.get("verify", False), "bucket_bytes": options["bucket_bytes"]}
+                "verify": options.get("verify", False), "bucket_bytes": options["bucket_bytes"],
+                "method": options.get("method", "auto")}
 
     def update(self, seed: int, fault: str | None = None) -> dict:
         if fault is None:

@@ -52,7 +52,8 @@ class ShardsyncWorkerExtension:
         backend = getattr(self, "weight_transfer_engine", None)
         if getattr(backend, "receiver", None) is not None:
             receivers.append(backend.receiver)
-        return {"stale": [r.stale for r in receivers], "updates": [r.updates for r in receivers]}
+        return {"stale": [r.stale for r in receivers], "updates": [r.updates for r in receivers],
+                "mappings_created": [r.mappings_created for r in receivers]}
 
     def shardsync_close(self) -> None:
         for receiver, _ in getattr(self, "_shardsync", {}).values():

@@ -1,0 +1,99 @@
+"""The colocated method: trainer and engines on one host or GPU share buffers, no wire.
+
+The shard method's plan, channels and walk (headers, then phase by phase every channel
+in plan order, then acknowledgements), over `wire.shared_pipe` instead of sockets:
+each trainer rank packs its buckets into two slots of memory its engine ranks map
+(CPU shared memory, or CUDA memory shared by IPC), and each engine rank unpacks them
+from there into its live tensors. A channel keeps a small gloo group of its members
+for the signals only (a bucket is in a slot; its readers released it), so every wait
+has a timeout and names the channel, the peer and the update, as on the wire.
+
+Why pack into shared slots rather than let engines copy straight from the trainer's
+tensors: the trainer's tensors are not in shareable memory in general (megatron-core's
+CPU parameters are private memory, and a `Sender.update` may be handed new tensors at
+every update), a packed bucket is what a checksum covers, and a consumer reading one
+contiguous slot is what lets a bucket be one batched copy. The cost is a second copy of
+each byte, measured in bench/RESULTS.md.
+
+Everything is created or mapped at connect: the producer's slots (and on CUDA their
+"written" events), each consumer's mapping of the slots that feed it (and its "read"
+events, which the producer opens), counted in `mappings_created`; an update maps
+nothing. Engines map only the slots of the trainer ranks that feed them.
+"""
+
+from __future__ import annotations
+
+import pickle
+from datetime import timedelta
+
+import torch
+
+from shardsync.runtime.errors import TransferError
+from shardsync.runtime.methods.base import Context, trainer_name
+from shardsync.runtime.methods.shard import ShardMethod
+from shardsync.runtime.wire import shared
+from shardsync.runtime.wire.shared_pipe import SharedPipe
+
+
+class ColocatedMethod(ShardMethod):
+    pipe_class = SharedPipe
+
+    def __init__(self, context: Context):
+        super().__init__(context)
+        self.producer = context.trainer is not None
+        self.timeout = context.timeout
+        self.mappings_created = 0
+
+    @staticmethod
+    def channel_device(context: Context):
+        """The signals are a few integers on the host; NCCL would refuse two ranks on one GPU."""
+        return torch.device("cpu")
+
+    def connect(self, store, diagnose) -> None:
+        pipe: SharedPipe = self.pipe
+        if self.producer:
+            if self.mine and pipe.slot_numel:
+                pipe.own = shared.create_slots(pipe.slot_numel, pipe.depth, pipe.dtype, pipe.device)
+                self.mappings_created += 1
+                store.set(self._slots_key(self.mine[0].src), pickle.dumps(pipe.own.handle))
+            super().connect(store, diagnose)
+            if pipe.cuda:
+                for channel in self.mine:
+                    pipe.read_events[channel.name] = tuple(
+                        self._open_read_events(store, channel, member, diagnose)
+                        for member in range(1, channel.engines + 1))
+            return
+        super().connect(store, diagnose)  # the producer published its slots before joining
+        for channel in self.mine:
+            producer = trainer_name(channel.src)
+            handle = pickle.loads(store.get(self._slots_key(channel.src)))
+            pipe.mapped[channel.name] = shared.map_slots(handle, pipe.device, producer)
+            self.mappings_created += 1
+            if pipe.cuda:
+                events = tuple(shared.interprocess_event() for _ in range(handle.count))
+                pipe.own_read_events[channel.name] = events
+                store.set(self._read_events_key(channel, self.member),
+                          pickle.dumps(tuple(bytes(e.ipc_handle()) for e in events)))
+
+    def _open_read_events(self, store, channel, member: int, diagnose) -> tuple:
+        key = self._read_events_key(channel, member)
+        try:
+            store.wait([key], timedelta(seconds=self.timeout))
+        except RuntimeError:
+            reader = f"engine {member - 1} tp{channel.dst_tp}"
+            raise TransferError(f"connect: channel {channel.name}: {reader} did not share its read events within "
+                                f"{self.timeout:.0f}s: {diagnose((reader,))}") from None
+        self.mappings_created += 1
+        return tuple(shared.open_event(h, self.pipe.device) for h in pickle.loads(store.get(key)))
+
+    @staticmethod
+    def _slots_key(src) -> str:
+        return f"colocated/{trainer_name(src)}/slots"
+
+    @staticmethod
+    def _read_events_key(channel, member: int) -> str:
+        return f"colocated/{channel.name}/member{member}/read-events"
+
+    def close(self) -> None:
+        super().close()
+        self.pipe.forget()

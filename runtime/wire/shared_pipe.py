@@ -1,0 +1,194 @@
+"""The bucket pipe over buffers shared on one host or GPU: no byte crosses a socket.
+
+The same calls as `wire.pipe` (header, put / drain, buckets, acknowledge), so a
+method walks its channels the same way over either. What differs is where a bucket
+lives and what says it may be read or rewritten:
+
+- a producer packs each bucket straight into one of its own slots (two, or one
+  without overlap, shared by all of its channels, as the pipe's two buffers are), and
+  its consumers read the slot where it lies: they hold no buffer of their own;
+- per bucket, member 0 of the channel's signal group broadcasts "bucket k of update u
+  is in slot s" once the slot is written, and every reader sends member 0 a release
+  once it finished reading (a gather, so member 0 hears each reader directly); a slot is written again only after the
+  release of the bucket it last held, so a buffer is never rewritten before its
+  readers are done. Both are collectives of a small gloo group with a timeout, whose
+  waits name the channel, the peer and the update;
+- on CUDA the host never waits on the device for that: the producer records a
+  "written" interprocess event on its stream after packing, each consumer's stream
+  waits on it before reading and records its own "read" event after, and the
+  producer's stream waits on every reader's "read" event before it writes the slot
+  again;
+- with `verify`, a consumer checks the bucket's checksum before reading it and checks
+  the slot again after: a slot rewritten while it was read is reported as corrupted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from shardsync.runtime.errors import TransferError
+from shardsync.runtime.wire import checksum
+from shardsync.runtime.wire.pipe import BucketPipe, Inbound, Link, Outbound, Sending
+from shardsync.runtime.wire.shared import Slots
+
+
+class SignalLink(Link, Protocol):
+    """What the shared pipe needs of a channel beyond the pipe's `Link`: member 0
+    hearing from every member directly (`wire.channels.Group` has it)."""
+
+    def gather_at_source(self, tensor: torch.Tensor): ...
+
+
+@dataclass
+class _Occupant:
+    """The bucket a producer's slot holds until its readers release it."""
+
+    group: SignalLink
+    signal: torch.Tensor  # kept alive until its broadcast completed
+    ready: object  # the "bucket k is in slot s" broadcast
+    release: object  # the readers' release exchange
+    what: str
+    update: int
+
+
+class SharedPipe(BucketPipe):
+    """One endpoint's slots (a producer's own), the slots it maps (a consumer's, one set
+    per channel), and, on CUDA, the events that order access to them."""
+
+    def __init__(self, largest: int, dtype: torch.dtype, device: torch.device, *, verify: bool, overlap: bool):
+        self.tail = checksum.tail_elements(dtype) if verify else 0
+        self.depth = 2 if overlap else 1
+        self.device = device
+        self.dtype = dtype
+        self.slot_numel = largest + self.tail if largest else 0
+        self.buffers = []  # the pipe's own buffers: none, buckets live in shared slots
+        self.own: Slots | None = None  # a producer's slots
+        self.mapped: dict[str, Slots] = {}  # a consumer's view of each channel's producer slots
+        self.read_events: dict[str, tuple] = {}  # CUDA: per channel, per member 1..K, per slot, opened at connect
+        self.own_read_events: dict[str, tuple] = {}  # CUDA: a consumer's own "read" events per channel and slot
+        self._occupants: list[_Occupant | None] = [None] * self.depth
+        self._next = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.own.nbytes if self.own is not None else 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def forget(self) -> None:
+        """Drop the slots' state and every mapping (at close, before a reconnect)."""
+        self._occupants = [None] * self.depth
+        self._next = 0
+        for slots in self.mapped.values():
+            slots.close()
+        self.mapped.clear()
+        self.read_events.clear()
+        self.own_read_events.clear()
+        if self.own is not None:
+            self.own.close()
+            self.own = None
+
+    def outbound(self, update: int) -> "Outbound":
+        return SharedOutbound(self, update)
+
+    def inbound(self, update: int) -> "Inbound":
+        return SharedInbound(self, update)
+
+    # -- the producer's slots -----------------------------------------------------------
+
+    def take_slot(self) -> int:
+        """The next slot to write, once the readers of the bucket it holds are done."""
+        slot = self._next % self.depth
+        self._next += 1
+        occupant = self._occupants[slot]
+        if occupant is not None:
+            self._occupants[slot] = None
+            group = occupant.group
+            group.wait(occupant.ready, f"announcing {occupant.what}", occupant.update)
+            group.wait(occupant.release, f"waiting for the readers to release {occupant.what}", occupant.update)
+            if self.cuda:
+                stream = torch.cuda.current_stream(self.device)
+                for per_slot in self.read_events[group.name]:
+                    stream.wait_event(per_slot[slot])
+        return slot
+
+    def occupy(self, slot: int, occupant: _Occupant) -> None:
+        self._occupants[slot] = occupant
+
+
+class SharedOutbound(Outbound):
+    def sending(self, group: SignalLink, where: str = "") -> "SharedSending":
+        return SharedSending(self, group, where)
+
+
+class SharedSending(Sending):
+    def put(self, bucket, pack) -> None:
+        """Pack `bucket` into the next free slot, then say where it lies."""
+        pipe, update = self.outbound.pipe, self.outbound.update
+        slot = pipe.take_slot()
+        buffer = pipe.own[slot]
+        pack(buffer)
+        if pipe.tail:
+            checksum.write(buffer, bucket.numel)
+        if pipe.cuda:
+            pipe.own.ready_events[slot].record(torch.cuda.current_stream(pipe.device))
+        signal = torch.tensor([update, self.index, slot], dtype=torch.int64)
+        ready = self.group.broadcast(signal)
+        release = self.group.gather_at_source(torch.zeros(1, dtype=torch.int64))
+        pipe.occupy(slot, _Occupant(self.group, signal, ready, release,
+                                    f"bucket {self.index}{self.where}", update))
+        self.index += 1
+
+    def drain(self) -> None:
+        """Nothing to wait for here: the next writer of each slot waits for its readers."""
+
+
+class SharedInbound(Inbound):
+    def __init__(self, pipe: SharedPipe, update: int):
+        super().__init__(pipe, update)
+        self._releases: dict[str, list] = {}
+
+    def buckets(self, group: SignalLink, buckets, where: str = ""):
+        """Yield (index, bucket, slot, intact) as each bucket is announced; the slot is
+        released once the caller asks for the next bucket (or the walk ends)."""
+        pipe, update = self.pipe, self.update
+        slots = pipe.mapped[group.name]
+        releases = self._releases.setdefault(group.name, [])
+        for index, bucket in enumerate(buckets):
+            signal = torch.zeros(3, dtype=torch.int64)
+            group.wait(group.broadcast(signal), f"waiting for bucket {index}{where}", update)
+            announced_update, announced_index, slot = signal.tolist()
+            if (announced_update, announced_index) != (update, index) or not 0 <= slot < slots.count:
+                raise TransferError(f"update {update}: channel {group.name}: the producer announced bucket "
+                                    f"{announced_index} of update {announced_update} in slot {slot}; expected "
+                                    f"bucket {index}{where} of update {update}")
+            buffer = slots[slot]
+            if pipe.cuda:
+                stream = torch.cuda.current_stream(pipe.device)
+                stream.wait_event(slots.ready_events[slot])
+            sums = checksum.sent(buffer, bucket.numel) if pipe.tail else None
+            mismatch = checksum.check(buffer, bucket.numel) if pipe.tail else None
+            intact = mismatch is None
+            if not intact:
+                self._bad.add(group.name)
+                self.corrupted.append(f"channel {group.name}: bucket {index}{where} failed its checksum "
+                                      f"(sent {mismatch[0]}, computed {mismatch[1]})")
+            yield index, bucket, buffer, intact
+            if sums is not None and intact and not checksum.matches(buffer, bucket.numel, sums):
+                self._bad.add(group.name)
+                self.corrupted.append(f"channel {group.name}: bucket {index}{where} changed while it was read: its "
+                                      f"slot was written again before this rank released it, so what was "
+                                      f"written from it is wrong")
+            if pipe.cuda:
+                pipe.own_read_events[group.name][slot].record(torch.cuda.current_stream(pipe.device))
+            releases.append((index, group.gather_at_source(torch.zeros(1, dtype=torch.int64))))
+
+    def close(self, group: SignalLink) -> None:
+        for index, release in self._releases.pop(group.name, []):
+            group.wait(release, f"releasing bucket {index}", self.update)
+        super().close(group)

@@ -1,0 +1,82 @@
+"""The colocated method end to end: trainer and engine processes on this host share
+buffers (CPU shared memory), no byte crosses a socket.
+
+Each case runs every rank as its own process and two updates with different trainer
+weights, every engine tensor checked bitwise against plain slicing of the full HF
+weights (tests/reference.py). Also: what is mapped and when, what memory it takes,
+a slow reader with checksums on, and a producer made to reuse a slot too early.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from shardsync.presets import model_config
+from tests.transfer_harness import Case, run
+
+
+def _config(preset: str, **changes) -> dict:
+    return {**model_config(preset), **changes}
+
+
+CASES = {
+    # (train TP, train PP -> engine TP, engines): what it covers
+    "qwen3 tied qk-norm 2,1->2,2 replicas share slots": Case(_config("qwen3-tiny"), 2, 1, 2, 2),
+    "qwen2 bias 2,1->4,1 kv-replicated": Case(_config("qwen2-tiny", num_key_value_heads=2), 2, 1, 4, 1),
+    "qwen2 bias 4,1->2,1": Case(_config("qwen2-tiny"), 4, 1, 2, 1),
+    "llama 2,2->2,1": Case(_config("llama-tiny"), 2, 2, 2, 1),
+    "qwen3 kv_heads=1 1,2->2,2 checksums": Case(_config("qwen3-tiny-mqa"), 1, 2, 2, 2, verify=True),
+    "llama bf16 4,1->1,1": Case(_config("llama-tiny", num_attention_heads=8, num_key_value_heads=4,
+                                                   head_dim=16), 4, 1, 1, 1, dtype="bfloat16"),
+}
+
+
+def _colocated(case: Case, **changes) -> Case:
+    return Case(**{**vars(case), "method": "colocated", **changes})
+
+
+@pytest.mark.parametrize("case", [_colocated(c) for c in CASES.values()], ids=list(CASES))
+def test_two_updates_are_exact_through_shared_buffers_mapped_once(case):
+    results = run(case)
+    trainers = {who: r for who, r in results.items() if who.startswith("trainer")}
+    engines = {who: r for who, r in results.items() if who.startswith("engine")}
+    assert len(trainers) == case.train_tp * case.train_pp and len(engines) == case.engines * case.infer_tp
+    for who, result in engines.items():
+        assert result["mismatches"] == [[]] * case.updates, f"{who}: tensors differ from the reference"
+        # each engine rank maps the slots of each trainer rank that feeds it, once, and holds no buffer
+        assert result["mappings_created"] == result["channels"] == result["groups_created"] >= 1, who
+        assert result["buffer_bytes"] == 0 and result["peak_temp_bytes"] == 0, who
+    for who, result in trainers.items():
+        assert result["method"] == "colocated"
+        assert result["mappings_created"] == 1, who  # its slots, made at connect, whatever its channels
+        tail = 16 if case.verify else 0
+        assert result["buffer_bytes"] <= 2 * (case.bucket_bytes + tail), f"{who}: more than two buckets"
+    per_engine = sum(r["real_bytes"] for who, r in engines.items() if who.startswith("engine 0 "))
+    for update in range(case.updates):
+        assert sum(r["bytes_sent"][update] for r in trainers.values()) == per_engine
+
+
+def test_a_slow_reader_with_checksums_on_gets_every_bucket_intact():
+    """Engine 1 takes 10 ms before each piece it writes: the producer's slots stay in use
+    that long, the producer waits for them, and every checksum holds."""
+    case = _colocated(CASES["qwen3 tied qk-norm 2,1->2,2 replicas share slots"], verify=True, bucket_bytes=16384,
+                      faults=(("engine 1 tp0", "slow-reader"), ("engine 1 tp1", "slow-reader")))
+    results = run(case)
+    for who, result in results.items():
+        if who.startswith("engine"):
+            assert result["mismatches"] == [[]] * case.updates, who
+
+
+def test_a_slot_written_again_before_its_readers_are_done_is_caught():
+    """The producer trainer pp0 tp0 writes each slot again without waiting for its
+    readers (injected), while engine 0 reads slowly: engine 0 finds a bucket that changed
+    while it was read, and every member of that channel fails the update."""
+    case = _colocated(CASES["qwen3 tied qk-norm 2,1->2,2 replicas share slots"], verify=True, bucket_bytes=16384,
+                      updates=1, faults=(("trainer pp0 tp0", "reuse-slots-early"), ("engine 0 tp0", "slow-reader")))
+    results = run(case, allow_errors=True)
+    error = results["engine 0 tp0"].get("error", "")
+    assert "changed while it was read" in error or "failed its checksum" in error, results["engine 0 tp0"]
+    assert "update 1: channel pp0-tp0-to-tp0" in results["trainer pp0 tp0"].get("error", ""), results
+    # the acknowledgement names a reader that caught it (engine 1 may race the producer too)
+    assert "tp0 received a bucket that failed its checksum" in results["trainer pp0 tp0"]["error"]
+    assert all("error" in r for r in results.values()), results  # the update failed everywhere, and said so
