@@ -35,9 +35,13 @@ def trainer_findings(given: Mapping[str, torch.Tensor], shapes: dict[str, tuple]
             return f"{name}: dtype {_dtype(tensor)} is not a floating-point weight"
         if tensor.device.type != device.type:
             return f"{name}: on {tensor.device}, the sender sends from {device}"
-        if not allow_nonfinite and not _all_finite(tensor):
-            bad = int((~torch.isfinite(tensor)).sum())
-            return f"{name}: {bad} NaN/Inf value(s) of {tensor.numel()} (pass allow_nonfinite=True to send them anyway)"
+    if allow_nonfinite or _all_finite([given[name] for name in shapes]):
+        return None
+    for name in shapes:
+        bad = int((~torch.isfinite(given[name])).sum())
+        if bad:
+            return (f"{name}: {bad} NaN/Inf value(s) of {given[name].numel()} (pass allow_nonfinite=True to send "
+                    f"them anyway)")
     return None
 
 
@@ -55,12 +59,16 @@ def engine_findings(names: Iterable[str], shape_of, dtype_of, shapes: dict[str, 
     return None
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """One pass, no temporary the size of the tensor: a NaN or Inf makes the float32
-    sum non-finite (weights are far too small for a finite sum to overflow); only
-    then are the bad values counted."""
-    total = tensor.sum(dtype=torch.float32)
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """One pass over every tensor, no temporary the size of one, and one wait for the
+    device in all (not one a tensor): a NaN or Inf makes a tensor's float32 sum
+    non-finite (weights are far too small for a finite sum to overflow); only then are
+    the bad values looked for."""
+    if not tensors:
+        return True
+    if bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors])).all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _names_and_shapes(kind: str, given: Mapping, shapes: dict[str, tuple]) -> str | None:

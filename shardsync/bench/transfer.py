@@ -1,16 +1,18 @@
-"""`shardsync bench`: the shard path and the gather baseline, on the same processes.
+"""`shardsync bench`: transfer methods compared on the same processes.
 
-Every rank connects both methods once (each over its own store and groups), then
-the two alternate update by update, each started together on every rank behind a
-barrier, so machine noise falls on both alike. Reported per method: the median
-update time (slowest trainer rank), bytes each trainer rank sent, and peak extra
+Every rank connects each method once (each over its own store and groups or shared
+buffers), then the methods take turns update by update (after two untimed rounds), each started together on
+every rank behind a barrier, and which goes first rotates, so machine noise falls on
+all alike. Reported per method: the median update time (slowest trainer rank), of
+which the walk over the channels (the rest is the session's vote and outcome and
+the tensor checks), and its speedup against the gather baseline, bytes each trainer rank sent, and peak extra
 memory per rank: the buffers and whole-tensor temporaries each endpoint tracks, and
-the process's resident-set growth sampled during that method's updates. Engines
-hold plain tensors in vLLM's layout, one set per method, compared bitwise after
-every round: the bench also shows the two methods deliver the same bytes. With
-`engine="vllm"` the engines are real vLLM engines (one process each, started from
-dummy weights) holding a connection per method; their post-processed parameters are
-compared after the first round.
+the process's resident-set growth sampled during that method's updates. Engines hold
+plain tensors in vLLM's layout, one set per method, compared bitwise after every
+round: the bench also shows the methods deliver the same bytes. With `engine="vllm"`
+the engines are real vLLM engines (one process each, started from dummy weights)
+holding a connection per method; their post-processed parameters are compared after
+the first round.
 """
 
 from __future__ import annotations
@@ -28,21 +30,45 @@ from shardsync.runtime.plan.build import source_table
 from shardsync.harness.tensors import materialize, random_hf_tensors
 from shardsync.harness.local_cluster import free_port, run_ranks
 from shardsync.presets import model_config
+from shardsync.runtime.methods import choose
 
-METHODS = ("shard", "gather")
+METHODS = ("shard", "gather", "colocated")  # in the order they run in the first round
+# untimed rounds first: on CUDA a bucket's copies are captured as a graph the second time
+# the same tensors come by, and replayed from the third update on
+WARMUP = 2
+
+
+def applicable_methods(module, device: str = "cpu") -> tuple[str, ...]:
+    """Every method the spec allows (shard and colocated need its vLLM layout table).
+    The bench's processes all run on this host, so colocated always applies; on CUDA
+    they all share one GPU, where NCCL refuses two ranks, so only colocated does."""
+    if torch.device(device).type == "cuda":
+        return ("colocated",) if module.VLLM_LAYOUT else ()
+    return tuple(m for m in METHODS if m == "gather" or module.VLLM_LAYOUT)
 
 
 def run_bench(model: str, train_tp: int, train_pp: int, infer_tp: int, engines: int, bucket_mb: float = 16.0,
               repeat: int = 5, overlap: bool = True, dtype: str = "bfloat16", timeout: float = 300.0,
               engine: str = "tensors", work_dir: str = "out/bench", progress=None, train_ep: int = 1,
-              train_etp: int | None = None, train_dp: int | None = None, infer_ep: bool = False) -> dict:
+              train_etp: int | None = None, train_dp: int | None = None, infer_ep: bool = False,
+              methods: tuple[str, ...] | None = None, device: str = "cpu", src_dtype: str = "float32") -> dict:
     """One process per sender of the trainer (`layout.senders`: with expert parallelism,
-    ranks at dense DP rank above 0 too) and per engine rank (per engine with vLLM)."""
+    ranks at dense DP rank above 0 too) and per engine rank (per engine with vLLM).
+    `methods`: which to compare (default: every method that applies to the model)."""
+    from shardsync import generated
+
     hf_config = model_config(model)
     layout = Layout(train_tp, train_pp, infer_tp, engines, train_ep=train_ep, train_etp=train_etp,
                     train_dp=train_dp, infer_ep=infer_ep)
-    ports = {"shard": free_port(), "gather": free_port(), "barrier": free_port()}
-    options = {"bucket_bytes": int(bucket_mb * 2**20), "timeout": timeout, "dtype": dtype, "overlap": overlap}
+    module = generated.for_architecture(hf_config["architectures"][0])
+    methods = tuple(methods) if methods else applicable_methods(module, device)
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(f"method {method!r}: the bench compares {', '.join(METHODS)}")
+        choose(method, module)  # refuses a method the spec cannot take
+    ports = {**{m: free_port() for m in methods}, "barrier": free_port()}
+    options = {"bucket_bytes": int(bucket_mb * 2**20), "timeout": timeout, "dtype": dtype, "overlap": overlap,
+               "methods": methods, "device": device, "src_dtype": src_dtype}
     rounds = mp.get_context("spawn").Queue()
     everyone = _everyone(layout, engine)
     ranks = [(trainer_name(src), _trainer, (hf_config, layout, src.rank, ports, options, repeat, rounds, everyone))
@@ -63,7 +89,7 @@ def run_bench(model: str, train_tp: int, train_pp: int, infer_tp: int, engines: 
             rounds.get(timeout=0.5)
             done += 1
             if progress is not None:
-                progress(done, 2 * repeat)
+                progress(done, len(methods) * (WARMUP + repeat))
         except Exception:  # noqa: BLE001 - queue.Empty: nothing finished in this half second
             pass
     runner.join()
@@ -76,26 +102,37 @@ def run_bench(model: str, train_tp: int, train_pp: int, infer_tp: int, engines: 
 
 
 def _summary(model, layout, options, repeat, results, engine) -> dict:
+    methods = options["methods"]
     trainers = [results[trainer_name(src)] for src in layout.senders]
     engine_results = [r for who, r in sorted(results.items()) if who.startswith("engine")]
-    per_update = {m: [max(t["seconds"][m][i] for t in trainers) for i in range(repeat)] for m in METHODS}
-    median = {m: statistics.median(per_update[m]) for m in METHODS}
+    per_update = {m: [max(t["seconds"][m][i] for t in trainers) for i in range(repeat)] for m in methods}
+    median = {m: statistics.median(per_update[m]) for m in methods}
+    rate = trainers[0]["copy_Bps"]
+    # every byte a method copies on this device: each trainer rank packs its bytes once, and
+    # (shard to shard) each engine rank unpacks what it received; the gather path copies more
+    copied = {m: sum(t["bytes"][m] for t in trainers) * (1 + layout.engines) for m in methods}
     return {
         "model": model, "train_tp": layout.train_tp, "train_pp": layout.train_pp, "infer_tp": layout.infer_tp,
         "engines": layout.engines, "train_ep": layout.train_ep, "train_etp": layout.train_etp,
         "train_dp": layout.train_dp, "infer_ep": layout.infer_ep,
         "trainer_ranks": [trainer_name(src) for src in layout.senders],
-        "dtype": options["dtype"], "bucket_bytes": options["bucket_bytes"],
-        "overlap": options["overlap"], "repeat": repeat, "engine": engine,
-        "shardsync_s": median["shard"], "baseline_s": median["gather"],
-        "speedup": median["gather"] / median["shard"],
-        "update_s": per_update,
-        "bytes_sent_per_trainer_rank": {m: [t["bytes"][m] for t in trainers] for m in METHODS},
-        "trainer_peak_extra_bytes": {m: [t["tracked"][m] for t in trainers] for m in METHODS},
-        "engine_peak_extra_bytes": {m: [e["tracked"][m] for e in engine_results] for m in METHODS},
-        "trainer_rss_growth_bytes": {m: [t["rss"][m] for t in trainers] for m in METHODS},
-        "engine_rss_growth_bytes": {m: [e["rss"][m] for e in engine_results] for m in METHODS},
+        "dtype": options["dtype"], "src_dtype": options["src_dtype"], "bucket_bytes": options["bucket_bytes"],
+        "overlap": options["overlap"], "repeat": repeat, "engine": engine, "methods": list(methods),
+        "update_s": median,
+        "update_s_each": per_update,
+        "walk_s": {m: statistics.median(max(t["walked"][m][i] for t in trainers) for i in range(repeat))
+                   for m in methods},
+        "speedup_vs_gather": {m: median["gather"] / median[m] for m in methods} if "gather" in median else {},
+        "bytes_sent_per_trainer_rank": {m: [t["bytes"][m] for t in trainers] for m in methods},
+        "trainer_peak_extra_bytes": {m: [t["tracked"][m] for t in trainers] for m in methods},
+        "engine_peak_extra_bytes": {m: [e["tracked"][m] for e in engine_results] for m in methods},
+        "trainer_rss_growth_bytes": {m: [t["rss"][m] for t in trainers] for m in methods},
+        "engine_rss_growth_bytes": {m: [e["rss"][m] for e in engine_results] for m in methods},
         "engines_equal": all(e["equal"] for e in engine_results),
+        "device": options["device"],
+        "copy_rate_GBps": rate / 1e9,
+        "copy_bound_s": {m: copied[m] / rate for m in methods if m != "gather"},
+        "update_vs_copy_bound": {m: copied[m] / rate / median[m] for m in methods if m != "gather"},
     }
 
 
@@ -104,10 +141,11 @@ def _endpoints(kind, hf_config, layout, ports, options, **position):
 
     cls = Sender if kind == "trainer" else Receiver
     made = {}
-    for method in METHODS:
+    for method in options["methods"]:
         made[method] = cls(hf_config, layout, rendezvous=f"127.0.0.1:{ports[method]}", method=method,
                            bucket_bytes=options["bucket_bytes"], timeout=options["timeout"],
-                           dtype=getattr(torch, options["dtype"]), overlap=options["overlap"], **position)
+                           dtype=getattr(torch, options["dtype"]), overlap=options["overlap"],
+                           device=options["device"], **position)
         made[method].connect()
     return made
 
@@ -126,9 +164,10 @@ def _barrier(ports, who: str, everyone: list[str], timeout: float):
     return group, store, wait
 
 
-def _order(index: int) -> tuple[str, ...]:
-    """The methods in round `index`'s order: which goes first alternates, every process alike."""
-    return METHODS if index % 2 == 0 else METHODS[::-1]
+def _order(methods: tuple[str, ...], index: int) -> tuple[str, ...]:
+    """The methods in round `index`'s order: which goes first rotates, every process alike."""
+    turn = index % len(methods)
+    return methods[turn:] + methods[:turn]
 
 
 def _everyone(layout: Layout, engine: str) -> list[str]:
@@ -142,28 +181,34 @@ def _trainer(hf_config, layout, rank, ports, options, repeat, rounds, everyone) 
     src = layout.trainer(rank)
     who = trainer_name(src)
     senders = _endpoints("trainer", hf_config, layout, ports, options, pp_rank=src.pp, tp_rank=src.tp, dp_rank=src.dp)
-    sender = senders["shard"]
+    sender = next(iter(senders.values()))
     table = source_table(sender.module, sender.cfg, layout, src)
-    hf = random_hf_tensors(sender.module.hf_shapes(sender.cfg), seed=5)
-    tensors = materialize(table, hf, torch.float32)  # the trainer's fp32 shards, cast to the wire dtype
+    hf = random_hf_tensors(sender.module.hf_shapes(sender.cfg), seed=5, device=options["device"])
+    tensors = materialize(table, hf, getattr(torch, options["src_dtype"]))  # the trainer's shards, cast on the wire
     del hf
     group, _store, barrier = _barrier(ports, who, everyone, options["timeout"])
-    seconds = {m: [] for m in METHODS}
-    sent = {m: 0 for m in METHODS}
-    rss = {m: 0 for m in METHODS}
-    for index in range(repeat):
-        for method in _order(index):
+    copy_rate = _copy_rate(options["device"], getattr(torch, options["dtype"])) if src.rank == 0 else 0.0
+    methods = options["methods"]
+    seconds = {m: [] for m in methods}
+    walked = {m: [] for m in methods}  # of which moving the bytes (the channels' walk), the rest is the session
+    sent = {m: 0 for m in methods}
+    rss = {m: 0 for m in methods}
+    for index in range(WARMUP + repeat):
+        for method in _order(methods, index):
             barrier(f"{method} update {index + 1}")
             with _RssPeak() as peak:
                 started = time.perf_counter()
                 report = senders[method].update(tensors)
-                seconds[method].append(time.perf_counter() - started)
+                elapsed = time.perf_counter() - started
+            if index >= WARMUP:
+                seconds[method].append(elapsed)
+                walked[method].append(sum(c.seconds for c in report.channels))
             rss[method] = max(rss[method], peak.growth)
             sent[method] = report.bytes
             if who == everyone[0]:
                 rounds.put(method)
-    result = {"seconds": seconds, "bytes": sent, "rss": rss,
-              "tracked": {m: senders[m].buffer_bytes + senders[m].peak_temp_bytes for m in METHODS}}
+    result = {"seconds": seconds, "walked": walked, "bytes": sent, "rss": rss, "copy_Bps": copy_rate,
+              "tracked": {m: senders[m].buffer_bytes + senders[m].peak_temp_bytes for m in methods}}
     for endpoint in senders.values():
         endpoint.close()
     group.close()
@@ -174,19 +219,22 @@ def _engine(hf_config, layout, engine, tp, ports, options, repeat, everyone) -> 
     who = f"engine {engine} tp{tp}"
     receivers = _endpoints("engine", hf_config, layout, ports, options, engine=engine, tp_rank=tp)
     dtype = getattr(torch, options["dtype"])
-    params = {m: {n: torch.zeros(s, dtype=dtype) for n, s in receivers[m].tensor_shapes().items()} for m in METHODS}
+    methods = options["methods"]
+    params = {m: {n: torch.zeros(s, dtype=dtype, device=options["device"])
+                  for n, s in receivers[m].tensor_shapes().items()} for m in methods}
     group, _store, barrier = _barrier(ports, who, everyone, options["timeout"])
-    rss = {m: 0 for m in METHODS}
+    rss = {m: 0 for m in methods}
     equal = True
-    for index in range(repeat):
-        for method in _order(index):
+    first = params[methods[0]]
+    for index in range(WARMUP + repeat):
+        for method in _order(methods, index):
             barrier(f"{method} update {index + 1}")
             with _RssPeak() as peak:
                 receivers[method].update(params[method])
             rss[method] = max(rss[method], peak.growth)
-        equal &= all(torch.equal(params["shard"][n], params["gather"][n]) for n in params["shard"])
+        equal &= all(torch.equal(params[m][n], first[n]) for m in methods[1:] for n in first)
     result = {"rss": rss, "equal": equal,
-              "tracked": {m: receivers[m].buffer_bytes + receivers[m].peak_temp_bytes for m in METHODS}}
+              "tracked": {m: receivers[m].buffer_bytes + receivers[m].peak_temp_bytes for m in methods}}
     for endpoint in receivers.values():
         endpoint.close()
     group.close()
@@ -212,33 +260,54 @@ def _vllm_engine(hf_config, layout, engine, ports, options, repeat, everyone, wo
               enforce_eager=True, tensor_parallel_size=layout.infer_tp, max_model_len=256, seed=0,
               enable_expert_parallel=layout.infer_ep,
               worker_extension_cls=INSPECTABLE_EXTENSION)
+    methods = options["methods"]
     try:
-        for method in METHODS:
+        for method in methods:
             init = {"train_tp": layout.train_tp, "train_pp": layout.train_pp, "engines": layout.engines,
                     "train_ep": layout.train_ep, "train_etp": layout.train_etp, "train_dp": layout.train_dp,
                     "engine_index": engine, "rendezvous": f"127.0.0.1:{ports[method]}",
                     "bucket_bytes": options["bucket_bytes"], "timeout": options["timeout"], "method": method}
             llm.collective_rpc("shardsync_init", args=(init,))
         group, _store, barrier = _barrier(ports, f"engine {engine}", everyone, options["timeout"])
-        tracked = {m: 0 for m in METHODS}
+        tracked = {m: 0 for m in methods}
         equal = True
-        for index in range(repeat):
-            for method in _order(index):
+        for index in range(WARMUP + repeat):
+            for method in _order(methods, index):
                 barrier(f"{method} update {index + 1}")
                 reports = llm.collective_rpc("shardsync_update", kwargs={"method": method})
                 tracked[method] = max([tracked[method]] + [r["tracked_bytes"] for r in reports])
                 if index == 0:
                     llm.collective_rpc("shardsync_dump", args=(str(work / method),))
             if index == 0:
-                _, mismatched = compare_dumps(work / "shard", work / "gather", layout.infer_tp)
-                equal = not mismatched
+                equal = not any(compare_dumps(work / m, work / methods[0], layout.infer_tp)[1] for m in methods[1:])
         llm.collective_rpc("shardsync_close")
         group.close()
     finally:
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
-    return {"rss": {m: None for m in METHODS}, "equal": equal, "tracked": tracked}  # RSS: in vLLM's workers
+    return {"rss": {m: None for m in methods}, "equal": equal, "tracked": tracked}  # RSS: in vLLM's workers
+
+
+def _copy_rate(device: str, dtype: torch.dtype, nbytes: int = 1 << 30) -> float:
+    """Bytes per second of one plain contiguous copy on `device` (median of 5), measured
+    while the other bench processes wait at the barrier: the ceiling of every copy here."""
+    device = torch.device(device)
+    elements = nbytes // torch.empty((), dtype=dtype).element_size()
+    if device.type == "cpu":
+        elements //= 8  # a copy the size of a bucket or two, not of a GPU's memory
+    source = torch.ones(elements, dtype=dtype, device=device)
+    target = torch.empty_like(source)
+    times = []
+    for _ in range(6):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        target.copy_(source)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+    return source.numel() * source.element_size() / statistics.median(times[1:])
 
 
 class _RssPeak:

@@ -29,7 +29,7 @@ def run_demo(config: LoopConfig, out_dir: str = "out/demo", log=print) -> int:
     experts = f" EP {layout.train_ep} ETP {layout.train_etp}" if expert_parallel else ""
     log(f"shardsync demo: {config.model}, megatron-core trainer TP {layout.train_tp}{experts} DP {layout.train_dp} "
         f"PP {layout.train_pp} ({layout.world} ranks, {len(layout.senders)} sending) -> {config.engines} vLLM "
-        f"engine(s) x TP {config.infer_tp}, {config.dtype}, {config.steps} steps (Ray)")
+        f"engine(s) x TP {config.infer_tp}, {config.dtype}, {config.steps} steps (Ray), method {config.method}")
     log("starting Ray, the trainer ranks and the engines (about a minute on a small CPU machine) ...")
     started = time.monotonic()
     records: list[StepRecord] = []

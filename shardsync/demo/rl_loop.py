@@ -46,6 +46,7 @@ class LoopConfig:
     dtype: str = "float32"
     seed: int = 0
     timeout: float = 300.0
+    method: str = "auto"  # how syncs move the bytes: shard, gather, colocated (the engines share this host)
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,14 @@ class TrainerRank:
         self.policy = PolicyRank.for_layout(hf_config, layout, rank, dist_port, lr=lr, seed=seed, timeout_s=timeout)
         self.sender = None
 
-    def connect(self, infer_tp: int, engines: int, rendezvous: str, dtype: str, timeout: float) -> int:
+    def connect(self, infer_tp: int, engines: int, rendezvous: str, dtype: str, timeout: float,
+                method: str = "auto") -> int:
         """Connect this rank's Sender; a replica-only rank has none and creates no channel."""
         if not self.policy.source.is_sender:
             return 0
         self.sender = self.policy.source.sender(infer_tp, engines, rendezvous=rendezvous,
-                                                dtype=getattr(torch, dtype), timeout=timeout, verify=True)
+                                                dtype=getattr(torch, dtype), timeout=timeout, verify=True,
+                                                method=method)
         self.sender.connect()
         return self.sender.channels_created
 
@@ -216,9 +219,9 @@ class RLLoop:
         log(f"started {world} trainer rank(s) and {config.engines} engine(s) in {time.monotonic() - started:.1f} s")
         init = {"rendezvous": f"127.0.0.1:{self.port}", "train_tp": layout.train_tp, "train_pp": layout.train_pp,
                 "train_ep": layout.train_ep, "train_etp": layout.train_etp, "train_dp": layout.train_dp,
-                "engines": config.engines, "timeout": config.timeout, "verify": True}
+                "engines": config.engines, "timeout": config.timeout, "verify": True, "method": config.method}
         created = self._get([t.connect.remote(config.infer_tp, config.engines, init["rendezvous"], config.dtype,
-                                              config.timeout) for t in self.trainers] +
+                                              config.timeout, config.method) for t in self.trainers] +
                             [e.init_transfer.remote({**init, "engine_index": i}) for i, e in enumerate(self.engines)],
                             "connecting the channels")
         self.channels_at_connect = sum(created[: len(self.trainers)])

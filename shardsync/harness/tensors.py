@@ -18,13 +18,15 @@ def materialize(table, hf_tensors: Mapping[str, torch.Tensor], dtype: torch.dtyp
     result = {}
     for local in table:
         any_source = next(iter(hf_tensors.values()))
-        tensor = torch.zeros(local.shape, dtype=dtype or any_source.dtype)
+        tensor = torch.zeros(local.shape, dtype=dtype or any_source.dtype, device=any_source.device)
         for piece in local.pieces:
             tensor[boxes.as_slices(piece.local_box)] = hf_tensors[piece.hf_name][boxes.as_slices(piece.hf_box)]
         result[local.name] = tensor
     return result
 
 
-def random_hf_tensors(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in shapes.items()}
+def random_hf_tensors(shapes: Mapping[str, tuple[int, ...]], seed: int,
+                      device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Random weights by seed; the same seed gives the same tensors on the same kind of device."""
+    generator = torch.Generator(device).manual_seed(seed)
+    return {name: torch.randn(shape, generator=generator, device=device) * 0.02 for name, shape in shapes.items()}

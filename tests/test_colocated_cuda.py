@@ -1,0 +1,40 @@
+"""The colocated method on one GPU: trainer and engine processes share CUDA memory by IPC,
+ordered by interprocess events; run on the GPU machine, skipped (visibly) elsewhere.
+
+Four processes on the one GPU, as the colocated deployments the method is for: two
+trainer ranks and two engine ranks holding plain CUDA tensors in vLLM's layout, two
+updates each checked bitwise against plain slicing of the full HF weights
+(tests/reference.py), checksums on: a CUDA-computed tail checks on the other process.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shardsync.presets import model_config
+from tests.transfer_harness import Case, run
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU: run on the GPU machine (bench/RESULTS.md has the command)")
+
+CASES = {
+    # (train TP, train PP -> engine TP, engines)
+    "qwen3 2,1->2,1": Case(model_config("qwen3-tiny"), 2, 1, 2, 1),
+    "qwen3 2,1->1,2 replicas M:N": Case(model_config("qwen3-tiny"), 2, 1, 1, 2),
+    "llama bf16 2,1->1,2": Case(model_config("llama-tiny"), 2, 1, 1, 2, dtype="bfloat16", bucket_bytes=1 << 16),
+    "qwen3 kv_heads=1 1,2->2,1": Case(model_config("qwen3-tiny-mqa"), 1, 2, 2, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_four_processes_on_one_gpu_update_exactly_through_cuda_ipc(case):
+    case = Case(**{**vars(case), "method": "colocated", "device": "cuda", "verify": True})
+    results = run(case)
+    for who, result in results.items():
+        if who.startswith("engine"):
+            assert result["mismatches"] == [[]] * case.updates, f"{who}: tensors differ from the reference"
+            assert result["mappings_created"] == result["channels"] >= 1 and result["buffer_bytes"] == 0, who
+        else:  # its slots, and each reader's "read" events
+            assert result["mappings_created"] == 1 + case.engines * result["channels"], who
+            assert 0 < result["buffer_bytes"] <= 2 * (case.bucket_bytes + 16), who
