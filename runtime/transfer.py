@@ -345,8 +345,7 @@ class Receiver(_Endpoint):
             sink.begin_update()
         receipt: Receipt = self.transport.receive(counting or sink, number)
         if receipt.corrupted:
-            written = "" if counting is None else "; a bucket that failed its checksum on arrival is not written"
-            raise TransferError(f"update {number}: {self.who}: {'; '.join(receipt.corrupted)}{written}")
+            raise TransferError(f"update {number}: {self.who}: {'; '.join(receipt.corrupted)}")
         if receipt.unloaded:
             raise TransferError(f"update {number}: {self.who}: the engine's loader stopped before taking "
                                 f"{len(receipt.unloaded)} tensor(s), first {receipt.unloaded[0]}")

@@ -34,7 +34,7 @@ from shardsync.runtime.plan.build import has_experts, is_expert
 from shardsync.runtime.plan.layout import Layout, TrainerRank
 from shardsync.runtime.reports import ChannelReport, Receipt
 from shardsync.runtime.wire.channels import Channels
-from shardsync.runtime.wire.pack import pack
+from shardsync.runtime.wire.copy_graphs import BucketCopier
 from shardsync.runtime.wire.pipe import BucketPipe
 
 
@@ -151,6 +151,8 @@ class GatherMethod(OverChannels):
         self.shapes = module.hf_shapes(cfg)
         largest = max((b.numel for s in self.stages for b in s.buckets), default=0)
         self.pipe = BucketPipe(largest, context.dtype, context.device, verify=context.verify, overlap=context.overlap)
+        # one batched kernel per bucket on CUDA (the full tensors are new at every update: run eagerly)
+        self.copier = BucketCopier(context.device, checksums=context.verify)
         self.elsize = torch.empty((), dtype=context.dtype).element_size()
         self.channels = Channels(context.device, context.timeout, context.channel_options)
         self.peak_temp_bytes = 0
@@ -226,7 +228,7 @@ class GatherMethod(OverChannels):
             for entry in bucket.entries:
                 while entry.src_tensor not in full:
                     full.update(self._gather(waiting.pop(0), stage, tensors, update))
-            sending.put(bucket, lambda buffer: pack(bucket, full, buffer))
+            sending.put(bucket, lambda buffer: self.copier.pack((stage.stage, index), bucket, full, buffer))
             for name in [n for n in full if last_use[n] == index]:
                 self._release(full.pop(name))
         for step in waiting:  # tensors without HF partners still take part in their gathers

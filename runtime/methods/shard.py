@@ -35,7 +35,8 @@ class ShardMethod(OverChannels):
         largest = max((b.numel for s in self.schedules.values() for bs in s.values() for b in bs), default=0)
         self.pipe = self.pipe_class(largest, context.dtype, context.device, verify=context.verify,
                                     overlap=context.overlap)
-        self.copier = BucketCopier(context.device)  # graphed on CUDA, plain foreach copies on the CPU
+        # one batched kernel per bucket on CUDA (graphed, checksum fused), foreach copies on the CPU
+        self.copier = BucketCopier(context.device, checksums=context.verify)
         self.channels = Channels(self.channel_device(context), context.timeout, context.channel_options)
 
     @staticmethod
@@ -73,13 +74,15 @@ class ShardMethod(OverChannels):
 
     def receive(self, targets, update: int) -> Receipt:
         """Written by box as each bucket arrives; a bucket that fails its checksum is
-        not written, and the acknowledgement says so."""
+        not written (checked first), or found in the copy that wrote it (CUDA, where the
+        check runs inside the copy kernel), and the acknowledgement says so."""
         inbound = self.pipe.inbound(update)
 
         def move(channel: Channel, group, phase: int, schedule) -> None:
-            for index, bucket, buffer, intact in inbound.buckets(group, schedule, f" of phase {phase}"):
-                if intact:
-                    self.copier.unpack((channel.name, phase, index), bucket, buffer, targets)
+            def unpack(index, bucket, buffer):
+                return self.copier.unpack((channel.name, phase, index), bucket, buffer, targets)
+
+            inbound.deliver(group, schedule, f" of phase {phase}", unpack, fused=self.copier.fuses_checksums)
 
         reports = self._walk(inbound.header, move, inbound.close)
         return Receipt(reports, tuple(inbound.corrupted), tuple(inbound.elsewhere))

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 TAIL_BYTES = 16  # two int64 sums
-_WEIGHT_PERIOD = 65521  # a prime: a shifted run of words changes the weighted sum
+WEIGHT_PERIOD = 65521  # a prime: a shifted run of words changes the weighted sum
 
-_CHUNK = 1 << 20
+CHUNK = 1 << 20
 _weights: dict[torch.device, torch.Tensor] = {}
 
 
@@ -31,11 +31,11 @@ def compute(data: torch.Tensor) -> torch.Tensor:
     return torch.stack([plain, _weighted(words, _weights_for(words.device))])
 
 
-def write(buffer: torch.Tensor, numel: int) -> torch.Tensor:
-    """Checksum `buffer[:numel]` into the tail after it; returns the slice to send.
-    The tail is written as bytes: after an odd count of 2-byte elements it is not
-    aligned for int64."""
-    _tail(buffer, numel).copy_(compute(buffer[:numel]).view(torch.uint8))
+def write(buffer: torch.Tensor, numel: int, sums: torch.Tensor | None = None) -> torch.Tensor:
+    """Checksum `buffer[:numel]` into the tail after it (`sums`, where the pack already
+    computed them); returns the slice to send. The tail is written as bytes: after an
+    odd count of 2-byte elements it is not aligned for int64."""
+    _tail(buffer, numel).copy_((compute(buffer[:numel]) if sums is None else sums).view(torch.uint8))
     return buffer[:numel + tail_elements(buffer.dtype)]
 
 
@@ -66,15 +66,15 @@ def _tail(buffer: torch.Tensor, numel: int) -> torch.Tensor:
 def _weights_for(device: torch.device) -> torch.Tensor:
     """One weight vector per device (8 MiB), sliced for shorter buckets."""
     if device not in _weights:
-        _weights[device] = torch.arange(_CHUNK, device=device, dtype=torch.int64) % _WEIGHT_PERIOD + 1
+        _weights[device] = torch.arange(CHUNK, device=device, dtype=torch.int64) % WEIGHT_PERIOD + 1
     return _weights[device]
 
 
 def _weighted(words: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The weighted sum, _CHUNK words at a time (bounded temporaries); each chunk's
+    """The weighted sum, CHUNK words at a time (bounded temporaries); each chunk's
     sum is scaled by its index + 1, so a word's position counts across chunks too."""
     total = torch.zeros((), dtype=torch.int64, device=words.device)
-    for index, start in enumerate(range(0, words.numel(), _CHUNK)):
-        chunk = words[start:start + _CHUNK].to(torch.int64)
+    for index, start in enumerate(range(0, words.numel(), CHUNK)):
+        chunk = words[start:start + CHUNK].to(torch.int64)
         total += (chunk * weights[:chunk.numel()]).sum() * (index + 1)
     return total

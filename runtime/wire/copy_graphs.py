@@ -1,90 +1,112 @@
-"""Packing and unpacking buckets on CUDA as replayed graphs.
+"""Packing and unpacking buckets: one batched kernel per bucket on CUDA, replayed as a graph.
 
 Eagerly, a bucket's pieces cost one kernel launch each plus Python to cut the views,
-which on a GPU is far slower than the bytes (`shardsync bench-pack` measured 6-13% of
-the H200's copy rate for Qwen3-4B shards). The plan and the schedule never change
-between updates, and the trainer's parameters and the engine's plain tensors keep
-their storage, so each bucket's copies are captured once as a CUDA graph and
-replayed at every update.
-
-A graph is keyed by the bucket and the addresses it reads and writes: where those
-changed (an engine layer that vLLM re-allocates when it re-processes it), the
-bucket is copied eagerly; a graph is captured only once the same addresses came
-back, so tensors that move at every update never pay for captures.
+which on a GPU is far slower than the bytes; even captured as a graph, 15-60 short
+copies run one after another and reach about 0.69 of the copy rate (bench/RESULTS.md).
+On CUDA each bucket is therefore one launch of `wire.batched_copy`'s kernel, which
+walks every piece of the bucket and, with `checksums`, computes the bucket's checksum
+on the way (returned, so that the pipe writes the tail or compares it without a pass
+of its own). The plan and the schedule never change between updates, and the
+trainer's parameters and the engine's tensors mostly keep their storage, so a
+bucket's descriptors are built once for a set of addresses, and its launch is
+captured as a CUDA graph the second time the same addresses come by and replayed
+from then on. Where storage moved (an engine layer vLLM re-allocates when it
+re-processes it, a trainer handing over new tensors), the bucket runs eagerly with
+descriptors built for the new addresses. On the CPU: one multi-tensor copy per bucket.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from shardsync.runtime.plan import boxes
 from shardsync.runtime.wire import pack as packing
 
+log = logging.getLogger("shardsync")
 
 
 class BucketCopier:
-    """pack / unpack with the signatures of `runtime.wire.pack`, graphed on CUDA."""
+    """pack / unpack with the signatures of `runtime.wire.pack`; each returns the
+    bucket's checksum sums when it computed them (CUDA with `checksums`), else None."""
 
-    def __init__(self, device: torch.device):
-        self.graphed = device.type == "cuda"
-        self._seen: dict = {}  # key -> addresses at the last update
-        self._graphs: dict = {}  # key -> (addresses, graph)
+    def __init__(self, device: torch.device, checksums: bool = False):
+        self.device = device
+        self.batched = device.type == "cuda"
+        self.checksums = checksums
+        self._prepared: dict = {}  # key -> _Prepared for the addresses last seen
         self.captures = 0
 
-    def pack(self, key, bucket, tensors, buffer: torch.Tensor) -> torch.Tensor:
-        if not self.graphed:
-            return packing.pack(bucket, tensors, buffer)
+    @property
+    def fuses_checksums(self) -> bool:
+        """Whether unpack computes the checksum while it reads (else the pipe checks first)."""
+        return self.batched and self.checksums
+
+    def pack(self, key, bucket, tensors, buffer: torch.Tensor) -> torch.Tensor | None:
         sources = [tensors[e.src_tensor] for e in bucket.entries]
+        if not self._batchable(sources, buffer):
+            packing.pack(bucket, tensors, buffer)
+            return None
+        entries = [(src, e.src_box, e.offset) for e, src in zip(bucket.entries, sources)]
+        return self._run(("pack",) + key, buffer, entries, bucket.numel, to_bucket=True)
 
-        def pairs():
-            return [(buffer[e.offset:e.offset + e.numel].view(boxes.shape(e.src_box)), src[boxes.as_slices(e.src_box)])
-                    for e, src in zip(bucket.entries, sources)]
-
-        self._copy(("pack",) + key, (buffer.data_ptr(),) + tuple(t.data_ptr() for t in sources), pairs)
-        return buffer[:bucket.numel]
-
-    def unpack(self, key, bucket, buffer: torch.Tensor, targets) -> None:
-        if not self.graphed:
-            return packing.unpack(bucket, buffer, targets)
+    def unpack(self, key, bucket, buffer: torch.Tensor, targets) -> torch.Tensor | None:
         dests = [targets.tensor(e.dst_tensor) for e in bucket.entries]  # (the targets may restore a layer here)
-
-        def pairs():
-            return [(dst[boxes.as_slices(e.dst_box)], buffer[e.offset:e.offset + e.numel].view(boxes.shape(e.dst_box)))
-                    for e, dst in zip(bucket.entries, dests)]
-
-        self._copy(("unpack",) + key, (buffer.data_ptr(),) + tuple(t.data_ptr() for t in dests), pairs)
+        if not self._batchable(dests, buffer):
+            packing.unpack(bucket, buffer, targets)
+            return None
+        entries = [(dst, e.dst_box, e.offset) for e, dst in zip(bucket.entries, dests)]
+        sums = self._run(("unpack",) + key, buffer, entries, bucket.numel, to_bucket=False)
         for entry in bucket.entries:
             targets.written(entry.dst_tensor, entry.numel)
+        return sums
 
-    def _copy(self, key, addresses: tuple, pairs) -> None:
-        """Replay the bucket's graph if its tensors are where they were when it was
-        captured (shapes and boxes are fixed by the plan; storage is what can move)."""
-        cached = self._graphs.get(key)
-        if cached is not None and cached[0] == addresses:
-            cached[1].replay()
-            return
-        views = pairs()
-        if not views:
-            return
-        if self._seen.get(key) == addresses:  # the same storage twice: worth a graph
-            graph = _capture(views)
-            self._graphs[key] = (addresses, graph)
+    def _batchable(self, tensors: list[torch.Tensor], buffer: torch.Tensor) -> bool:
+        if not self.batched or not tensors:
+            return False
+        try:
+            from shardsync.runtime.wire.batched_copy import supported
+        except ImportError as exc:  # no Triton beside this CUDA build of torch: per-piece copies
+            log.warning("shardsync: batched copies need Triton (%s); copying bucket pieces one by one", exc)
+            self.batched = False
+            return False
+        return supported(buffer.dtype) and all(supported(t.dtype) for t in tensors)
+
+    def _run(self, key, buffer, entries, numel: int, to_bucket: bool) -> torch.Tensor | None:
+        """The bucket's kernel for these addresses: replayed from its graph, captured the
+        second time the same addresses come by, or run eagerly."""
+        from shardsync.runtime.wire.batched_copy import BucketKernel
+
+        addresses = (buffer.data_ptr(),) + tuple(t.data_ptr() for t, _, _ in entries)
+        prepared = self._prepared.get(key)
+        if prepared is None or prepared.addresses != addresses:
+            kernel = BucketKernel(entries, numel, self.device)
+            self._prepared[key] = _Prepared(addresses, kernel)
+            return kernel.run(buffer, to_bucket, self.checksums)
+        if prepared.graph is None:
+            prepared.capture(buffer, to_bucket, self.checksums)
             self.captures += 1
-            graph.replay()
-            return
-        self._seen[key] = addresses
-        torch._foreach_copy_([d for d, _ in views], [s for _, s in views])
+        prepared.graph.replay()
+        return prepared.sums
 
 
-def _capture(pairs) -> torch.cuda.CUDAGraph:
-    """One stream: on an H200, per-bucket graphs that fork copies over 4 or 8 streams
-    replayed 1.7x and 4.5x slower than on one (bench/RESULTS.md)."""
-    device = pairs[0][0].device
-    current = torch.cuda.current_stream(device)
-    capture = torch.cuda.Stream(device)
-    capture.wait_stream(current)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=capture):
-        torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
-    current.wait_stream(capture)
-    return graph
+class _Prepared:
+    """A bucket's kernel for one set of addresses, and once it ran twice, its graph."""
+
+    def __init__(self, addresses: tuple, kernel):
+        self.addresses = addresses
+        self.kernel = kernel
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.sums: torch.Tensor | None = None
+
+    def capture(self, buffer: torch.Tensor, to_bucket: bool, checksums: bool) -> None:
+        device = buffer.device
+        current = torch.cuda.current_stream(device)
+        capture = torch.cuda.Stream(device)
+        capture.wait_stream(current)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=capture):
+            self.sums = self.kernel.run(buffer, to_bucket, checksums)
+        current.wait_stream(capture)
+        self.graph = graph
+

@@ -9,7 +9,9 @@ host, with the same calls):
 - two buffers: bucket k+1 is packed while bucket k is on the wire, and a buffer is
   packed again only once its previous bucket was sent (with `overlap=False`, one
   bucket at a time);
-- with `verify`, a checksum in a tail after each bucket's data, checked on arrival;
+- with `verify`, a checksum in a tail after each bucket's data (computed by the pack
+  where it can, on CUDA inside the copy kernel), checked on arrival or, where the
+  unpack computes it while copying, right after;
 - a closing acknowledgement: every member offers 0, or 1 + its rank if one of its
   buckets failed its checksum, so that the sender and every other receiver learn
   who got a bad bucket.
@@ -103,15 +105,17 @@ class Sending:
         self.in_flight: list = []
         self.index = 0
 
-    def put(self, bucket: Bucket, pack: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Pack `bucket` (`pack(buffer)` returns the used view) and put it on the wire,
-        first waiting for the bucket that last used the buffer."""
+    def put(self, bucket: Bucket, pack: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
+        """Pack `bucket` (`pack(buffer)` fills `buffer[:bucket.numel]` and returns the
+        bucket's checksum sums if it computed them on the way, else None) and put it on
+        the wire, first waiting for the bucket that last used the buffer."""
         pipe, update = self.outbound.pipe, self.outbound.update
         if len(self.in_flight) == pipe.depth:  # the buffer about to be packed is still on the wire
             self.group.wait(self.in_flight.pop(0), f"sending bucket {self.index - pipe.depth}{self.where}", update)
         buffer = pipe.buffers[self.index % 2]
-        wire = pack(buffer)
-        self.in_flight.append(self.group.broadcast(checksum.write(buffer, bucket.numel) if pipe.tail else wire))
+        sums = pack(buffer)
+        wire = checksum.write(buffer, bucket.numel, sums) if pipe.tail else buffer[:bucket.numel]
+        self.in_flight.append(self.group.broadcast(wire))
         self.index += 1
 
     def drain(self) -> None:
@@ -133,8 +137,10 @@ class Inbound:
     def header(self, group: Link, buckets: int) -> None:
         group.receive_header(self.update, buckets, self.pipe.device)
 
-    def buckets(self, group: Link, buckets, where: str = "") -> Iterator[tuple[int, Bucket, torch.Tensor, bool]]:
-        """Yield (index, bucket, buffer, intact) as each bucket arrives. The buffer is
+    def buckets(self, group: Link, buckets, where: str = "",
+                check: bool = True) -> Iterator[tuple[int, Bucket, torch.Tensor, bool]]:
+        """Yield (index, bucket, buffer, intact) as each bucket arrives (with `check`
+        False, no checksum is checked here: the caller's copy checks it). The buffer is
         posted for bucket index + 2 only once the caller asks for the next one, so the
         caller may use it (unpack, assemble, hand a tensor on) until then."""
         pipe, update = self.pipe, self.update
@@ -143,14 +149,37 @@ class Inbound:
         for index, bucket in enumerate(buckets):
             group.wait(posted[index], f"receiving bucket {index}{where}", update)
             buffer = pipe.buffers[index % 2]
-            mismatch = checksum.check(buffer, bucket.numel) if pipe.tail else None
+            mismatch = checksum.check(buffer, bucket.numel) if pipe.tail and check else None
             if mismatch is not None:
-                self._bad.add(group.name)
-                self.corrupted.append(f"channel {group.name}: bucket {index}{where} failed its checksum "
-                                      f"(sent {mismatch[0]}, computed {mismatch[1]})")
+                self.flag(group, f"bucket {index}{where} failed its checksum (sent {mismatch[0]}, computed "
+                                 f"{mismatch[1]})")
             yield index, bucket, buffer, mismatch is None
             if index + 2 < len(buckets):
                 posted.append(group.broadcast(buffer[:size[index + 2]]))
+
+    def deliver(self, group: Link, buckets, where: str, unpack, fused: bool) -> None:
+        """Unpack every bucket as it arrives (`unpack(index, bucket, buffer)` returns the
+        checksum sums it computed while copying, or None): checked before the copy,
+        and a bucket that fails is not written; or, where the copy computed the sums
+        (`fused`), compared after it, the bucket then written and flagged."""
+        compared = []  # (index, sent, computed): on the device, compared once the run is through
+        for index, bucket, buffer, intact in self.buckets(group, buckets, where, check=not fused):
+            if not intact:
+                continue
+            sums = unpack(index, bucket, buffer)
+            if fused and self.pipe.tail and sums is not None:
+                compared.append((index, checksum.sent(buffer, bucket.numel), sums))
+        if compared:  # one wait for the device, not one a bucket
+            pairs = torch.stack([torch.stack([sent, sums]) for _, sent, sums in compared]).tolist()
+            for (index, _, _), (sent, sums) in zip(compared, pairs):
+                if sent != sums:
+                    self.flag(group, f"bucket {index}{where} failed its checksum (sent {sent}, computed {sums}) in "
+                                     f"the copy that wrote it")
+
+    def flag(self, group: Link, problem: str) -> None:
+        """Record a bad bucket of `group`'s: the update fails, and the acknowledgement says so."""
+        self._bad.add(group.name)
+        self.corrupted.append(f"channel {group.name}: {problem}")
 
     def close(self, group: Link) -> None:
         mine = 1 + group.rank if group.name in self._bad else 0

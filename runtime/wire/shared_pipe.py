@@ -132,9 +132,9 @@ class SharedSending(Sending):
         pipe, update = self.outbound.pipe, self.outbound.update
         slot = pipe.take_slot()
         buffer = pipe.own[slot]
-        pack(buffer)
+        sums = pack(buffer)
         if pipe.tail:
-            checksum.write(buffer, bucket.numel)
+            checksum.write(buffer, bucket.numel, sums)
         if pipe.cuda:
             pipe.own.ready_events[slot].record(torch.cuda.current_stream(pipe.device))
         signal = torch.tensor([update, self.index, slot], dtype=torch.int64)
@@ -153,9 +153,11 @@ class SharedInbound(Inbound):
         super().__init__(pipe, update)
         self._releases: dict[str, list] = {}
 
-    def buckets(self, group: SignalLink, buckets, where: str = ""):
+    def buckets(self, group: SignalLink, buckets, where: str = "", check: bool = True):
         """Yield (index, bucket, slot, intact) as each bucket is announced; the slot is
-        released once the caller asks for the next bucket (or the walk ends)."""
+        released once the caller asks for the next bucket (or the walk ends). With
+        `check`, the checksum is checked before the caller reads the slot and again
+        after, against the sums read first: a slot written again too early fails it."""
         pipe, update = self.pipe, self.update
         slots = pipe.mapped[group.name]
         releases = self._releases.setdefault(group.name, [])
@@ -169,21 +171,17 @@ class SharedInbound(Inbound):
                                     f"bucket {index}{where} of update {update}")
             buffer = slots[slot]
             if pipe.cuda:
-                stream = torch.cuda.current_stream(pipe.device)
-                stream.wait_event(slots.ready_events[slot])
-            sums = checksum.sent(buffer, bucket.numel) if pipe.tail else None
-            mismatch = checksum.check(buffer, bucket.numel) if pipe.tail else None
-            intact = mismatch is None
-            if not intact:
-                self._bad.add(group.name)
-                self.corrupted.append(f"channel {group.name}: bucket {index}{where} failed its checksum "
-                                      f"(sent {mismatch[0]}, computed {mismatch[1]})")
-            yield index, bucket, buffer, intact
-            if sums is not None and intact and not checksum.matches(buffer, bucket.numel, sums):
-                self._bad.add(group.name)
-                self.corrupted.append(f"channel {group.name}: bucket {index}{where} changed while it was read: its "
-                                      f"slot was written again before this rank released it, so what was "
-                                      f"written from it is wrong")
+                torch.cuda.current_stream(pipe.device).wait_event(slots.ready_events[slot])
+            checking = pipe.tail and check
+            sums = checksum.sent(buffer, bucket.numel) if checking else None
+            mismatch = checksum.check(buffer, bucket.numel) if checking else None
+            if mismatch is not None:
+                self.flag(group, f"bucket {index}{where} failed its checksum (sent {mismatch[0]}, computed "
+                                 f"{mismatch[1]})")
+            yield index, bucket, buffer, mismatch is None
+            if checking and mismatch is None and not checksum.matches(buffer, bucket.numel, sums):
+                self.flag(group, f"bucket {index}{where} changed while it was read: its slot was written again "
+                                 f"before this rank released it, so what was written from it is wrong")
             if pipe.cuda:
                 pipe.own_read_events[group.name][slot].record(torch.cuda.current_stream(pipe.device))
             releases.append((index, group.gather_at_source(torch.zeros(1, dtype=torch.int64))))

