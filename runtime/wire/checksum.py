@@ -1,9 +1,12 @@
 """A cheap per-bucket checksum, carried in the bucket's own message (`verify=True`).
 
-Two sums over the bucket's bytes read as integer words: the plain sum catches a
-changed value, the position-weighted sum a moved one. One pass, no extra message:
-the sender writes them into a tail of TAIL_BYTES after the packed data and the
-receiver recomputes them over what arrived. Integer sums wrap identically on every
+Two sums over the bucket's bytes read as integer words (32-bit, or 16-bit when the byte
+count is not a multiple of 4), both modulo 2**32: the plain sum catches a changed
+value, the sum weighted by position (the word's index modulo a prime, plus one) a
+moved one. One pass, no extra message: the sender writes them into a tail of
+TAIL_BYTES after the packed data and the receiver recomputes them over what arrived.
+Sums modulo 2**32 cost one multiply-add a word on a GPU (the batched copy kernel
+computes them while it copies, `wire.batched_copy`) and come out the same on every
 device, so a CPU sender and a GPU receiver agree.
 """
 
@@ -11,10 +14,11 @@ from __future__ import annotations
 
 import torch
 
-TAIL_BYTES = 16  # two int64 sums
+TAIL_BYTES = 16  # the two sums, each as an int64 in [0, 2**32)
 WEIGHT_PERIOD = 65521  # a prime: a shifted run of words changes the weighted sum
+CHUNK = 16 * WEIGHT_PERIOD  # words summed at a time on the host: a whole number of weight periods
+MODULUS = 1 << 32
 
-CHUNK = 1 << 20
 _weights: dict[torch.device, torch.Tensor] = {}
 
 
@@ -28,7 +32,7 @@ def compute(data: torch.Tensor) -> torch.Tensor:
     raw = data.view(torch.uint8)
     words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw.view(torch.int16)
     plain = words.sum(dtype=torch.int64)
-    return torch.stack([plain, _weighted(words, _weights_for(words.device))])
+    return torch.stack([plain, _weighted(words, _weights_for(words.device))]) % MODULUS
 
 
 def write(buffer: torch.Tensor, numel: int, sums: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,10 +75,11 @@ def _weights_for(device: torch.device) -> torch.Tensor:
 
 
 def _weighted(words: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The weighted sum, CHUNK words at a time (bounded temporaries); each chunk's
-    sum is scaled by its index + 1, so a word's position counts across chunks too."""
+    """The weighted sum, CHUNK words at a time (bounded temporaries): a chunk starts on
+    a weight period, so every chunk takes the same weights. int64 wraps modulo 2**64,
+    which keeps the sum right modulo 2**32."""
     total = torch.zeros((), dtype=torch.int64, device=words.device)
-    for index, start in enumerate(range(0, words.numel(), CHUNK)):
+    for start in range(0, words.numel(), CHUNK):
         chunk = words[start:start + CHUNK].to(torch.int64)
-        total += (chunk * weights[:chunk.numel()]).sum() * (index + 1)
+        total += (chunk * weights[:chunk.numel()]).sum()
     return total

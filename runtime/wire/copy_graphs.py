@@ -70,7 +70,7 @@ class BucketCopier:
             log.warning("shardsync: batched copies need Triton (%s); copying bucket pieces one by one", exc)
             self.batched = False
             return False
-        return supported(buffer.dtype) and all(supported(t.dtype) for t in tensors)
+        return supported(buffer) and all(supported(t) for t in tensors)
 
     def _run(self, key, buffer, entries, numel: int, to_bucket: bool) -> torch.Tensor | None:
         """The bucket's kernel for these addresses: replayed from its graph, captured the
@@ -80,7 +80,7 @@ class BucketCopier:
         addresses = (buffer.data_ptr(),) + tuple(t.data_ptr() for t, _, _ in entries)
         prepared = self._prepared.get(key)
         if prepared is None or prepared.addresses != addresses:
-            kernel = BucketKernel(entries, numel, self.device)
+            kernel = BucketKernel(entries, numel, buffer, sums=self.checksums)
             self._prepared[key] = _Prepared(addresses, kernel)
             return kernel.run(buffer, to_bucket, self.checksums)
         if prepared.graph is None:
