@@ -40,15 +40,15 @@ from shardsync.runtime.wire import checksum
 
 # (rows, columns, warps) of a tile, plain and with the checksum (whose int64 sums need
 # fewer elements a thread), tuned on an H200: bench/RESULTS.md
-TILES = {False: (8, 512, 4), True: (4, 512, 8)}
+TILES = {False: (8, 512, 4), True: (4, 512, 4)}
+PROGRAMS_PER_SM = 4
 _FIELDS = 6  # per piece: tensor address (bytes), rows, cols, row stride, bucket offset, elements
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
-def _checksum_terms(values, position, mask, WORDS: tl.constexpr, PERIOD: tl.constexpr):
-    """The tile's share of the plain and the weighted sum, both modulo 2**32 (int32
-    arithmetic wraps): a multiply-add an element."""
+def _checksum_words(values, position, mask, WORDS: tl.constexpr, PERIOD: tl.constexpr):
+    """Each element's word and its weight for the checksum (int32, wrapping modulo 2**32)."""
     if values.dtype.primitive_bitwidth == 32:
         word = values.to(tl.int32, bitcast=True)
         index = position
@@ -60,53 +60,62 @@ def _checksum_terms(values, position, mask, WORDS: tl.constexpr, PERIOD: tl.cons
         else:
             word = half
             index = position
-    word = tl.where(mask, word, 0)
-    weighted = word * (index % PERIOD + 1)
-    return tl.sum(tl.sum(word, axis=1), axis=0), tl.sum(tl.sum(weighted, axis=1), axis=0)
+    return tl.where(mask, word, 0), (index % PERIOD + 1).to(tl.int32)
 
 
 @triton.jit
-def _tile_copy(pieces, tiles, bucket, partials, TENSOR_DTYPE: tl.constexpr, TO_BUCKET: tl.constexpr,
-               ALIGNED: tl.constexpr, CHECKSUM: tl.constexpr, WORDS: tl.constexpr, PERIOD: tl.constexpr,
-               ROWS: tl.constexpr, COLS: tl.constexpr):
-    tile = tl.program_id(0)
-    piece = tl.load(tiles + tile * 3)
-    row0 = tl.load(tiles + tile * 3 + 1)
-    col0 = tl.load(tiles + tile * 3 + 2)
-    desc = pieces + piece * 6  # _FIELDS
-    address = tl.load(desc)
-    rows = tl.load(desc + 1).to(tl.int32)
-    cols = tl.load(desc + 2).to(tl.int32)
-    row_stride = tl.load(desc + 3)
-    offset = tl.load(desc + 4).to(tl.int32)
-    count = tl.load(desc + 5).to(tl.int32)
-    r = row0 + tl.arange(0, ROWS)
-    c = col0 + tl.arange(0, COLS)
-    if ALIGNED:  # every row of the piece starts 16-byte aligned on both sides: vector loads and stores
-        row_stride = tl.multiple_of(row_stride, 128 // TENSOR_DTYPE.primitive_bitwidth)
-        cols = tl.multiple_of(cols, 128 // bucket.dtype.element_ty.primitive_bitwidth)
-        offset = tl.multiple_of(offset, 128 // bucket.dtype.element_ty.primitive_bitwidth)
-    linear = r[:, None] * cols + c[None, :]
-    mask = (r[:, None] < rows) & (c[None, :] < cols) & (linear < count)
-    tensor = address.to(tl.pointer_type(TENSOR_DTYPE))
-    if ALIGNED:
-        tensor = tl.multiple_of(tensor, 16)
-    tensor = tensor + (r.to(tl.int64) * row_stride)[:, None] + c[None, :]
-    position = offset + linear
-    if TO_BUCKET:
-        values = tl.load(tensor, mask=mask)
-        if values.dtype.primitive_bitwidth > bucket.dtype.element_ty.primitive_bitwidth:
-            values = values.to(bucket.dtype.element_ty, fp_downcast_rounding="rtne")  # as torch's copy_ rounds
-        else:
-            values = values.to(bucket.dtype.element_ty)
-        tl.store(bucket + position, values, mask=mask)
-    else:
-        values = tl.load(bucket + position, mask=mask)
-        tl.store(tensor, values.to(TENSOR_DTYPE), mask=mask)
+def _copy_tiles(pieces, tiles, tile_count, bucket, partials, TENSOR_DTYPE: tl.constexpr, TO_BUCKET: tl.constexpr,
+                ALIGNED: tl.constexpr, CHECKSUM: tl.constexpr, WORDS: tl.constexpr, PERIOD: tl.constexpr,
+                ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Each program copies tiles program, program + programs, ...; with the checksum,
+    every thread keeps its own running sums (int32 adds wrap modulo 2**32, as the
+    checksum does) and the program reduces them once at the end, not once a tile."""
+    program = tl.program_id(0)
+    programs = tl.num_programs(0)
     if CHECKSUM:
-        plain, weighted = _checksum_terms(values, position, mask, WORDS, PERIOD)
-        tl.store(partials + tile * 2, plain)
-        tl.store(partials + tile * 2 + 1, weighted)
+        plain = tl.zeros((ROWS, COLS), dtype=tl.int32)
+        weighted = tl.zeros((ROWS, COLS), dtype=tl.int32)
+    for tile in range(program, tile_count, programs):
+        piece = tl.load(tiles + tile * 3)
+        row0 = tl.load(tiles + tile * 3 + 1).to(tl.int32)
+        col0 = tl.load(tiles + tile * 3 + 2).to(tl.int32)
+        desc = pieces + piece * 6  # _FIELDS
+        address = tl.load(desc)
+        rows = tl.load(desc + 1).to(tl.int32)
+        cols = tl.load(desc + 2).to(tl.int32)
+        row_stride = tl.load(desc + 3)
+        offset = tl.load(desc + 4).to(tl.int32)
+        count = tl.load(desc + 5).to(tl.int32)
+        r = row0 + tl.arange(0, ROWS)
+        c = col0 + tl.arange(0, COLS)
+        if ALIGNED:  # every row of the piece starts 16-byte aligned on both sides: vector loads and stores
+            row_stride = tl.multiple_of(row_stride, 128 // TENSOR_DTYPE.primitive_bitwidth)
+            cols = tl.multiple_of(cols, 128 // bucket.dtype.element_ty.primitive_bitwidth)
+            offset = tl.multiple_of(offset, 128 // bucket.dtype.element_ty.primitive_bitwidth)
+        linear = r[:, None] * cols + c[None, :]
+        mask = (r[:, None] < rows) & (c[None, :] < cols) & (linear < count)
+        tensor = address.to(tl.pointer_type(TENSOR_DTYPE))
+        if ALIGNED:
+            tensor = tl.multiple_of(tensor, 16)
+        tensor = tensor + (r.to(tl.int64) * row_stride)[:, None] + c[None, :]
+        position = offset + linear
+        if TO_BUCKET:
+            values = tl.load(tensor, mask=mask)
+            if values.dtype.primitive_bitwidth > bucket.dtype.element_ty.primitive_bitwidth:
+                values = values.to(bucket.dtype.element_ty, fp_downcast_rounding="rtne")  # as torch's copy_ rounds
+            else:
+                values = values.to(bucket.dtype.element_ty)
+            tl.store(bucket + position, values, mask=mask)
+        else:
+            values = tl.load(bucket + position, mask=mask)
+            tl.store(tensor, values.to(TENSOR_DTYPE), mask=mask)
+        if CHECKSUM:
+            word, weight = _checksum_words(values, position, mask, WORDS, PERIOD)
+            plain += word.to(tl.int32)
+            weighted += (word * weight).to(tl.int32)
+    if CHECKSUM:
+        tl.store(partials + program * 2, tl.sum(tl.sum(plain, axis=1), axis=0))
+        tl.store(partials + program * 2 + 1, tl.sum(tl.sum(weighted, axis=1), axis=0))
 
 
 @dataclass
@@ -135,23 +144,32 @@ class BucketKernel:
                 classes.setdefault((tensor.dtype, aligned), []).append(piece)
         self.launches = [_launch(dtype, aligned, pieces, bucket.device, self.rows, self.cols)
                          for (dtype, aligned), pieces in classes.items()]
-        self.tiles = sum(len(launch.tiles) for launch in self.launches)
         self.numel = bucket_numel
-        self.partials = torch.zeros(self.tiles, 2, dtype=torch.int32, device=bucket.device)
+        # with the checksum, a few programs a multiprocessor loop over the tiles (each reduces
+        # its sums once); without, a program a tile
+        self.programs = [min(len(launch.tiles), PROGRAMS_PER_SM * _multiprocessors(bucket.device)) if sums
+                         else len(launch.tiles) for launch in self.launches]
+        self.partials = torch.zeros(sum(self.programs) if sums else 1, 2, dtype=torch.int32, device=bucket.device)
 
     def run(self, bucket: torch.Tensor, to_bucket: bool, sums: bool) -> torch.Tensor | None:
-        """Copy every piece (into the bucket, or out of it); with `sums`, return the
-        bucket's two checksum sums (a device tensor, nothing waited for)."""
+        """Copy every piece (into the bucket, or out of it); with `sums` (as built),
+        return the bucket's two checksum sums (a device tensor, nothing waited for)."""
         words = 4 if (self.numel * bucket.element_size()) % 4 == 0 else 2
         done = 0
-        for launch in self.launches:
-            count = len(launch.tiles)
-            _tile_copy[(count,)](launch.pieces, launch.tiles, bucket, self.partials[done:],
-                                 TENSOR_DTYPE=_TRITON_DTYPES[launch.dtype], TO_BUCKET=to_bucket,
-                                 ALIGNED=launch.aligned, CHECKSUM=sums, WORDS=words, PERIOD=checksum.WEIGHT_PERIOD,
-                                 ROWS=self.rows, COLS=self.cols, num_warps=self.warps)
-            done += count
+        for launch, programs in zip(self.launches, self.programs):
+            _copy_tiles[(programs,)](launch.pieces, launch.tiles, len(launch.tiles), bucket, self.partials[done:],
+                                     TENSOR_DTYPE=_TRITON_DTYPES[launch.dtype], TO_BUCKET=to_bucket,
+                                     ALIGNED=launch.aligned, CHECKSUM=sums, WORDS=words,
+                                     PERIOD=checksum.WEIGHT_PERIOD, ROWS=self.rows, COLS=self.cols,
+                                     num_warps=self.warps)
+            done += programs if sums else 0
         return self.partials.sum(dim=0, dtype=torch.int64) % checksum.MODULUS if sums else None
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # Triton's interpreter (tests on a machine without a GPU)
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def supported(tensor: torch.Tensor) -> bool:

@@ -94,6 +94,10 @@ class SharedPipe(BucketPipe):
             self.own = None
 
     def outbound(self, update: int) -> "Outbound":
+        # every update takes the slots in the same order from slot 0, so a bucket lies in
+        # the same slot at every update: the copies of each bucket keep their addresses
+        # (descriptors built once, graphs replayed) on both ends
+        self._next = 0
         return SharedOutbound(self, update)
 
     def inbound(self, update: int) -> "Inbound":

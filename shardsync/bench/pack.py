@@ -4,8 +4,9 @@ One trainer rank's channel (for a real model shape, e.g. Qwen3-4B at TP 2) is
 packed into wire buckets and unpacked into engine-layout tensors with the runtime's
 own copier (`runtime.wire.copy_graphs`: on CUDA one batched kernel per bucket, replayed
 as a graph), with and without the checksum it computes on the way (`verify=True`),
-and, for reference, the eager per-piece `wire.pack.pack` / `wire.pack.unpack`, on any
-device. Each pass is one read and one write of the payload, so each is compared with
+and, for reference, the eager per-piece `wire.pack.pack` / `wire.pack.unpack` and the
+eager copy of each box straight from trainer to engine tensors (what engines reading
+the trainer's tensors in place would do: one copy a byte), on any device. Each pass is one read and one write of the payload, so each is compared with
 one plain contiguous copy of the same bytes measured in the same run. On CUDA it also
 measures the per-piece copies captured as one graph (the copier before its batched
 kernel) and staging buckets to pinned vs pageable host memory, for a CPU (gloo) wire.
@@ -19,6 +20,7 @@ import time
 import torch
 
 from shardsync import generated
+from shardsync.runtime.plan import boxes
 from shardsync.runtime.plan import buckets as bucketing
 from shardsync.runtime.wire import checksum
 from shardsync.runtime.wire import pack as packing
@@ -76,6 +78,14 @@ def run_pack_bench(model: str = "qwen3-4b", train_tp: int = 2, infer_tp: int = 2
             found.append(torch.stack([checksum.sent(buffer, bucket.numel), sums]))
         torch.stack(found).tolist()
 
+    direct_pairs = [(dests[c.dst_tensor][boxes.as_slices(c.dst_box)],
+                     sources[c.src_tensor][boxes.as_slices(c.src_box)]) for c in channel.copies]
+
+    def direct():
+        """What an engine reading the trainer's tensors in place would do: each box
+        straight from the source into the destination, one copy a byte, no bucket."""
+        torch._foreach_copy_([d for d, _ in direct_pairs], [s for _, s in direct_pairs])
+
     def pack_eager():
         for bucket in schedule:
             packing.pack(bucket, sources, buffer)
@@ -104,6 +114,7 @@ def run_pack_bench(model: str = "qwen3-4b", train_tp: int = 2, infer_tp: int = 2
         "unpack_checksum_s": _time(unpack_checked, device, repeat),
         "pack_eager_s": _time(pack_eager, device, repeat),
         "unpack_eager_s": _time(unpack_eager, device, repeat),
+        "direct_eager_s": _time(direct, device, repeat),
         "graphs_captured": copier.captures + checked.captures,
     }
     result["runtime_equals_eager"] = _same_result(schedule, sources, buffer, dests)
@@ -111,7 +122,7 @@ def run_pack_bench(model: str = "qwen3-4b", train_tp: int = 2, infer_tp: int = 2
     result["pack_unpack_vs_copy"] = 2 * result["copy_s"] / (result["pack_s"] + result["unpack_s"])
     result["checksum_cost"] = ((result["pack_checksum_s"] + result["unpack_checksum_s"])
                                / (result["pack_s"] + result["unpack_s"]) - 1)
-    for name in ("pack", "unpack", "pack_checksum", "unpack_checksum", "pack_eager", "unpack_eager"):
+    for name in ("pack", "unpack", "pack_checksum", "unpack_checksum", "pack_eager", "unpack_eager", "direct_eager"):
         result[f"{name}_GBps"] = payload / result[f"{name}_s"] / 1e9
         result[f"{name}_vs_copy"] = result["copy_s"] / result[f"{name}_s"]
     if device.type == "cuda":
