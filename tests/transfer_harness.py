@@ -79,6 +79,17 @@ def run(case: Case, allow_errors: bool = False) -> dict:
     return collected
 
 
+def exact(results: dict, case: Case) -> tuple[dict, dict]:
+    """The trainer and the engine results of a run of `case`, once every rank reported
+    and every engine tensor equalled the reference after every update."""
+    trainers = {who: r for who, r in results.items() if who.startswith("trainer")}
+    engines = {who: r for who, r in results.items() if who.startswith("engine")}
+    assert len(trainers) == case.train_tp * case.train_pp and len(engines) == case.engines * case.infer_tp
+    for who, result in engines.items():
+        assert result["mismatches"] == [[]] * case.updates, f"{who}: tensors differ from the reference"
+    return trainers, engines
+
+
 def _trainer(case: Case, port: int, pp: int, tp: int) -> dict:
     model = ref.Model.from_hf(case.hf_config)
     sender = Sender(case.hf_config, case.layout, pp_rank=pp, tp_rank=tp, **case.options(port))
