@@ -124,3 +124,37 @@ def test_two_hundred_colocated_updates_are_exact_and_leak_nothing():
         # a trainer rank maps its own slots; an engine rank (TP 1) those of both trainer ranks
         assert resources["shm_segments"] == (1 if who.startswith("trainer") else 2), (who, resources)
     assert result["ok"], result
+
+
+def test_slots_that_do_not_fit_in_shared_memory_are_refused_at_once_not_at_first_touch():
+    import torch
+
+    from shardsync.runtime.errors import TransferError
+    from shardsync.runtime.wire.shared import create_slots
+
+    with pytest.raises(TransferError, match="cannot reserve .* MiB of shared memory in .*--shm-size"):
+        create_slots(1 << 40, 2, torch.float32, torch.device("cpu"))
+
+
+def test_a_reader_elsewhere_is_refused_naming_the_producer():
+    import dataclasses
+
+    import torch
+
+    from shardsync.runtime.errors import TransferError
+    from shardsync.runtime.wire.shared import create_slots, map_slots
+
+    slots = create_slots(64, 2, torch.float32, torch.device("cpu"))
+    try:
+        mapped = map_slots(slots.handle, torch.device("cpu"), "trainer pp0 tp0")
+        slots[1].fill_(3.0)  # the same memory, seen from both mappings
+        assert torch.equal(mapped[1], torch.full((64,), 3.0))
+        mapped.close()
+        elsewhere = dataclasses.replace(slots.handle, host="another-host")
+        with pytest.raises(TransferError, match="trainer pp0 tp0 is on host 'another-host'.*use method 'shard'"):
+            map_slots(elsewhere, torch.device("cpu"), "trainer pp0 tp0")
+        on_gpu = dataclasses.replace(slots.handle, device_type="cuda")
+        with pytest.raises(TransferError, match="trainer pp0 tp0's buffers are cuda memory"):
+            map_slots(on_gpu, torch.device("cpu"), "trainer pp0 tp0")
+    finally:
+        slots.close()

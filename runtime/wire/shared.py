@@ -117,9 +117,17 @@ def _cpu_slots(numel: int, count: int, dtype: torch.dtype) -> Slots:
     element = torch.empty((), dtype=dtype).element_size()
     fd, path = tempfile.mkstemp(dir=SHM_DIR if os.path.isdir(SHM_DIR) else None, prefix=SHM_PREFIX)
     os.unlink(path)  # nameless from the start: nothing in /dev/shm outlives its processes
+    nbytes = max(1, numel * count * element)
     try:
-        os.ftruncate(fd, max(1, numel * count * element))
+        # reserved now, not as pages are first touched: a full /dev/shm is an error here,
+        # not a SIGBUS in the middle of an update
+        os.posix_fallocate(fd, 0, nbytes)
         tensor = torch.from_file(f"/proc/self/fd/{fd}", shared=True, size=numel * count, dtype=dtype)
+    except OSError as exc:
+        os.close(fd)
+        raise TransferError(f"colocated: cannot reserve {nbytes / 2**20:.1f} MiB of shared memory in "
+                            f"{os.path.dirname(path)}: {exc.strerror}; give it more room (a container's "
+                            f"--shm-size) or use smaller buckets") from None
     except BaseException:
         os.close(fd)
         raise
