@@ -5,16 +5,17 @@ A bucket holds 15-60 pieces of a few MB each; one copy kernel per piece cannot k
 the device busy (each is too short to reach the HBM rate, and they run one after
 another). Here every piece is cut into tiles of a few thousand elements (`TILES`), and
 one launch runs every tile of the bucket: a program loads its tile's piece
-descriptor, copies the tile (casting to the destination dtype) and adds its share of
-the checksum. Descriptors are plain int64 tables built once per bucket and set of
+descriptor, copies the tile (casting to the destination dtype) and, with the
+checksum, adds its share to running sums it reduces once at the end. Descriptors are plain int64 tables built once per bucket and set of
 tensor addresses, and kept on the device.
 
-A piece is a box of a strided tensor on one side and a contiguous run of the bucket
-on the other. Its box is reduced to rows x cols with a row and a column stride
+A piece is a box of a tensor whose rows are contiguous on one side and a contiguous run
+of the bucket on the other. Its box is reduced to rows x cols with a row stride
 (extent-1 dimensions dropped, contiguous dimensions merged, any further leading
 dimensions split into pieces of their own); a piece contiguous in its tensor is
-copied as rows of a tile's width. So row-parallel column blocks (M:N) and stacked experts
-take the same kernel as whole rows.
+copied as rows of a tile's width. So row-parallel column blocks (M:N) and stacked
+experts take the same kernel as whole rows; rows aligned to 16 bytes on both sides (most)
+are copied with vector loads and stores, in a launch of their own.
 
 The checksum is `wire.checksum`'s, element by element: the bucket read as 32-bit
 words (16-bit when its byte count is not a multiple of 4), each word and its position
@@ -38,8 +39,8 @@ import triton.language as tl
 from shardsync.runtime.plan import boxes
 from shardsync.runtime.wire import checksum
 
-# (rows, columns, warps) of a tile, plain and with the checksum (whose int64 sums need
-# fewer elements a thread), tuned on an H200: bench/RESULTS.md
+# (rows, columns, warps) of a tile, plain and with the checksum (whose running sums
+# take registers), and programs a multiprocessor with the checksum: tuned on an H200
 TILES = {False: (8, 512, 4), True: (4, 512, 4)}
 PROGRAMS_PER_SM = 4
 _FIELDS = 6  # per piece: tensor address (bytes), rows, cols, row stride, bucket offset, elements
