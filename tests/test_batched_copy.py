@@ -93,7 +93,7 @@ def test_one_launch_packs_and_unpacks_as_the_eager_copies_do_with_the_cpu_checks
     batched = torch.full((size,), 7.0, dtype=wire, device=DEVICE)
     batched[:bucket.entries[0].offset] = 0  # before the first piece (an odd offset): zeros, as in `eager`
     entries = [(tensors[e.src_tensor], e.src_box, e.offset) for e in bucket.entries]
-    sums = kernel.BucketKernel(entries, bucket.numel, batched, sums=True).run(batched, to_bucket=True, sums=True)
+    sums = kernel.BucketKernel(entries, bucket.numel, batched, sums=True).run(batched, to_bucket=True)
     assert torch.equal(batched[:bucket.numel], eager[:bucket.numel])
     assert torch.equal(batched[bucket.numel:], torch.full_like(batched[bucket.numel:], 7.0))  # nothing past it
     assert sums.tolist() == checksum.compute(eager[:bucket.numel].cpu()).tolist()
@@ -102,7 +102,7 @@ def test_one_launch_packs_and_unpacks_as_the_eager_copies_do_with_the_cpu_checks
     expected = {name: torch.zeros_like(t, dtype=wire) for name, t in tensors.items()}
     packing.unpack(bucket, eager, TensorTargets(expected))
     entries = [(dests[e.dst_tensor], e.dst_box, e.offset) for e in bucket.entries]
-    sums = kernel.BucketKernel(entries, bucket.numel, eager, sums=True).run(eager, to_bucket=False, sums=True)
+    sums = kernel.BucketKernel(entries, bucket.numel, eager, sums=True).run(eager, to_bucket=False)
     assert all(torch.equal(dests[name], expected[name]) for name in dests)
     assert sums.tolist() == checksum.compute(eager[:bucket.numel].cpu()).tolist()
 
@@ -122,7 +122,7 @@ def test_sums_over_several_chunks_and_an_odd_count_equal_the_cpu_ones(kernel, nu
     count of 2-byte elements is summed as 16-bit words."""
     source = torch.randn(numel, device=DEVICE).to(wire)
     bucket = torch.empty(numel + checksum.tail_elements(wire), dtype=wire, device=DEVICE)
-    sums = kernel.BucketKernel([(source, ((0, numel),), 0)], numel, bucket, sums=True).run(bucket, True, True)
+    sums = kernel.BucketKernel([(source, ((0, numel),), 0)], numel, bucket, sums=True).run(bucket, to_bucket=True)
     assert sums.tolist() == checksum.compute(source.cpu()).tolist()
     assert checksum.compute(bucket[:numel]).tolist() == sums.tolist()  # the torch sums on CUDA agree too
 

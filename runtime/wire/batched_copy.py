@@ -6,16 +6,17 @@ the device busy (each is too short to reach the HBM rate, and they run one after
 another). Here every piece is cut into tiles of a few thousand elements (`TILES`), and
 one launch runs every tile of the bucket: a program loads its tile's piece
 descriptor, copies the tile (casting to the destination dtype) and, with the
-checksum, adds its share to running sums it reduces once at the end. Descriptors are plain int64 tables built once per bucket and set of
-tensor addresses, and kept on the device.
+checksum, adds its share to running sums it reduces once at the end. Descriptors are
+plain int64 tables built once per bucket and set of tensor addresses, and kept on the
+device.
 
 A piece is a box of a tensor whose rows are contiguous on one side and a contiguous run
 of the bucket on the other. Its box is reduced to rows x cols with a row stride
 (extent-1 dimensions dropped, contiguous dimensions merged, any further leading
 dimensions split into pieces of their own); a piece contiguous in its tensor is
 copied as rows of a tile's width. So row-parallel column blocks (M:N) and stacked
-experts take the same kernel as whole rows; rows aligned to 16 bytes on both sides (most)
-are copied with vector loads and stores, in a launch of their own.
+experts take the same kernel as whole rows; rows aligned to 16 bytes on both sides
+(most) are copied with vector loads and stores, in a launch of their own.
 
 The checksum is `wire.checksum`'s, element by element: the bucket read as 32-bit
 words (16-bit when its byte count is not a multiple of 4), each word and its position
@@ -137,6 +138,7 @@ class BucketKernel:
         """`entries`: (tensor, box of it, offset in `bucket`), in bucket order, filling
         its first `bucket_numel` elements; every tensor `supported`. `sums`: whether it
         will run with the checksum (its tiles are smaller)."""
+        self.sums = sums
         self.rows, self.cols, self.warps = TILES[sums]
         classes: dict[tuple[torch.dtype, bool], list[tuple]] = {}
         for tensor, box, offset in entries:
@@ -152,9 +154,10 @@ class BucketKernel:
                          else len(launch.tiles) for launch in self.launches]
         self.partials = torch.zeros(sum(self.programs) if sums else 1, 2, dtype=torch.int32, device=bucket.device)
 
-    def run(self, bucket: torch.Tensor, to_bucket: bool, sums: bool) -> torch.Tensor | None:
-        """Copy every piece (into the bucket, or out of it); with `sums` (as built),
-        return the bucket's two checksum sums (a device tensor, nothing waited for)."""
+    def run(self, bucket: torch.Tensor, to_bucket: bool) -> torch.Tensor | None:
+        """Copy every piece (into the bucket, or out of it); built with `sums`, return
+        the bucket's two checksum sums (a device tensor, nothing waited for)."""
+        sums = self.sums
         words = 4 if (self.numel * bucket.element_size()) % 4 == 0 else 2
         done = 0
         for launch, programs in zip(self.launches, self.programs):

@@ -82,9 +82,9 @@ class BucketCopier:
         if prepared is None or prepared.addresses != addresses:
             kernel = BucketKernel(entries, numel, buffer, sums=self.checksums)
             self._prepared[key] = _Prepared(addresses, kernel)
-            return kernel.run(buffer, to_bucket, self.checksums)
+            return kernel.run(buffer, to_bucket)
         if prepared.graph is None:
-            prepared.capture(buffer, to_bucket, self.checksums)
+            prepared.capture(buffer, to_bucket)
             self.captures += 1
         prepared.graph.replay()
         return prepared.sums
@@ -99,14 +99,14 @@ class _Prepared:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.sums: torch.Tensor | None = None
 
-    def capture(self, buffer: torch.Tensor, to_bucket: bool, checksums: bool) -> None:
+    def capture(self, buffer: torch.Tensor, to_bucket: bool) -> None:
         device = buffer.device
         current = torch.cuda.current_stream(device)
         capture = torch.cuda.Stream(device)
         capture.wait_stream(current)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=capture):
-            self.sums = self.kernel.run(buffer, to_bucket, checksums)
+            self.sums = self.kernel.run(buffer, to_bucket)
         current.wait_stream(capture)
         self.graph = graph
 

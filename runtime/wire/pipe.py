@@ -149,11 +149,8 @@ class Inbound:
         for index, bucket in enumerate(buckets):
             group.wait(posted[index], f"receiving bucket {index}{where}", update)
             buffer = pipe.buffers[index % 2]
-            mismatch = checksum.check(buffer, bucket.numel) if pipe.tail and check else None
-            if mismatch is not None:
-                self.flag(group, f"bucket {index}{where} failed its checksum (sent {mismatch[0]}, computed "
-                                 f"{mismatch[1]})")
-            yield index, bucket, buffer, mismatch is None
+            intact = self.arrived_intact(group, buffer, bucket, f"bucket {index}{where}") if check else True
+            yield index, bucket, buffer, intact
             if index + 2 < len(buckets):
                 posted.append(group.broadcast(buffer[:size[index + 2]]))
 
@@ -175,6 +172,14 @@ class Inbound:
                 if sent != sums:
                     self.flag(group, f"bucket {index}{where} failed its checksum (sent {sent}, computed {sums}) in "
                                      f"the copy that wrote it")
+
+    def arrived_intact(self, group: Link, buffer: torch.Tensor, bucket: Bucket, what: str) -> bool:
+        """Whether `buffer` holds `bucket` as its sender summed it (always, without
+        `verify`); a bucket that does not is flagged."""
+        mismatch = checksum.check(buffer, bucket.numel) if self.pipe.tail else None
+        if mismatch is not None:
+            self.flag(group, f"{what} failed its checksum (sent {mismatch[0]}, computed {mismatch[1]})")
+        return mismatch is None
 
     def flag(self, group: Link, problem: str) -> None:
         """Record a bad bucket of `group`'s: the update fails, and the acknowledgement says so."""

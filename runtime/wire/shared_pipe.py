@@ -178,12 +178,9 @@ class SharedInbound(Inbound):
                 torch.cuda.current_stream(pipe.device).wait_event(slots.ready_events[slot])
             checking = pipe.tail and check
             sums = checksum.sent(buffer, bucket.numel) if checking else None
-            mismatch = checksum.check(buffer, bucket.numel) if checking else None
-            if mismatch is not None:
-                self.flag(group, f"bucket {index}{where} failed its checksum (sent {mismatch[0]}, computed "
-                                 f"{mismatch[1]})")
-            yield index, bucket, buffer, mismatch is None
-            if checking and mismatch is None and not checksum.matches(buffer, bucket.numel, sums):
+            intact = self.arrived_intact(group, buffer, bucket, f"bucket {index}{where}") if check else True
+            yield index, bucket, buffer, intact
+            if checking and intact and not checksum.matches(buffer, bucket.numel, sums):
                 self.flag(group, f"bucket {index}{where} changed while it was read: its slot was written again "
                                  f"before this rank released it, so what was written from it is wrong")
             if pipe.cuda:

@@ -147,10 +147,10 @@ def run_scenario(scenario: str, model: str = "qwen3-tiny", train_tp: int = 2, in
 def _shared_memory(drill: _Drill, result: dict) -> None:
     """After recovery, the live processes map one segment per sending trainer rank (its
     slots) and nothing a dead or closed endpoint held; no segment has a name."""
-    mapped = drill.shared_segments()
+    mapped, named = drill.shared_segments(), named_segments()
     producers = len(drill.layout.senders)
-    result["shared_segments"] = {"mapped": mapped, "senders": producers, "named": named_segments()}
-    result["shared_memory_released"] = mapped == producers and not named_segments()
+    result["shared_segments"] = {"mapped": mapped, "senders": producers, "named": named}
+    result["shared_memory_released"] = mapped == producers and not named
 
 
 def _kill_receiver(drill: _Drill, result: dict) -> None:
