@@ -63,10 +63,16 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     """One pass over every tensor, no temporary the size of one, and one wait for the
     device in all (not one a tensor): a NaN or Inf makes a tensor's float32 sum
     non-finite (weights are far too small for a finite sum to overflow); only then are
-    the bad values looked for."""
+    the bad values looked for. On CUDA the sums are of magnitudes, in a few multi-tensor
+    launches (hundreds of tensors: 2.6 ms against 6.7 ms a launch each, Qwen3-4B's half
+    on an H200)."""
     if not tensors:
         return True
-    if bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors])).all()):
+    if tensors[0].is_cuda:
+        sums = torch._foreach_norm(tensors, 1, dtype=torch.float32)
+    else:
+        sums = [t.sum(dtype=torch.float32) for t in tensors]
+    if bool(torch.isfinite(torch.stack(sums)).all()):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 

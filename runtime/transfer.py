@@ -215,6 +215,7 @@ class Sender(_Endpoint):
             raise PlanError(f"trainer pp{pp_rank} tp{tp_rank} dp{dp_rank} holds only replicas (dense and expert "
                             f"data-parallel rank both above 0): it takes no part in the transfer")
         self.pp_rank, self.tp_rank, self.dp_rank = pp_rank, tp_rank, dp_rank
+        self._local_shapes: dict[str, tuple[int, ...]] | None = None
 
     @property
     def who(self) -> str:
@@ -230,9 +231,12 @@ class Sender(_Endpoint):
 
     def local_shapes(self) -> dict[str, tuple[int, ...]]:
         """The Megatron tensors this rank must hand to `update`, by name: its dense
-        tensors at dense DP rank 0, its experts at expert DP rank 0."""
-        return {local.name: tuple(local.shape) for local in source_table(self.module, self.cfg, self.layout,
-                                                                          self.position)}
+        tensors at dense DP rank 0, its experts at expert DP rank 0. (Derived once: every
+        update checks its tensors against them.)"""
+        if self._local_shapes is None:
+            self._local_shapes = {local.name: tuple(local.shape)
+                                  for local in source_table(self.module, self.cfg, self.layout, self.position)}
+        return dict(self._local_shapes)
 
     def update(self, tensors, allow_nonfinite: bool = False) -> UpdateReport:
         """Send this rank's Megatron tensors (a mapping, or (name, tensor) pairs, names as

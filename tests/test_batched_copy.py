@@ -55,27 +55,33 @@ def test_the_kernel_runs_under_the_interpreter():
                             env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "2 passed, 5 skipped" in result.stdout, result.stdout[-2000:]  # the runner itself and 4 GPU-only
+    assert "3 passed, 5 skipped" in result.stdout, result.stdout[-2000:]  # the runner itself and 4 GPU-only
 
 
 @st.composite
 def layouts(draw):
     """Tensors of 1-3 dimensions (some views into wider ones), a box of each, and a
-    bucket holding them one after another from an odd or even first offset."""
+    bucket holding them one after another from an odd or even first offset; in half
+    of them every row, box edge and offset sits on 16 bytes (the vector and word copies)."""
     wire = draw(st.sampled_from([torch.bfloat16, torch.float32]))
     source = draw(st.sampled_from([wire, torch.float32] if CUDA else [wire]))
-    tensors, entries, offset = {}, [], draw(st.integers(0, 3))
+    # aligned: every row and box edge on 16 bytes, so pieces take the vector (and word) copies
+    step = 8 if draw(st.booleans()) else 1
+    tensors, entries, offset = {}, [], draw(st.integers(0, 3)) * step
     for index in range(draw(st.integers(1, 5))):
         shape = tuple(draw(st.lists(st.integers(1, 40), min_size=1, max_size=3)))
+        shape = shape[:-1] + (shape[-1] * step,)
         if len(shape) >= 2 and draw(st.booleans()):  # a view into a wider tensor: rows strided, not contiguous
-            wider = torch.randn(shape[:-1] + (shape[-1] + 5,)).to(source)
-            tensor = wider[..., 2:2 + shape[-1]]
+            start, margin = (8, 16) if step == 8 else (2, 5)
+            wider = torch.randn(shape[:-1] + (shape[-1] + margin,)).to(source)
+            tensor = wider[..., start:start + shape[-1]]
         else:
             tensor = torch.randn(shape).to(source)
         name = f"t{index}"
         tensors[name] = tensor
         box = tuple(sorted(draw(st.lists(st.integers(0, n), min_size=2, max_size=2, unique=True)))
-                    for n in tensor.shape)
+                    for n in tensor.shape[:-1] + (tensor.shape[-1] // step,))
+        box = box[:-1] + ((box[-1][0] * step, box[-1][1] * step),)
         entries.append(Entry(name, box, name, box, offset))
         offset += boxes.numel(box)
     return tensors, Bucket(tuple(entries), offset), wire
@@ -105,6 +111,26 @@ def test_one_launch_packs_and_unpacks_as_the_eager_copies_do_with_the_cpu_checks
     sums = kernel.BucketKernel(entries, bucket.numel, eager, sums=True).run(eager, to_bucket=False)
     assert all(torch.equal(dests[name], expected[name]) for name in dests)
     assert sums.tolist() == checksum.compute(eager[:bucket.numel].cpu()).tolist()
+
+
+def test_aligned_pieces_with_nothing_to_cast_are_copied_as_words(kernel):
+    """Whole words on both sides and no cast: one int32 launch, counted in words (a
+    contiguous run cut anew into rows of a tile's width); an odd offset, a cast or a
+    checksum read in 16-bit words keeps the element copies."""
+    weights = torch.randn(64, 48).to(torch.bfloat16)
+    bucket = torch.empty(64 * 48 + 16, dtype=torch.bfloat16)
+    whole = kernel.BucketKernel([(weights, ((0, 64), (0, 48)), 0)], 64 * 48, bucket, sums=True)
+    (launch,) = whole.launches
+    assert launch.words and launch.pieces[:, 5].tolist() == [64 * 48 // 2]
+    assert launch.pieces[0, 2].item() == whole.cols  # re-cut: rows of a tile's width
+    block = kernel.BucketKernel([(weights, ((0, 64), (16, 32)), 0)], 64 * 16, bucket)
+    assert [launch.words for launch in block.launches] == [True]
+    assert block.launches[0].pieces[0, 1:].tolist() == [64, 8, 24, 0, 64 * 8]  # rows, cols, stride, offset, count
+    odd = kernel.BucketKernel([(weights, ((0, 64), (0, 48)), 1)], 64 * 48 + 1, bucket)
+    cast = kernel.BucketKernel([(weights.float(), ((0, 64), (0, 48)), 0)], 64 * 48, bucket)
+    halves = kernel.BucketKernel([(weights, ((0, 64), (0, 48)), 0), (weights, ((0, 1), (0, 1)), 64 * 48)],
+                                 64 * 48 + 1, bucket, sums=True)
+    assert not any(launch.words for k in (odd, cast, halves) for launch in k.launches)
 
 
 def test_a_transposed_tensor_is_left_to_the_per_piece_copies(kernel):

@@ -25,3 +25,13 @@ def test_a_bucket_checks_clean_and_any_change_is_caught(dtype, numel):
     flipped = buffer.clone()
     flipped[:numel].view(torch.uint8)[numel // 2] ^= 0x01
     assert checksum.check(flipped, numel) is not None
+
+
+def test_the_sums_are_their_definition_across_chunks():
+    """Summed a chunk at a time, the weighted sum is still every word times its index
+    plus one, modulo 2**32, past several chunks and in a partial last one."""
+    words = torch.randint(-2**31, 2**31, (2 * checksum.CHUNK + 12345,), dtype=torch.int32,
+                          generator=torch.Generator().manual_seed(3))
+    wide = words.to(torch.int64)
+    expected = [int(wide.sum()) % 2**32, int((wide * torch.arange(1, len(words) + 1)).sum()) % 2**32]
+    assert checksum.compute(words).tolist() == expected

@@ -11,12 +11,14 @@ mismatch anywhere is refused everywhere with the fields that differ.
 from __future__ import annotations
 
 import json
-import time
 from datetime import timedelta
+
+from torch.distributed import DistStoreError
 
 from shardsync.runtime.errors import PlanError, TransferError
 
 REFERENCE = "agreement/reference"
+DECIDED = "agreement/decided"
 
 
 def agree(store, who: str, everyone: list[str], digest: str, inputs: dict, is_reference: bool, timeout: float) -> None:
@@ -31,12 +33,13 @@ def agree(store, who: str, everyone: list[str], digest: str, inputs: dict, is_re
         store.set(REFERENCE, json.dumps(mine))
     reference = json.loads(_get(store, REFERENCE, "the first trainer rank's plan", timeout))
     verdict = "ok" if reference["digest"] == digest else describe_difference(reference, mine)
-    store.set(f"agreement/verdict/{who}", verdict)
+    keys = {o: f"agreement/verdict/{o}" for o in everyone}
+    post_verdict(store, keys, who, verdict, DECIDED)
     if verdict != "ok":
         store.set(f"agreement/read/{who}", "1")
         raise PlanError(f"plans differ, refusing to connect: {verdict}")
     try:
-        found = first_refusal(store, {o: f"agreement/verdict/{o}" for o in everyone}, timeout)
+        found = first_refusal(store, keys, timeout, DECIDED)
     except Silence as silence:
         raise TransferError(f"connect: no plan check from {silence} within {timeout:.0f}s "
                             f"(is that process running?)") from None
@@ -70,30 +73,35 @@ class Silence(Exception):
         self.pending = pending
 
 
-def first_refusal(store, keys: dict[str, str], timeout: float) -> tuple[str, str, list[str]] | None:
-    """Poll verdicts (who -> store key) until all are "ok" (None) or one is not: (who,
-    verdict, those not heard from yet). A refusal ends the wait at once, even while
-    processes the refuser does not count are missing; silence past the timeout raises
-    Silence. Polls with a growing pause (0.2 to 5 ms: every update waits here twice, so
-    the pause is what a verdict that just arrived costs): a store wait with a short
-    timeout would log a warning at every expiry."""
-    deadline = time.monotonic() + timeout
-    pending, pause = list(keys), 0.0002
-    while pending:
-        if store.check([keys[o] for o in pending]):
-            arrived = list(pending)
-        else:
-            arrived = [o for o in pending if store.check([keys[o]])]
-        verdicts = store.multi_get([keys[o] for o in arrived]) if arrived else []
-        for other, verdict in zip(arrived, verdicts):
-            pending.remove(other)
-            if verdict != b"ok":
-                return other, verdict.decode(), [o for o in pending if not store.check([keys[o]])]
-        if pending and time.monotonic() > deadline:
-            raise Silence(pending)
-        if pending:
-            time.sleep(pause)
-            pause = min(2 * pause, 0.005)
+def post_verdict(store, keys: dict[str, str], who: str, verdict: str, decided: str) -> None:
+    """Post `who`'s verdict in a round whose verdicts are `keys` (who -> store key). The
+    last to post, or any refuser, marks the round `decided`: what `first_refusal` waits on."""
+    store.set(keys[who], verdict)
+    if verdict != "ok" or store.add(f"{decided}/count", 1) == len(keys):
+        store.set(decided, "1")
+
+
+def first_refusal(store, keys: dict[str, str], timeout: float, decided: str) -> tuple[str, str, list[str]] | None:
+    """Wait until the round is decided (every verdict posted, or a refusal), then read the
+    verdicts: None when all are "ok", else (who, verdict, those not heard from yet). A
+    refusal ends the wait at once, even while processes the refuser does not count are
+    missing; silence past the timeout raises Silence. The wait blocks in the store, which
+    answers as soon as `decided` is set: every update waits here twice, so a waiter that
+    polled would add its pause to every update."""
+    try:
+        store.wait([decided], timedelta(seconds=timeout))
+    except DistStoreError:
+        raise Silence([o for o in keys if not store.check([keys[o]])]) from None
+    if store.check(list(keys.values())):
+        heard = list(keys)
+    else:
+        heard = [o for o in keys if store.check([keys[o]])]
+    for other, verdict in zip(heard, store.multi_get([keys[o] for o in heard])):
+        if verdict != b"ok":
+            return other, verdict.decode(), [o for o in keys if o not in heard]
+    if len(heard) < len(keys):
+        raise TransferError(f"{decided} was set with no refusal among the verdicts while "
+                            f"{', '.join(o for o in keys if o not in heard)} had not posted one")
     return None
 
 

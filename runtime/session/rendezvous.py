@@ -34,7 +34,7 @@ from datetime import timedelta
 
 from torch.distributed import PrefixStore, TCPStore
 
-from shardsync.runtime.session.agreement import Silence, agree, first_refusal
+from shardsync.runtime.session.agreement import Silence, agree, first_refusal, post_verdict
 from shardsync.runtime.errors import TransferError, UpdateFailedElsewhere, UpdateRefused
 from shardsync.runtime.session.liveness import SILENT_AFTER_S, Heartbeat, Watch, silent_peers
 
@@ -221,7 +221,7 @@ class Session:
         """Hold the store until every peer is through with this host's last step (or closed),
         or stopped beating for SILENT_AFTER_S (gone: nobody is left to read), or the
         timeout passed; a warning names those never heard from. Polls with a growing
-        pause (1 to 20 ms), like the votes."""
+        pause (1 to 20 ms): once, at close, where a peer that died must not hold it for long."""
         if self.store is None or self.epoch is None or self._through is None:
             return  # not connected in this epoch: no step anyone could still be reading
         step, what = self._through
@@ -260,22 +260,30 @@ class Session:
                         ", ".join(keys[p] for p in pending))
 
     def _post(self, stage: str, update: int, verdict: str | None) -> None:
-        self.store.set(f"e{self.epoch}/{stage}/{self.who}", "ok" if verdict is None else f"{self.who}: {verdict}")
+        post_verdict(self.store, self._verdict_keys(stage), self.who, "ok" if verdict is None else f"{self.who}: {verdict}",
+                     self._decided(stage))
         if update > 2:  # the store stays small over many updates
-            self.store.delete_key(f"e{self.epoch}/{stage.rstrip('0123456789')}{update - 2}/{self.who}")
+            old = f"{stage.rstrip('0123456789')}{update - 2}"
+            for key in (self._verdict_keys(old)[self.who], self._decided(old), f"{self._decided(old)}/count"):
+                self.store.delete_key(key)
 
     def _hear(self, stage: str, when: str, update: int, failed=TransferError):
         """Everyone's verdict on this stage of the update: None when all are ok, else
         (who, verdict, those not heard from yet). Silence past the timeout, or a store
         that cannot be reached, raises `failed`."""
-        keys = {other: f"e{self.epoch}/{stage}/{other}" for other in self.everyone}
         try:
-            return first_refusal(self.store, keys, self.timeout)
+            return first_refusal(self.store, self._verdict_keys(stage), self.timeout, self._decided(stage))
         except Silence as silence:
             raise failed(f"update {update}: no word from {silence} {when} within {self.timeout:.0f}s: "
                          f"{self.diagnose(tuple(silence.pending))}") from None
         except RuntimeError:
             raise failed(f"update {update}: {self.diagnose(())}") from None
+
+    def _verdict_keys(self, stage: str) -> dict[str, str]:
+        return {other: f"e{self.epoch}/{stage}/{other}" for other in self.everyone}
+
+    def _decided(self, stage: str) -> str:
+        return f"e{self.epoch}/{stage}/decided"
 
     def _take_epoch(self) -> int:
         if self.is_host:

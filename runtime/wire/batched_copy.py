@@ -16,7 +16,9 @@ of the bucket on the other. Its box is reduced to rows x cols with a row stride
 dimensions split into pieces of their own); a piece contiguous in its tensor is
 copied as rows of a tile's width. So row-parallel column blocks (M:N) and stacked
 experts take the same kernel as whole rows; rows aligned to 16 bytes on both sides
-(most) are copied with vector loads and stores, in a launch of their own.
+(most) are copied with vector loads and stores, in a launch of their own, and where
+nothing is cast, as 32-bit words: two 16-bit elements a lane halve the index and
+checksum arithmetic a byte takes.
 
 The checksum is `wire.checksum`'s, element by element: the bucket read as 32-bit
 words (16-bit when its byte count is not a multiple of 4), each word and its position
@@ -42,14 +44,16 @@ from shardsync.runtime.wire import checksum
 
 # (rows, columns, warps) of a tile, plain and with the checksum (whose running sums
 # take registers), and programs a multiprocessor with the checksum: tuned on an H200
-TILES = {False: (8, 512, 4), True: (4, 512, 4)}
-PROGRAMS_PER_SM = 4
+# (bench/RESULTS.md); one program a tile with the checksum, reducing its sums each
+# time, measured 0.60-0.76 of the copy rate against 0.80-0.82 for these
+TILES = {False: (8, 512, 4), True: (4, 256, 4)}
+PROGRAMS_PER_SM = 8
 _FIELDS = 6  # per piece: tensor address (bytes), rows, cols, row stride, bucket offset, elements
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
-def _checksum_words(values, position, mask, WORDS: tl.constexpr, PERIOD: tl.constexpr):
+def _checksum_words(values, position, mask, WORDS: tl.constexpr):
     """Each element's word and its weight for the checksum (int32, wrapping modulo 2**32)."""
     if values.dtype.primitive_bitwidth == 32:
         word = values.to(tl.int32, bitcast=True)
@@ -62,16 +66,18 @@ def _checksum_words(values, position, mask, WORDS: tl.constexpr, PERIOD: tl.cons
         else:
             word = half
             index = position
-    return tl.where(mask, word, 0), (index % PERIOD + 1).to(tl.int32)
+    return tl.where(mask, word, 0), (index + 1).to(tl.int32)
 
 
 @triton.jit
-def _copy_tiles(pieces, tiles, tile_count, bucket, partials, TENSOR_DTYPE: tl.constexpr, TO_BUCKET: tl.constexpr,
-                ALIGNED: tl.constexpr, CHECKSUM: tl.constexpr, WORDS: tl.constexpr, PERIOD: tl.constexpr,
+def _copy_tiles(pieces, tiles, tile_count, bucket, partials, TENSOR_DTYPE: tl.constexpr, WIRE_DTYPE: tl.constexpr,
+                TO_BUCKET: tl.constexpr, ALIGNED: tl.constexpr, CHECKSUM: tl.constexpr, WORDS: tl.constexpr,
                 ROWS: tl.constexpr, COLS: tl.constexpr):
     """Each program copies tiles program, program + programs, ...; with the checksum,
     every thread keeps its own running sums (int32 adds wrap modulo 2**32, as the
-    checksum does) and the program reduces them once at the end, not once a tile."""
+    checksum does) and the program reduces them once at the end, not once a tile.
+    The bucket is read as WIRE_DTYPE: its own dtype, or int32 for pieces copied as words."""
+    wire = bucket.to(tl.pointer_type(WIRE_DTYPE))
     program = tl.program_id(0)
     programs = tl.num_programs(0)
     if CHECKSUM:
@@ -92,8 +98,8 @@ def _copy_tiles(pieces, tiles, tile_count, bucket, partials, TENSOR_DTYPE: tl.co
         c = col0 + tl.arange(0, COLS)
         if ALIGNED:  # every row of the piece starts 16-byte aligned on both sides: vector loads and stores
             row_stride = tl.multiple_of(row_stride, 128 // TENSOR_DTYPE.primitive_bitwidth)
-            cols = tl.multiple_of(cols, 128 // bucket.dtype.element_ty.primitive_bitwidth)
-            offset = tl.multiple_of(offset, 128 // bucket.dtype.element_ty.primitive_bitwidth)
+            cols = tl.multiple_of(cols, 128 // WIRE_DTYPE.primitive_bitwidth)
+            offset = tl.multiple_of(offset, 128 // WIRE_DTYPE.primitive_bitwidth)
         linear = r[:, None] * cols + c[None, :]
         mask = (r[:, None] < rows) & (c[None, :] < cols) & (linear < count)
         tensor = address.to(tl.pointer_type(TENSOR_DTYPE))
@@ -103,16 +109,16 @@ def _copy_tiles(pieces, tiles, tile_count, bucket, partials, TENSOR_DTYPE: tl.co
         position = offset + linear
         if TO_BUCKET:
             values = tl.load(tensor, mask=mask)
-            if values.dtype.primitive_bitwidth > bucket.dtype.element_ty.primitive_bitwidth:
-                values = values.to(bucket.dtype.element_ty, fp_downcast_rounding="rtne")  # as torch's copy_ rounds
+            if values.dtype.primitive_bitwidth > WIRE_DTYPE.primitive_bitwidth:
+                values = values.to(WIRE_DTYPE, fp_downcast_rounding="rtne")  # as torch's copy_ rounds
             else:
-                values = values.to(bucket.dtype.element_ty)
-            tl.store(bucket + position, values, mask=mask)
+                values = values.to(WIRE_DTYPE)
+            tl.store(wire + position, values, mask=mask)
         else:
-            values = tl.load(bucket + position, mask=mask)
+            values = tl.load(wire + position, mask=mask)
             tl.store(tensor, values.to(TENSOR_DTYPE), mask=mask)
         if CHECKSUM:
-            word, weight = _checksum_words(values, position, mask, WORDS, PERIOD)
+            word, weight = _checksum_words(values, position, mask, WORDS)
             plain += word.to(tl.int32)
             weighted += (word * weight).to(tl.int32)
     if CHECKSUM:
@@ -126,7 +132,8 @@ class Launch:
 
     dtype: torch.dtype
     aligned: bool
-    pieces: torch.Tensor  # int64 [pieces, _FIELDS]
+    words: bool  # copied as 32-bit words: no cast, and every row a whole number of words on both sides
+    pieces: torch.Tensor  # int64 [pieces, _FIELDS], in words where `words`, else in elements
     tiles: torch.Tensor  # int64 [tiles, 3]: piece, first row, first column
 
 
@@ -140,34 +147,47 @@ class BucketKernel:
         will run with the checksum (its tiles are smaller)."""
         self.sums = sums
         self.rows, self.cols, self.warps = TILES[sums]
-        classes: dict[tuple[torch.dtype, bool], list[tuple]] = {}
+        self.numel = bucket_numel
+        # the checksum reads the bucket as 32-bit words unless its byte count is odd in 16-bit ones
+        self.checksum_word_bytes = 4 if (bucket_numel * bucket.element_size()) % 4 == 0 else 2
+        classes: dict[tuple[torch.dtype, bool, bool], list[tuple]] = {}
         for tensor, box, offset in entries:
             for piece in _pieces(tensor, box, offset, self.cols):
                 aligned = _aligned(piece, tensor.element_size(), bucket)
-                classes.setdefault((tensor.dtype, aligned), []).append(piece)
-        self.launches = [_launch(dtype, aligned, pieces, bucket.device, self.rows, self.cols)
-                         for (dtype, aligned), pieces in classes.items()]
-        self.numel = bucket_numel
+                words = aligned and self._as_words(tensor, piece, bucket)
+                if words:
+                    piece = _in_words(piece, 4 // tensor.element_size(), self.cols)
+                classes.setdefault((torch.int32 if words else tensor.dtype, aligned, words), []).append(piece)
+        self.launches = [_launch(dtype, aligned, words, pieces, bucket.device, self.rows, self.cols)
+                         for (dtype, aligned, words), pieces in classes.items()]
         # with the checksum, a few programs a multiprocessor loop over the tiles (each reduces
         # its sums once); without, a program a tile
         self.programs = [min(len(launch.tiles), PROGRAMS_PER_SM * _multiprocessors(bucket.device)) if sums
                          else len(launch.tiles) for launch in self.launches]
         self.partials = torch.zeros(sum(self.programs) if sums else 1, 2, dtype=torch.int32, device=bucket.device)
 
+    def _as_words(self, tensor: torch.Tensor, piece: tuple[int, ...], bucket: torch.Tensor) -> bool:
+        """Whether an aligned piece is copied as 32-bit words: the same dtype on both sides
+        (nothing to cast), whole words from the bucket's start, and, with the checksum,
+        a bucket it reads as 32-bit words too."""
+        element = tensor.element_size()
+        _, _, _, _, offset, count = piece
+        return (tensor.dtype == bucket.dtype and 4 % element == 0 and (offset * element) % 4 == 0
+                and (count * element) % 4 == 0 and (not self.sums or self.checksum_word_bytes == 4))
+
     def run(self, bucket: torch.Tensor, to_bucket: bool) -> torch.Tensor | None:
         """Copy every piece (into the bucket, or out of it); built with `sums`, return
         the bucket's two checksum sums (a device tensor, nothing waited for)."""
-        sums = self.sums
-        words = 4 if (self.numel * bucket.element_size()) % 4 == 0 else 2
         done = 0
         for launch, programs in zip(self.launches, self.programs):
+            tensor_dtype = tl.int32 if launch.words else _TRITON_DTYPES[launch.dtype]
+            wire_dtype = tl.int32 if launch.words else _TRITON_DTYPES[bucket.dtype]
             _copy_tiles[(programs,)](launch.pieces, launch.tiles, len(launch.tiles), bucket, self.partials[done:],
-                                     TENSOR_DTYPE=_TRITON_DTYPES[launch.dtype], TO_BUCKET=to_bucket,
-                                     ALIGNED=launch.aligned, CHECKSUM=sums, WORDS=words,
-                                     PERIOD=checksum.WEIGHT_PERIOD, ROWS=self.rows, COLS=self.cols,
-                                     num_warps=self.warps)
-            done += programs if sums else 0
-        return self.partials.sum(dim=0, dtype=torch.int64) % checksum.MODULUS if sums else None
+                                     TENSOR_DTYPE=tensor_dtype, WIRE_DTYPE=wire_dtype, TO_BUCKET=to_bucket,
+                                     ALIGNED=launch.aligned, CHECKSUM=self.sums, WORDS=self.checksum_word_bytes,
+                                     ROWS=self.rows, COLS=self.cols, num_warps=self.warps)
+            done += programs if self.sums else 0
+        return self.partials.sum(dim=0, dtype=torch.int64) % checksum.MODULUS if self.sums else None
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -221,7 +241,18 @@ def _aligned(piece: tuple[int, ...], element: int, bucket: torch.Tensor) -> bool
             and (rows == 1 or ((row_stride * element) % 16 == 0 and (cols * wire) % 16 == 0)))
 
 
-def _launch(dtype: torch.dtype, aligned: bool, pieces: list[tuple[int, ...]], device: torch.device,
+def _in_words(piece: tuple[int, ...], per_word: int, tile_cols: int) -> tuple[int, ...]:
+    """An aligned piece of 16- or 32-bit elements, `per_word` to a 32-bit word, counted in
+    words; a piece whose rows are adjacent (one contiguous run) is cut anew into rows
+    of a tile's width."""
+    address, rows, cols, row_stride, offset, count = piece
+    count //= per_word
+    if row_stride == cols:
+        return address, math.ceil(count / tile_cols), tile_cols, tile_cols, offset // per_word, count
+    return address, rows, cols // per_word, row_stride // per_word, offset // per_word, count
+
+
+def _launch(dtype: torch.dtype, aligned: bool, words: bool, pieces: list[tuple[int, ...]], device: torch.device,
             tile_rows: int, tile_cols: int) -> Launch:
     """The pieces' table and every tile of them (tensor ops: a 1 GiB bucket is 10**5 tiles)."""
     table = torch.tensor(pieces, dtype=torch.int64)
@@ -230,4 +261,4 @@ def _launch(dtype: torch.dtype, aligned: bool, pieces: list[tuple[int, ...]], de
     piece = torch.repeat_interleave(torch.arange(len(pieces)), per_piece)
     within = torch.arange(len(piece)) - torch.repeat_interleave(per_piece.cumsum(0) - per_piece, per_piece)
     tiles = torch.stack([piece, within // across[piece] * tile_rows, within % across[piece] * tile_cols], dim=1)
-    return Launch(dtype, aligned, table.to(device), tiles.contiguous().to(device))
+    return Launch(dtype, aligned, words, table.to(device), tiles.contiguous().to(device))

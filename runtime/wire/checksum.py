@@ -2,9 +2,11 @@
 
 Two sums over the bucket's bytes read as integer words (32-bit, or 16-bit when the byte
 count is not a multiple of 4), both modulo 2**32: the plain sum catches a changed
-value, the sum weighted by position (the word's index modulo a prime, plus one) a
-moved one. One pass, no extra message: the sender writes them into a tail of
-TAIL_BYTES after the packed data and the receiver recomputes them over what arrived.
+value, the sum weighted by position (the word's index plus one) a moved one. Two words
+that trade places change it by their difference times their distance, so no distance
+is blind, as multiples of the period of a repeating weight would be. One pass, no
+extra message: the sender writes them into a tail of TAIL_BYTES after the packed data
+and the receiver recomputes them over what arrived.
 Sums modulo 2**32 cost one multiply-add a word on a GPU (the batched copy kernel
 computes them while it copies, `wire.batched_copy`) and come out the same on every
 device, so a CPU sender and a GPU receiver agree.
@@ -15,8 +17,7 @@ from __future__ import annotations
 import torch
 
 TAIL_BYTES = 16  # the two sums, each as an int64 in [0, 2**32)
-WEIGHT_PERIOD = 65521  # a prime: a shifted run of words changes the weighted sum
-CHUNK = 16 * WEIGHT_PERIOD  # words summed at a time on the host: a whole number of weight periods
+CHUNK = 1 << 20  # words summed at a time on the host
 MODULUS = 1 << 32
 
 _weights: dict[torch.device, torch.Tensor] = {}
@@ -70,16 +71,17 @@ def _tail(buffer: torch.Tensor, numel: int) -> torch.Tensor:
 def _weights_for(device: torch.device) -> torch.Tensor:
     """One weight vector per device (8 MiB), sliced for shorter buckets."""
     if device not in _weights:
-        _weights[device] = torch.arange(CHUNK, device=device, dtype=torch.int64) % WEIGHT_PERIOD + 1
+        _weights[device] = torch.arange(1, CHUNK + 1, device=device, dtype=torch.int64)
     return _weights[device]
 
 
 def _weighted(words: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The weighted sum, CHUNK words at a time (bounded temporaries): a chunk starts on
-    a weight period, so every chunk takes the same weights. int64 wraps modulo 2**64,
-    which keeps the sum right modulo 2**32."""
+    """The weighted sum, CHUNK words at a time (bounded temporaries): the chunk starting
+    at word `start` weighs its words `start` more each than the first chunk does, so it
+    adds its sum with the first chunk's weights plus `start` times its plain sum. int64
+    wraps modulo 2**64, which keeps the sum right modulo 2**32."""
     total = torch.zeros((), dtype=torch.int64, device=words.device)
     for start in range(0, words.numel(), CHUNK):
         chunk = words[start:start + CHUNK].to(torch.int64)
-        total += (chunk * weights[:chunk.numel()]).sum()
+        total += (chunk * weights[:chunk.numel()]).sum() + start * chunk.sum()
     return total
