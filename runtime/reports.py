@@ -6,7 +6,9 @@ and the caller instead of through shared lists.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,10 @@ class ChannelReport:
 class UpdateReport:
     update: int
     channels: tuple[ChannelReport, ...]
+    # seconds this endpoint spent in each phase of the update, in order: "checks" (its
+    # tensors), "vote" (until every endpoint's vote was in), "transfer" (its channels'
+    # walk), "outcome" (until every endpoint's outcome was in): where an update's time goes
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def bytes(self) -> int:
@@ -41,3 +47,18 @@ class Receipt:
     corrupted: tuple[str, ...] = ()  # buckets that failed their checksum at this rank
     elsewhere: tuple[str, ...] = ()  # ... at another member of one of this rank's channels
     unloaded: tuple[str, ...] = ()  # full tensors the engine's own loader did not take
+
+
+class PhaseClock:
+    """Times the phases of one update as an endpoint passes through them."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started

@@ -30,7 +30,7 @@ from shardsync.runtime.methods import METHODS, Context, Method
 from shardsync.runtime.methods.base import engine_name, trainer_name
 from shardsync.runtime.plan import Layout, Plan, build_plan
 from shardsync.runtime.plan.build import source_table
-from shardsync.runtime.reports import ChannelReport, Receipt, UpdateReport
+from shardsync.runtime.reports import ChannelReport, PhaseClock, Receipt, UpdateReport
 from shardsync.runtime.session import Session, local_address
 from shardsync.runtime.targets import as_loader, as_targets
 from shardsync.runtime.tensor_checks import as_named, engine_findings, trainer_findings
@@ -185,22 +185,25 @@ class _Endpoint:
         if self.session is None or self.session.epoch is None:
             raise TransferError(f"{self.who}: update before connect() (or after close(), or a failed reconnect)")
 
-    def _settled(self, number: int, transfer):
+    def _settled(self, number: int, transfer, clock: PhaseClock):
         """Run this endpoint's part of the update, then learn how it went everywhere: a
         part that failed is reported to all; one that completed waits to hear the others."""
         try:
-            result = transfer()
+            with clock.phase("transfer"):
+                result = transfer()
         except BaseException as exc:
             self.session.outcome(number, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             raise
-        self.session.outcome(number, None)
+        with clock.phase("outcome"):
+            self.session.outcome(number, None)
         return result
 
-    def _vote(self, number: int, finding: str | None) -> None:
+    def _vote(self, number: int, finding: str | None, clock: PhaseClock) -> None:
         """Every endpoint says whether it can take this update; a refusal anywhere stops
         it everywhere before any byte moves."""
         self.updates = number  # consumed on every endpoint alike, refused or not
-        self.session.vote(number, None if finding is None else f"{self.who}: {finding}")
+        with clock.phase("vote"):
+            self.session.vote(number, None if finding is None else f"{self.who}: {finding}")
         if finding is not None:
             raise TensorError(f"update {number}: {self.who} refused it before any byte moved: {finding}")
 
@@ -245,10 +248,13 @@ class Sender(_Endpoint):
         or holds NaN/Inf (unless `allow_nonfinite`)."""
         self._require_connected()
         number = self.updates + 1
-        tensors, finding = as_named(tensors)
-        finding = finding or trainer_findings(tensors, self.local_shapes(), self.device, allow_nonfinite)
-        self._vote(number, finding)
-        return UpdateReport(number, self._settled(number, lambda: self.transport.send(tensors, number)))
+        clock = PhaseClock()
+        with clock.phase("checks"):
+            tensors, finding = as_named(tensors)
+            finding = finding or trainer_findings(tensors, self.local_shapes(), self.device, allow_nonfinite)
+        self._vote(number, finding, clock)
+        reports = self._settled(number, lambda: self.transport.send(tensors, number), clock)
+        return UpdateReport(number, reports, clock.seconds)
 
 
 class Receiver(_Endpoint):
@@ -321,15 +327,17 @@ class Receiver(_Endpoint):
         before any byte moved changes nothing."""
         self._require_connected()
         number = self.updates + 1
-        if self.loads_full_tensors:
-            sink, finding = as_loader(params), None
-        else:
-            sink = as_targets(params)
-            finding = engine_findings(sink.names(), sink.shape, getattr(sink, "dtype", lambda name: None),
-                                      self.plan.dst_shapes[self.tp_rank], self.dtype)
-        self._vote(number, finding)
+        clock = PhaseClock()
+        with clock.phase("checks"):
+            if self.loads_full_tensors:
+                sink, finding = as_loader(params), None
+            else:
+                sink = as_targets(params)
+                finding = engine_findings(sink.names(), sink.shape, getattr(sink, "dtype", lambda name: None),
+                                          self.plan.dst_shapes[self.tp_rank], self.dtype)
+        self._vote(number, finding, clock)
         try:
-            reports = self._settled(number, lambda: self._receive(sink, number))
+            reports = self._settled(number, lambda: self._receive(sink, number), clock)
         except UpdateFailedElsewhere:
             self.stale = None  # this rank's weights are whole and new; the caller learns the update failed
             raise
@@ -338,7 +346,7 @@ class Receiver(_Endpoint):
             self.stale = f"update {number} did not complete ({why})"
             raise
         self.stale = None
-        return UpdateReport(number, reports)
+        return UpdateReport(number, reports, clock.seconds)
 
     def _receive(self, sink, number: int) -> tuple[ChannelReport, ...]:
         """The method moves the bytes; this judges what it saw: a bad bucket here, a

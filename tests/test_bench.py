@@ -30,6 +30,13 @@ def test_bench_compares_every_method_on_the_same_processes(tmp_path):
     assert report["speedup_vs_gather"]["gather"] == 1.0
     assert report["engines_equal"] is True
     assert all(len(report["update_s_each"][m]) == 2 for m in report["methods"])
+    for method in report["methods"]:  # where each update's time went, phase by phase, on both sides
+        for role in ("trainer", "engine"):
+            phases = report["phase_s"][method][role]
+            assert list(phases) == ["checks", "vote", "transfer", "outcome"], (method, role)
+            assert all(seconds > 0 for seconds in phases.values()), (method, role)
+        assert report["phase_s"][method]["trainer"]["transfer"] <= max(report["update_s_each"][method])
+    assert "colocated phases (slowest rank, median): trainer checks" in result.stdout
     bucket = report["bucket_bytes"]
     # the shard path holds its two buffers and nothing else; the baseline holds whole tensors
     assert all(b <= 2 * bucket for b in report["trainer_peak_extra_bytes"]["shard"])

@@ -53,8 +53,9 @@ _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.
 
 
 @triton.jit
-def _checksum_words(values, position, mask, WORDS: tl.constexpr):
-    """Each element's word and its weight for the checksum (int32, wrapping modulo 2**32)."""
+def _checksum_words(values, position, WORDS: tl.constexpr):
+    """Each element's word and the word's index (int32, wrapping modulo 2**32). Masked
+    lanes were loaded as zeros: their words add nothing."""
     if values.dtype.primitive_bitwidth == 32:
         word = values.to(tl.int32, bitcast=True)
         index = position
@@ -66,7 +67,7 @@ def _checksum_words(values, position, mask, WORDS: tl.constexpr):
         else:
             word = half
             index = position
-    return tl.where(mask, word, 0), (index + 1).to(tl.int32)
+    return word, index.to(tl.int32)
 
 
 @triton.jit
@@ -75,8 +76,11 @@ def _copy_tiles(pieces, tiles, tile_count, bucket, partials, TENSOR_DTYPE: tl.co
                 ROWS: tl.constexpr, COLS: tl.constexpr):
     """Each program copies tiles program, program + programs, ...; with the checksum,
     every thread keeps its own running sums (int32 adds wrap modulo 2**32, as the
-    checksum does) and the program reduces them once at the end, not once a tile.
-    The bucket is read as WIRE_DTYPE: its own dtype, or int32 for pieces copied as words."""
+    checksum does) and the program reduces them once at the end, not once a tile. The
+    weighted sum is kept as the sum of word times index: adding the plain sum to it (the
+    weight is the index plus one) is left to the host, one add a bucket instead of one
+    an element. The bucket is read as WIRE_DTYPE: its own dtype, or int32 for pieces
+    copied as words."""
     wire = bucket.to(tl.pointer_type(WIRE_DTYPE))
     program = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -108,19 +112,19 @@ def _copy_tiles(pieces, tiles, tile_count, bucket, partials, TENSOR_DTYPE: tl.co
         tensor = tensor + (r.to(tl.int64) * row_stride)[:, None] + c[None, :]
         position = offset + linear
         if TO_BUCKET:
-            values = tl.load(tensor, mask=mask)
+            values = tl.load(tensor, mask=mask, other=0)
             if values.dtype.primitive_bitwidth > WIRE_DTYPE.primitive_bitwidth:
                 values = values.to(WIRE_DTYPE, fp_downcast_rounding="rtne")  # as torch's copy_ rounds
             else:
                 values = values.to(WIRE_DTYPE)
             tl.store(wire + position, values, mask=mask)
         else:
-            values = tl.load(wire + position, mask=mask)
+            values = tl.load(wire + position, mask=mask, other=0)
             tl.store(tensor, values.to(TENSOR_DTYPE), mask=mask)
         if CHECKSUM:
-            word, weight = _checksum_words(values, position, mask, WORDS)
-            plain += word.to(tl.int32)
-            weighted += (word * weight).to(tl.int32)
+            word, index = _checksum_words(values, position, WORDS)
+            plain += word
+            weighted += word * index
     if CHECKSUM:
         tl.store(partials + program * 2, tl.sum(tl.sum(plain, axis=1), axis=0))
         tl.store(partials + program * 2 + 1, tl.sum(tl.sum(weighted, axis=1), axis=0))
@@ -187,7 +191,10 @@ class BucketKernel:
                                      ALIGNED=launch.aligned, CHECKSUM=self.sums, WORDS=self.checksum_word_bytes,
                                      ROWS=self.rows, COLS=self.cols, num_warps=self.warps)
             done += programs if self.sums else 0
-        return self.partials.sum(dim=0, dtype=torch.int64) % checksum.MODULUS if self.sums else None
+        if not self.sums:
+            return None
+        plain, by_index = self.partials.sum(dim=0, dtype=torch.int64)
+        return torch.stack([plain, by_index + plain]) % checksum.MODULUS
 
 
 def _multiprocessors(device: torch.device) -> int:

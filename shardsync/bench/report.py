@@ -31,6 +31,10 @@ def table(result: dict) -> str:
         lines.append(f"  {result.get('device', 'cpu')} copy rate {result['copy_rate_GBps']:.0f} GB/s; the update "
                      f"against the time its copies take at that rate: "
                      + ", ".join(f"{m} {ratio:.2f}" for m, ratio in bound.items()))
+    for method, roles in result.get("phase_s", {}).items():
+        said = "; ".join(f"{role} " + ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in phases.items())
+                         for role, phases in roles.items() if phases)
+        lines.append(f"  {method} phases (slowest rank, median): {said}")
     lines.append("  (vs gather = gather's median / the method's; extra peak = buffers + whole tensors held, as "
                  "tracked; resident-set growth is in the JSON)")
     return "\n".join(lines)

@@ -1,18 +1,19 @@
 """`shardsync bench`: transfer methods compared on the same processes.
 
 Every rank connects each method once (each over its own store and groups or shared
-buffers), then the methods take turns update by update (after two untimed rounds), each started together on
-every rank behind a barrier, and which goes first rotates, so machine noise falls on
-all alike. Reported per method: the median update time (slowest trainer rank), of
-which the walk over the channels (the rest is the session's vote and outcome and
-the tensor checks), and its speedup against the gather baseline, bytes each trainer rank sent, and peak extra
-memory per rank: the buffers and whole-tensor temporaries each endpoint tracks, and
-the process's resident-set growth sampled during that method's updates. Engines hold
-plain tensors in vLLM's layout, one set per method, compared bitwise after every
-round: the bench also shows the methods deliver the same bytes. With `engine="vllm"`
-the engines are real vLLM engines (one process each, started from dummy weights)
-holding a connection per method; their post-processed parameters are compared after
-the first round.
+buffers), then the methods take turns update by update (after two untimed rounds),
+each started together on every rank behind a barrier, and which goes first rotates,
+so machine noise falls on all alike. Reported per method: the median update time
+(slowest trainer rank), of which the walk over the channels; per phase of an update
+(tensor checks, vote, transfer, outcome) the slowest rank's time, trainers and
+engines apart; its speedup against the gather baseline, bytes each trainer rank sent,
+and peak extra memory per rank: the buffers and whole-tensor temporaries each
+endpoint tracks, and the process's resident-set growth sampled during that method's
+updates. Engines hold plain tensors in vLLM's layout, one set per method, compared
+bitwise after every round: the bench also shows the methods deliver the same bytes.
+With `engine="vllm"` the engines are real vLLM engines (one process each, started
+from dummy weights) holding a connection per method; their post-processed parameters
+are compared after the first round.
 """
 
 from __future__ import annotations
@@ -122,6 +123,9 @@ def _summary(model, layout, options, repeat, results, engine) -> dict:
         "update_s_each": per_update,
         "walk_s": {m: statistics.median(max(t["walked"][m][i] for t in trainers) for i in range(repeat))
                    for m in methods},
+        "phase_s": {m: {"trainer": _phase_medians(trainers, m, repeat),
+                        "engine": _phase_medians([e for e in engine_results if "phases" in e], m, repeat)}
+                    for m in methods},
         "speedup_vs_gather": {m: median["gather"] / median[m] for m in methods} if "gather" in median else {},
         "bytes_sent_per_trainer_rank": {m: [t["bytes"][m] for t in trainers] for m in methods},
         "trainer_peak_extra_bytes": {m: [t["tracked"][m] for t in trainers] for m in methods},
@@ -134,6 +138,16 @@ def _summary(model, layout, options, repeat, results, engine) -> dict:
         "copy_bound_s": {m: copied[m] / rate for m in methods if m != "gather"},
         "update_vs_copy_bound": {m: copied[m] / rate / median[m] for m in methods if m != "gather"},
     }
+
+
+def _phase_medians(ranks: list[dict], method: str, repeat: int) -> dict[str, float]:
+    """Per phase of an update, the median over the timed updates of the slowest rank's
+    seconds in it (empty for engines that report none: vLLM's workers)."""
+    if not ranks:
+        return {}
+    names = list(ranks[0]["phases"][method][0])
+    return {name: statistics.median(max(r["phases"][method][i].get(name, 0.0) for r in ranks) for i in range(repeat))
+            for name in names}
 
 
 def _endpoints(kind, hf_config, layout, ports, options, **position):
@@ -191,6 +205,7 @@ def _trainer(hf_config, layout, rank, ports, options, repeat, rounds, everyone) 
     methods = options["methods"]
     seconds = {m: [] for m in methods}
     walked = {m: [] for m in methods}  # of which moving the bytes (the channels' walk), the rest is the session
+    phases = {m: [] for m in methods}  # each timed update's seconds per phase (UpdateReport.phases)
     sent = {m: 0 for m in methods}
     rss = {m: 0 for m in methods}
     for index in range(WARMUP + repeat):
@@ -203,11 +218,12 @@ def _trainer(hf_config, layout, rank, ports, options, repeat, rounds, everyone) 
             if index >= WARMUP:
                 seconds[method].append(elapsed)
                 walked[method].append(sum(c.seconds for c in report.channels))
+                phases[method].append(report.phases)
             rss[method] = max(rss[method], peak.growth)
             sent[method] = report.bytes
             if who == everyone[0]:
                 rounds.put(method)
-    result = {"seconds": seconds, "walked": walked, "bytes": sent, "rss": rss, "copy_Bps": copy_rate,
+    result = {"seconds": seconds, "walked": walked, "phases": phases, "bytes": sent, "rss": rss, "copy_Bps": copy_rate,
               "tracked": {m: senders[m].buffer_bytes + senders[m].peak_temp_bytes for m in methods}}
     for endpoint in senders.values():
         endpoint.close()
@@ -224,16 +240,19 @@ def _engine(hf_config, layout, engine, tp, ports, options, repeat, everyone) -> 
                   for n, s in receivers[m].tensor_shapes().items()} for m in methods}
     group, _store, barrier = _barrier(ports, who, everyone, options["timeout"])
     rss = {m: 0 for m in methods}
+    phases = {m: [] for m in methods}
     equal = True
     first = params[methods[0]]
     for index in range(WARMUP + repeat):
         for method in _order(methods, index):
             barrier(f"{method} update {index + 1}")
             with _RssPeak() as peak:
-                receivers[method].update(params[method])
+                report = receivers[method].update(params[method])
             rss[method] = max(rss[method], peak.growth)
+            if index >= WARMUP:
+                phases[method].append(report.phases)
         equal &= all(torch.equal(params[m][n], first[n]) for m in methods[1:] for n in first)
-    result = {"rss": rss, "equal": equal,
+    result = {"rss": rss, "equal": equal, "phases": phases,
               "tracked": {m: receivers[m].buffer_bytes + receivers[m].peak_temp_bytes for m in methods}}
     for endpoint in receivers.values():
         endpoint.close()
