@@ -40,7 +40,6 @@ import triton
 import triton.language as tl
 
 from shardsync.runtime.plan import boxes
-from shardsync.runtime.wire import checksum
 
 # (rows, columns, warps) of a tile, plain and with the checksum (whose running sums
 # take registers), and programs a multiprocessor with the checksum: tuned on an H200
@@ -130,6 +129,24 @@ def _copy_tiles(pieces, tiles, tile_count, bucket, partials, TENSOR_DTYPE: tl.co
         tl.store(partials + program * 2 + 1, tl.sum(tl.sum(weighted, axis=1), axis=0))
 
 
+@triton.jit
+def _total_sums(partials, count, sums, BLOCK: tl.constexpr):
+    """The bucket's two sums from the programs' `count` pairs, in one launch: int32 adds
+    wrap modulo 2**32 as the checksum does, the weighted sum is the sum of word times
+    index plus the plain sum, and both are written as int64 in [0, 2**32)."""
+    lanes = tl.arange(0, BLOCK)
+    plain = tl.zeros((BLOCK,), dtype=tl.int32)
+    by_index = tl.zeros((BLOCK,), dtype=tl.int32)
+    for start in range(0, count, BLOCK):
+        taken = start + lanes < count
+        plain += tl.load(partials + (start + lanes) * 2, mask=taken, other=0)
+        by_index += tl.load(partials + (start + lanes) * 2 + 1, mask=taken, other=0)
+    total = tl.sum(plain, axis=0)
+    weighted = tl.sum(by_index, axis=0) + total
+    tl.store(sums, total.to(tl.int64) & 0xFFFFFFFF)
+    tl.store(sums + 1, weighted.to(tl.int64) & 0xFFFFFFFF)
+
+
 @dataclass
 class Launch:
     """One bucket's tiles for the tensors of one dtype and alignment, on the device."""
@@ -169,6 +186,7 @@ class BucketKernel:
         self.programs = [min(len(launch.tiles), PROGRAMS_PER_SM * _multiprocessors(bucket.device)) if sums
                          else len(launch.tiles) for launch in self.launches]
         self.partials = torch.zeros(sum(self.programs) if sums else 1, 2, dtype=torch.int32, device=bucket.device)
+        self.totals = torch.zeros(2, dtype=torch.int64, device=bucket.device)
 
     def _as_words(self, tensor: torch.Tensor, piece: tuple[int, ...], bucket: torch.Tensor) -> bool:
         """Whether an aligned piece is copied as 32-bit words: the same dtype on both sides
@@ -181,7 +199,8 @@ class BucketKernel:
 
     def run(self, bucket: torch.Tensor, to_bucket: bool) -> torch.Tensor | None:
         """Copy every piece (into the bucket, or out of it); built with `sums`, return
-        the bucket's two checksum sums (a device tensor, nothing waited for)."""
+        the bucket's two checksum sums (a device tensor of this kernel's, which its next
+        run rewrites; nothing waited for)."""
         done = 0
         for launch, programs in zip(self.launches, self.programs):
             tensor_dtype = tl.int32 if launch.words else _TRITON_DTYPES[launch.dtype]
@@ -193,8 +212,8 @@ class BucketKernel:
             done += programs if self.sums else 0
         if not self.sums:
             return None
-        plain, by_index = self.partials.sum(dim=0, dtype=torch.int64)
-        return torch.stack([plain, by_index + plain]) % checksum.MODULUS
+        _total_sums[(1,)](self.partials, done, self.totals, BLOCK=1024)
+        return self.totals
 
 
 def _multiprocessors(device: torch.device) -> int:
