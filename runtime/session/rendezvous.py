@@ -260,8 +260,8 @@ class Session:
                         ", ".join(keys[p] for p in pending))
 
     def _post(self, stage: str, update: int, verdict: str | None) -> None:
-        post_verdict(self.store, self._verdict_keys(stage), self.who, "ok" if verdict is None else f"{self.who}: {verdict}",
-                     self._decided(stage))
+        said = "ok" if verdict is None else f"{self.who}: {verdict}"
+        post_verdict(self.store, self._verdict_keys(stage), self.who, said, self._decided(stage))
         if update > 2:  # the store stays small over many updates
             old = f"{stage.rstrip('0123456789')}{update - 2}"
             for key in (self._verdict_keys(old)[self.who], self._decided(old), f"{self._decided(old)}/count"):

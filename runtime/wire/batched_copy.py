@@ -44,7 +44,7 @@ from shardsync.runtime.plan import boxes
 # (rows, columns, warps) of a tile, plain and with the checksum (whose running sums
 # take registers), and programs a multiprocessor with the checksum: tuned on an H200
 # (bench/RESULTS.md); one program a tile with the checksum, reducing its sums each
-# time, measured 0.60-0.76 of the copy rate against 0.80-0.82 for these
+# time, measured 0.60-0.76 of the copy rate against 0.81-0.84 for these
 TILES = {False: (8, 512, 4), True: (4, 256, 4)}
 PROGRAMS_PER_SM = 8
 _FIELDS = 6  # per piece: tensor address (bytes), rows, cols, row stride, bucket offset, elements
@@ -77,8 +77,8 @@ def _copy_tiles(pieces, tiles, tile_count, bucket, partials, TENSOR_DTYPE: tl.co
     every thread keeps its own running sums (int32 adds wrap modulo 2**32, as the
     checksum does) and the program reduces them once at the end, not once a tile. The
     weighted sum is kept as the sum of word times index: adding the plain sum to it (the
-    weight is the index plus one) is left to the host, one add a bucket instead of one
-    an element. The bucket is read as WIRE_DTYPE: its own dtype, or int32 for pieces
+    weight is the index plus one) is left to `_total_sums`, one add a bucket instead of
+    one an element. The bucket is read as WIRE_DTYPE: its own dtype, or int32 for pieces
     copied as words."""
     wire = bucket.to(tl.pointer_type(WIRE_DTYPE))
     program = tl.program_id(0)
