@@ -77,8 +77,18 @@ def post_verdict(store, keys: dict[str, str], who: str, verdict: str, decided: s
     """Post `who`'s verdict in a round whose verdicts are `keys` (who -> store key). The
     last to post, or any refuser, marks the round `decided`: what `first_refusal` waits on."""
     store.set(keys[who], verdict)
-    if verdict != "ok" or store.add(f"{decided}/count", 1) == len(keys):
+    if verdict != "ok" or store.add(_count_key(decided), 1) == len(keys):
         store.set(decided, "1")
+
+
+def round_keys(keys: dict[str, str], who: str, decided: str) -> tuple[str, ...]:
+    """The store keys `who` leaves in a round: its verdict, and the round's decision
+    and count (which every member may delete once the round is long over)."""
+    return keys[who], decided, _count_key(decided)
+
+
+def _count_key(decided: str) -> str:
+    return f"{decided}/count"
 
 
 def first_refusal(store, keys: dict[str, str], timeout: float, decided: str) -> tuple[str, str, list[str]] | None:

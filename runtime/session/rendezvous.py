@@ -34,7 +34,7 @@ from datetime import timedelta
 
 from torch.distributed import PrefixStore, TCPStore
 
-from shardsync.runtime.session.agreement import Silence, agree, first_refusal, post_verdict
+from shardsync.runtime.session.agreement import Silence, agree, first_refusal, post_verdict, round_keys
 from shardsync.runtime.errors import TransferError, UpdateFailedElsewhere, UpdateRefused
 from shardsync.runtime.session.liveness import SILENT_AFTER_S, Heartbeat, Watch, silent_peers
 
@@ -264,7 +264,7 @@ class Session:
         post_verdict(self.store, self._verdict_keys(stage), self.who, said, self._decided(stage))
         if update > 2:  # the store stays small over many updates
             old = f"{stage.rstrip('0123456789')}{update - 2}"
-            for key in (self._verdict_keys(old)[self.who], self._decided(old), f"{self._decided(old)}/count"):
+            for key in round_keys(self._verdict_keys(old), self.who, self._decided(old)):
                 self.store.delete_key(key)
 
     def _hear(self, stage: str, when: str, update: int, failed=TransferError):

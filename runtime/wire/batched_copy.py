@@ -168,7 +168,6 @@ class BucketKernel:
         will run with the checksum (its tiles are smaller)."""
         self.sums = sums
         self.rows, self.cols, self.warps = TILES[sums]
-        self.numel = bucket_numel
         # the checksum reads the bucket as 32-bit words unless its byte count is odd in 16-bit ones
         self.checksum_word_bytes = 4 if (bucket_numel * bucket.element_size()) % 4 == 0 else 2
         classes: dict[tuple[torch.dtype, bool, bool], list[tuple]] = {}
