@@ -101,16 +101,19 @@ def test_one_launch_packs_and_unpacks_as_the_eager_copies_do_with_the_cpu_checks
     entries = [(tensors[e.src_tensor], e.src_box, e.offset) for e in bucket.entries]
     sums = kernel.BucketKernel(entries, bucket.numel, batched, sums=True).run(batched, to_bucket=True)
     assert torch.equal(batched[:bucket.numel], eager[:bucket.numel])
-    assert torch.equal(batched[bucket.numel:], torch.full_like(batched[bucket.numel:], 7.0))  # nothing past it
-    assert sums.tolist() == checksum.compute(eager[:bucket.numel].cpu()).tolist()
+    expected_sums = checksum.compute(eager[:bucket.numel].cpu()).tolist()
+    assert sums.tolist() == [expected_sums, expected_sums]
+    checksum.write(eager, bucket.numel)
+    assert torch.equal(batched.view(torch.uint8), eager.view(torch.uint8))  # the tail as the CPU writes it, and no more
 
     dests = {name: torch.zeros_like(t, dtype=wire) for name, t in tensors.items()}
     expected = {name: torch.zeros_like(t, dtype=wire) for name, t in tensors.items()}
     packing.unpack(bucket, eager, TensorTargets(expected))
     entries = [(dests[e.dst_tensor], e.dst_box, e.offset) for e in bucket.entries]
+    eager.view(torch.uint8)[-checksum.TAIL_BYTES:] = torch.arange(1, 17, dtype=torch.uint8)  # a tail to read back
     sums = kernel.BucketKernel(entries, bucket.numel, eager, sums=True).run(eager, to_bucket=False)
     assert all(torch.equal(dests[name], expected[name]) for name in dests)
-    assert sums.tolist() == checksum.compute(eager[:bucket.numel].cpu()).tolist()
+    assert sums.tolist() == [expected_sums, checksum.sent(eager.cpu(), bucket.numel).tolist()]
 
 
 def test_aligned_pieces_with_nothing_to_cast_are_copied_as_words(kernel):
@@ -149,8 +152,9 @@ def test_sums_over_several_chunks_and_an_odd_count_equal_the_cpu_ones(kernel, nu
     source = torch.randn(numel, device=DEVICE).to(wire)
     bucket = torch.empty(numel + checksum.tail_elements(wire), dtype=wire, device=DEVICE)
     sums = kernel.BucketKernel([(source, ((0, numel),), 0)], numel, bucket, sums=True).run(bucket, to_bucket=True)
-    assert sums.tolist() == checksum.compute(source.cpu()).tolist()
-    assert checksum.compute(bucket[:numel]).tolist() == sums.tolist()  # the torch sums on CUDA agree too
+    assert sums[0].tolist() == checksum.compute(source.cpu()).tolist()
+    assert checksum.compute(bucket[:numel]).tolist() == sums[0].tolist()  # the torch sums on CUDA agree too
+    assert checksum.check(bucket.cpu(), numel) is None  # and the tail it wrote checks on the CPU
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs: on the GPU machine only")
@@ -171,4 +175,5 @@ def test_the_copier_replays_a_captured_launch_to_the_same_bytes(kernel):
         results.append(copier.pack(("k",), bucket, tensors, buffer).tolist())
         assert torch.equal(buffer[:bucket.numel], reference[:bucket.numel])
     assert copier.captures == 1
-    assert results == [checksum.compute(reference[:bucket.numel].cpu()).tolist()] * 4
+    assert results == [[checksum.compute(reference[:bucket.numel].cpu()).tolist()] * 2] * 4
+    assert checksum.check(buffer.cpu(), bucket.numel) is None

@@ -6,9 +6,10 @@ the device busy (each is too short to reach the HBM rate, and they run one after
 another). Here every piece is cut into tiles of a few thousand elements (`TILES`), and
 one launch runs every tile of the bucket: a program loads its tile's piece
 descriptor, copies the tile (casting to the destination dtype) and, with the
-checksum, adds its share to running sums it reduces once at the end. Descriptors are
-plain int64 tables built once per bucket and set of tensor addresses, and kept on the
-device.
+checksum, adds its share to running sums it reduces once at the end; the last
+program to finish writes the bucket's checksum into its tail (packing) or reads the
+sender's from there (unpacking). Descriptors are plain int64 tables built once per
+bucket and set of tensor addresses, and kept on the device.
 
 A piece is a box of a tensor whose rows are contiguous on one side and a contiguous run
 of the bucket on the other. Its box is reduced to rows x cols with a row stride
@@ -40,6 +41,7 @@ import triton
 import triton.language as tl
 
 from shardsync.runtime.plan import boxes
+from shardsync.runtime.wire import checksum
 
 # (rows, columns, warps) of a tile, plain and with the checksum (whose running sums
 # take registers), and programs a multiprocessor with the checksum: tuned on an H200
@@ -70,46 +72,54 @@ def _checksum_words(values, position, WORDS: tl.constexpr):
 
 
 @triton.jit
-def _copy_tiles(pieces, tiles, tile_count, bucket, partials, TENSOR_DTYPE: tl.constexpr, WIRE_DTYPE: tl.constexpr,
-                TO_BUCKET: tl.constexpr, ALIGNED: tl.constexpr, CHECKSUM: tl.constexpr, WORDS: tl.constexpr,
+def _locate(pieces, piece, row0, col0, TENSOR_DTYPE: tl.constexpr, WIRE_DTYPE: tl.constexpr,
+            ALIGNED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """A tile's element pointers into its tensor, its elements' positions in the bucket,
+    and its mask."""
+    desc = pieces + piece * 6  # _FIELDS
+    address = tl.load(desc)
+    rows = tl.load(desc + 1).to(tl.int32)
+    cols = tl.load(desc + 2).to(tl.int32)
+    row_stride = tl.load(desc + 3)
+    offset = tl.load(desc + 4).to(tl.int32)
+    count = tl.load(desc + 5).to(tl.int32)
+    r = row0 + tl.arange(0, ROWS)
+    c = col0 + tl.arange(0, COLS)
+    if ALIGNED:  # every row of the piece starts 16-byte aligned on both sides: vector loads and stores
+        row_stride = tl.multiple_of(row_stride, 128 // TENSOR_DTYPE.primitive_bitwidth)
+        cols = tl.multiple_of(cols, 128 // WIRE_DTYPE.primitive_bitwidth)
+        offset = tl.multiple_of(offset, 128 // WIRE_DTYPE.primitive_bitwidth)
+    linear = r[:, None] * cols + c[None, :]
+    mask = (r[:, None] < rows) & (c[None, :] < cols) & (linear < count)
+    tensor = address.to(tl.pointer_type(TENSOR_DTYPE))
+    if ALIGNED:
+        tensor = tl.multiple_of(tensor, 16)
+    tensor = tensor + (r.to(tl.int64) * row_stride)[:, None] + c[None, :]
+    return tensor, offset + linear, mask
+
+
+@triton.jit
+def _copy_tiles(pieces, tiles, tile_count, bucket, scratch, programs_in_all, tail, sums,
+                TENSOR_DTYPE: tl.constexpr, WIRE_DTYPE: tl.constexpr, TO_BUCKET: tl.constexpr,
+                ALIGNED: tl.constexpr, CHECKSUM: tl.constexpr, WORDS: tl.constexpr,
                 ROWS: tl.constexpr, COLS: tl.constexpr):
     """Each program copies tiles program, program + programs, ...; with the checksum,
     every thread keeps its own running sums (int32 adds wrap modulo 2**32, as the
-    checksum does) and the program reduces them once at the end, not once a tile. The
-    weighted sum is kept as the sum of word times index: adding the plain sum to it (the
-    weight is the index plus one) is left to `_total_sums`, one add a bucket instead of
-    one an element. The bucket is read as WIRE_DTYPE: its own dtype, or int32 for pieces
-    copied as words."""
+    checksum does) and the program reduces them once at the end, not once a tile, and
+    adds them to the bucket's. The weighted sum is kept as the sum of word times index:
+    adding the plain sum to it (the weight is the index plus one) is left to the last
+    program, once a bucket instead of once an element. The bucket is read as
+    WIRE_DTYPE: its own dtype, or int32 for pieces copied as words."""
     wire = bucket.to(tl.pointer_type(WIRE_DTYPE))
     program = tl.program_id(0)
-    programs = tl.num_programs(0)
     if CHECKSUM:
         plain = tl.zeros((ROWS, COLS), dtype=tl.int32)
         weighted = tl.zeros((ROWS, COLS), dtype=tl.int32)
-    for tile in range(program, tile_count, programs):
+    for tile in range(program, tile_count, tl.num_programs(0)):
         piece = tl.load(tiles + tile * 3)
         row0 = tl.load(tiles + tile * 3 + 1).to(tl.int32)
         col0 = tl.load(tiles + tile * 3 + 2).to(tl.int32)
-        desc = pieces + piece * 6  # _FIELDS
-        address = tl.load(desc)
-        rows = tl.load(desc + 1).to(tl.int32)
-        cols = tl.load(desc + 2).to(tl.int32)
-        row_stride = tl.load(desc + 3)
-        offset = tl.load(desc + 4).to(tl.int32)
-        count = tl.load(desc + 5).to(tl.int32)
-        r = row0 + tl.arange(0, ROWS)
-        c = col0 + tl.arange(0, COLS)
-        if ALIGNED:  # every row of the piece starts 16-byte aligned on both sides: vector loads and stores
-            row_stride = tl.multiple_of(row_stride, 128 // TENSOR_DTYPE.primitive_bitwidth)
-            cols = tl.multiple_of(cols, 128 // WIRE_DTYPE.primitive_bitwidth)
-            offset = tl.multiple_of(offset, 128 // WIRE_DTYPE.primitive_bitwidth)
-        linear = r[:, None] * cols + c[None, :]
-        mask = (r[:, None] < rows) & (c[None, :] < cols) & (linear < count)
-        tensor = address.to(tl.pointer_type(TENSOR_DTYPE))
-        if ALIGNED:
-            tensor = tl.multiple_of(tensor, 16)
-        tensor = tensor + (r.to(tl.int64) * row_stride)[:, None] + c[None, :]
-        position = offset + linear
+        tensor, position, mask = _locate(pieces, piece, row0, col0, TENSOR_DTYPE, WIRE_DTYPE, ALIGNED, ROWS, COLS)
         if TO_BUCKET:
             values = tl.load(tensor, mask=mask, other=0)
             if values.dtype.primitive_bitwidth > WIRE_DTYPE.primitive_bitwidth:
@@ -125,26 +135,46 @@ def _copy_tiles(pieces, tiles, tile_count, bucket, partials, TENSOR_DTYPE: tl.co
             plain += word
             weighted += word * index
     if CHECKSUM:
-        tl.store(partials + program * 2, tl.sum(tl.sum(plain, axis=1), axis=0))
-        tl.store(partials + program * 2 + 1, tl.sum(tl.sum(weighted, axis=1), axis=0))
+        _add_sums(scratch, programs_in_all, tail, sums, tl.sum(tl.sum(plain, axis=1), axis=0),
+                  tl.sum(tl.sum(weighted, axis=1), axis=0), TO_BUCKET)
 
 
 @triton.jit
-def _total_sums(partials, count, sums, BLOCK: tl.constexpr):
-    """The bucket's two sums from the programs' `count` pairs, in one launch: int32 adds
-    wrap modulo 2**32 as the checksum does, the weighted sum is the sum of word times
-    index plus the plain sum, and both are written as int64 in [0, 2**32)."""
-    lanes = tl.arange(0, BLOCK)
-    plain = tl.zeros((BLOCK,), dtype=tl.int32)
-    by_index = tl.zeros((BLOCK,), dtype=tl.int32)
-    for start in range(0, count, BLOCK):
-        taken = start + lanes < count
-        plain += tl.load(partials + (start + lanes) * 2, mask=taken, other=0)
-        by_index += tl.load(partials + (start + lanes) * 2 + 1, mask=taken, other=0)
-    total = tl.sum(plain, axis=0)
-    weighted = tl.sum(by_index, axis=0) + total
-    tl.store(sums, total.to(tl.int64) & 0xFFFFFFFF)
-    tl.store(sums + 1, weighted.to(tl.int64) & 0xFFFFFFFF)
+def _add_sums(scratch, programs_in_all, tail, sums, plain, weighted, TO_BUCKET: tl.constexpr):
+    """Add a program's sums to the bucket's (`scratch`, int32 [3]: the two sums and the
+    count of programs that have added theirs, over every launch of the bucket); the
+    last program to arrive finishes the bucket in the same launch, not in one of its
+    own. Scalar atomics run on one thread of the program, acquire-release, so the last
+    one sees every other program's adds; it leaves `scratch` zeroed for the next run."""
+    tl.atomic_add(scratch, plain)
+    tl.atomic_add(scratch + 1, weighted)
+    if tl.atomic_add(scratch + 2, 1) == programs_in_all - 1:
+        bucket_plain = tl.atomic_xchg(scratch, 0)
+        bucket_weighted = tl.atomic_xchg(scratch + 1, 0) + bucket_plain
+        tl.atomic_xchg(scratch + 2, 0)
+        _finish_sums(tail, sums, bucket_plain.to(tl.int64) & 0xFFFFFFFF, bucket_weighted.to(tl.int64) & 0xFFFFFFFF,
+                     TO_BUCKET)
+
+
+@triton.jit
+def _finish_sums(tail, sums, plain, weighted, TO_BUCKET: tl.constexpr):
+    """Write `sums` (int64 [2, 2], values in [0, 2**32)): row 0 the bucket's two sums,
+    row 1 its tail's (packing: the same, also written into the tail; unpacking, what
+    the sender wrote there). The tail is handled as 16 bytes, two little-endian int64
+    as `checksum.write` lays them out: after an odd count of 16-bit elements it is not
+    aligned for int64."""
+    tl.store(sums, plain)
+    tl.store(sums + 1, weighted)
+    byte = tl.arange(0, 16)
+    shift = (byte % 8) * 8
+    if TO_BUCKET:
+        tl.store(tail + byte, ((tl.where(byte < 8, plain, weighted) >> shift) & 0xFF).to(tl.uint8))
+        tl.store(sums + 2, plain)
+        tl.store(sums + 3, weighted)
+    else:
+        parts = tl.load(tail + byte).to(tl.int64) << shift
+        tl.store(sums + 2, tl.sum(tl.where(byte < 8, parts, 0), axis=0))
+        tl.store(sums + 3, tl.sum(tl.where(byte < 8, 0, parts), axis=0))
 
 
 @dataclass
@@ -184,8 +214,13 @@ class BucketKernel:
         # its sums once); without, a program a tile
         self.programs = [min(len(launch.tiles), PROGRAMS_PER_SM * _multiprocessors(bucket.device)) if sums
                          else len(launch.tiles) for launch in self.launches]
-        self.partials = torch.zeros(sum(self.programs) if sums else 1, 2, dtype=torch.int32, device=bucket.device)
-        self.totals = torch.zeros(2, dtype=torch.int64, device=bucket.device)
+        self.programs_in_all = sum(self.programs)
+        self.scratch = torch.zeros(3, dtype=torch.int32, device=bucket.device)  # see _add_sums
+        self.totals = torch.zeros(2, 2, dtype=torch.int64, device=bucket.device)
+        if sums and bucket.numel() * bucket.element_size() < bucket_numel * bucket.element_size() + checksum.TAIL_BYTES:
+            raise ValueError(f"a bucket of {bucket_numel} elements has no room for its checksum's tail in a buffer of "
+                             f"{bucket.numel()}")
+        self.tail_byte = bucket_numel * bucket.element_size()  # where the checksum's tail starts
 
     def _as_words(self, tensor: torch.Tensor, piece: tuple[int, ...], bucket: torch.Tensor) -> bool:
         """Whether an aligned piece is copied as 32-bit words: the same dtype on both sides
@@ -197,22 +232,21 @@ class BucketKernel:
                 and (count * element) % 4 == 0 and (not self.sums or self.checksum_word_bytes == 4))
 
     def run(self, bucket: torch.Tensor, to_bucket: bool) -> torch.Tensor | None:
-        """Copy every piece (into the bucket, or out of it); built with `sums`, return
-        the bucket's two checksum sums (a device tensor of this kernel's, which its next
-        run rewrites; nothing waited for)."""
-        done = 0
+        """Copy every piece (into the bucket, or out of it). Built with `sums`, also
+        return the bucket's checksum: int64 [2, 2], the two sums computed on the way
+        and the two in the bucket's tail (packing: the same, written there too;
+        unpacking: the sender's). A device tensor of this kernel's, which its next run
+        rewrites; nothing waited for."""
+        tail = bucket.view(torch.uint8)[self.tail_byte:] if self.sums else bucket  # (unused without the checksum)
         for launch, programs in zip(self.launches, self.programs):
             tensor_dtype = tl.int32 if launch.words else _TRITON_DTYPES[launch.dtype]
             wire_dtype = tl.int32 if launch.words else _TRITON_DTYPES[bucket.dtype]
-            _copy_tiles[(programs,)](launch.pieces, launch.tiles, len(launch.tiles), bucket, self.partials[done:],
+            _copy_tiles[(programs,)](launch.pieces, launch.tiles, len(launch.tiles), bucket, self.scratch,
+                                     self.programs_in_all, tail, self.totals,
                                      TENSOR_DTYPE=tensor_dtype, WIRE_DTYPE=wire_dtype, TO_BUCKET=to_bucket,
                                      ALIGNED=launch.aligned, CHECKSUM=self.sums, WORDS=self.checksum_word_bytes,
                                      ROWS=self.rows, COLS=self.cols, num_warps=self.warps)
-            done += programs if self.sums else 0
-        if not self.sums:
-            return None
-        _total_sums[(1,)](self.partials, done, self.totals, BLOCK=1024)
-        return self.totals
+        return self.totals if self.sums else None
 
 
 def _multiprocessors(device: torch.device) -> int:

@@ -36,11 +36,11 @@ def compute(data: torch.Tensor) -> torch.Tensor:
     return torch.stack([plain, _weighted(words, _weights_for(words.device))]) % MODULUS
 
 
-def write(buffer: torch.Tensor, numel: int, sums: torch.Tensor | None = None) -> torch.Tensor:
-    """Checksum `buffer[:numel]` into the tail after it (`sums`, where the pack already
-    computed them); returns the slice to send. The tail is written as bytes: after an
-    odd count of 2-byte elements it is not aligned for int64."""
-    _tail(buffer, numel).copy_((compute(buffer[:numel]) if sums is None else sums).view(torch.uint8))
+def write(buffer: torch.Tensor, numel: int) -> torch.Tensor:
+    """Checksum `buffer[:numel]` into the tail after it; returns the slice to send. The
+    tail is written as bytes: after an odd count of 2-byte elements it is not aligned
+    for int64."""
+    _tail(buffer, numel).copy_(compute(buffer[:numel]).view(torch.uint8))
     return buffer[:numel + tail_elements(buffer.dtype)]
 
 

@@ -5,8 +5,9 @@ which on a GPU is far slower than the bytes; even captured as a graph, 15-60 sho
 copies run one after another and reach about 0.69 of the copy rate (bench/RESULTS.md).
 On CUDA each bucket is therefore one launch of `wire.batched_copy`'s kernel, which
 walks every piece of the bucket and, with `checksums`, computes the bucket's checksum
-on the way (returned, so that the pipe writes the tail or compares it without a pass
-of its own). The plan and the schedule never change between updates, and the
+on the way: packing, it writes the tail itself; unpacking, it returns the sums it
+computed beside the tail's, so that the pipe compares them without a pass or a launch
+of its own. The plan and the schedule never change between updates, and the
 trainer's parameters and the engine's tensors mostly keep their storage, so a
 bucket's descriptors are built once for a set of addresses, and its launch is
 captured as a CUDA graph the second time the same addresses come by and replayed
@@ -27,8 +28,10 @@ log = logging.getLogger("shardsync")
 
 
 class BucketCopier:
-    """pack / unpack with the signatures of `runtime.wire.pack`; each returns the
-    bucket's checksum sums when it computed them (CUDA with `checksums`), else None."""
+    """pack / unpack with the signatures of `runtime.wire.pack`. Where they computed the
+    bucket's checksum (CUDA with `checksums`), each returns int64 [2, 2]: the sums
+    computed on the way, then the tail's (pack wrote the tail after the bucket's data;
+    unpack read the sender's); else None, and the tail is the caller's."""
 
     def __init__(self, device: torch.device, checksums: bool = False):
         self.device = device

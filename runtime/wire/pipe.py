@@ -107,14 +107,15 @@ class Sending:
 
     def put(self, bucket: Bucket, pack: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
         """Pack `bucket` (`pack(buffer)` fills `buffer[:bucket.numel]` and returns the
-        bucket's checksum sums if it computed them on the way, else None) and put it on
-        the wire, first waiting for the bucket that last used the buffer."""
+        bucket's checksum if it wrote the tail on the way, else None) and put it on the
+        wire, first waiting for the bucket that last used the buffer."""
         pipe, update = self.outbound.pipe, self.outbound.update
         if len(self.in_flight) == pipe.depth:  # the buffer about to be packed is still on the wire
             self.group.wait(self.in_flight.pop(0), f"sending bucket {self.index - pipe.depth}{self.where}", update)
         buffer = pipe.buffers[self.index % 2]
-        sums = pack(buffer)
-        wire = checksum.write(buffer, bucket.numel, sums) if pipe.tail else buffer[:bucket.numel]
+        if pack(buffer) is None and pipe.tail:  # the copy did not write the checksum's tail on its way
+            checksum.write(buffer, bucket.numel)
+        wire = buffer[:bucket.numel + pipe.tail]
         self.in_flight.append(self.group.broadcast(wire))
         self.index += 1
 
@@ -156,7 +157,7 @@ class Inbound:
 
     def deliver(self, group: Link, buckets, where: str, unpack, fused: bool) -> None:
         """Unpack every bucket as it arrives (`unpack(index, bucket, buffer)` returns the
-        checksum sums it computed while copying, or None): checked before the copy,
+        sums it computed while copying beside the tail's, or None): checked before the copy,
         and a bucket that fails is not written; or, where the copy computed the sums
         (`fused`), compared after it, the bucket then written and flagged."""
         compared = []  # (index, sent, computed): on the device, compared once the run is through
@@ -165,10 +166,10 @@ class Inbound:
                 continue
             sums = unpack(index, bucket, buffer)
             if fused and self.pipe.tail and sums is not None:
-                compared.append((index, checksum.sent(buffer, bucket.numel), sums))
+                compared.append((index, sums))
         if compared:  # one wait for the device, not one a bucket
-            pairs = torch.stack([torch.stack([sent, sums]) for _, sent, sums in compared]).tolist()
-            for (index, _, _), (sent, sums) in zip(compared, pairs):
+            pairs = torch.stack([sums for _, sums in compared]).tolist()
+            for (index, _), (sums, sent) in zip(compared, pairs):
                 if sent != sums:
                     self.flag(group, f"bucket {index}{where} failed its checksum (sent {sent}, computed {sums}) in "
                                      f"the copy that wrote it")

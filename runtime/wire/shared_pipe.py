@@ -136,9 +136,8 @@ class SharedSending(Sending):
         pipe, update = self.outbound.pipe, self.outbound.update
         slot = pipe.take_slot()
         buffer = pipe.own[slot]
-        sums = pack(buffer)
-        if pipe.tail:
-            checksum.write(buffer, bucket.numel, sums)
+        if pack(buffer) is None and pipe.tail:  # the copy did not write the checksum's tail on its way
+            checksum.write(buffer, bucket.numel)
         if pipe.cuda:
             pipe.own.ready_events[slot].record(torch.cuda.current_stream(pipe.device))
         signal = torch.tensor([update, self.index, slot], dtype=torch.int64)

@@ -64,7 +64,8 @@ def run_pack_bench(model: str = "qwen3-4b", train_tp: int = 2, infer_tp: int = 2
 
     def pack_checked():
         for index, bucket in enumerate(schedule):
-            checksum.write(buffer, bucket.numel, checked.pack(("bench", 0, index), bucket, sources, buffer))
+            if checked.pack(("bench", 0, index), bucket, sources, buffer) is None:  # the CPU's copy: a pass of its own
+                checksum.write(buffer, bucket.numel)
 
     def unpack_checked():
         """As a receiver checks: the sums the copy computed against the tail, compared
@@ -74,8 +75,8 @@ def run_pack_bench(model: str = "qwen3-4b", train_tp: int = 2, infer_tp: int = 2
         for index, bucket in enumerate(schedule):
             sums = checked.unpack(("bench", 0, index), bucket, buffer, targets)
             if sums is None:  # the CPU's copy computes none: checked before the copy
-                sums = checksum.compute(buffer[:bucket.numel])
-            found.append(torch.stack([checksum.sent(buffer, bucket.numel), sums]))
+                sums = torch.stack([checksum.compute(buffer[:bucket.numel]), checksum.sent(buffer, bucket.numel)])
+            found.append(sums)
         torch.stack(found).tolist()
 
     direct_pairs = [(dests[c.dst_tensor][boxes.as_slices(c.dst_box)],
