@@ -46,8 +46,8 @@ from shardsync.runtime.wire import checksum
 # (rows, columns, warps) of a tile, plain and with the checksum (whose running sums
 # take registers), and programs a multiprocessor with the checksum: tuned on an H200
 # (bench/RESULTS.md); one program a tile with the checksum, reducing its sums each
-# time, measured 0.60-0.76 of the copy rate against 0.81-0.84 for these
-TILES = {False: (8, 512, 4), True: (4, 256, 4)}
+# time, measured 0.60-0.76 of the copy rate against 0.84-0.87 for these
+TILES = {False: (8, 512, 4), True: (4, 256, 8)}
 PROGRAMS_PER_SM = 8
 _FIELDS = 6  # per piece: tensor address (bytes), rows, cols, row stride, bucket offset, elements
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
