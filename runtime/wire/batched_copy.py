@@ -44,11 +44,10 @@ from shardsync.runtime.plan import boxes
 from shardsync.runtime.wire import checksum
 
 # (rows, columns, warps) of a tile, plain and with the checksum (whose running sums
-# take registers), and programs a multiprocessor with the checksum: tuned on an H200
-# (bench/RESULTS.md); one program a tile with the checksum, reducing its sums each
-# time, measured 0.60-0.76 of the copy rate against 0.84-0.87 for these
-TILES = {False: (8, 512, 4), True: (4, 256, 8)}
-PROGRAMS_PER_SM = 8
+# take registers): tuned on an H200 (bench/RESULTS.md); one program a tile with the
+# checksum, reducing its sums each time, measured 0.60-0.76 of the copy rate against
+# 0.86-0.91 for these
+TILES = {False: (8, 512, 4), True: (4, 512, 8)}
 _FIELDS = 6  # per piece: tensor address (bytes), rows, cols, row stride, bucket offset, elements
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -108,17 +107,22 @@ def _copy_tiles(pieces, tiles, tile_count, bucket, scratch, programs_in_all, tai
     checksum does) and the program reduces them once at the end, not once a tile, and
     adds them to the bucket's. The weighted sum is kept as the sum of word times index:
     adding the plain sum to it (the weight is the index plus one) is left to the last
-    program, once a bucket instead of once an element. The bucket is read as
-    WIRE_DTYPE: its own dtype, or int32 for pieces copied as words."""
+    program, once a bucket instead of once an element. A program loads its next tile's
+    entry while it copies this one, so that the table's latency is not paid before
+    each tile's bytes. The bucket is read as WIRE_DTYPE: its own dtype, or int32 for
+    pieces copied as words."""
     wire = bucket.to(tl.pointer_type(WIRE_DTYPE))
     program = tl.program_id(0)
+    programs = tl.num_programs(0)
     if CHECKSUM:
         plain = tl.zeros((ROWS, COLS), dtype=tl.int32)
         weighted = tl.zeros((ROWS, COLS), dtype=tl.int32)
-    for tile in range(program, tile_count, tl.num_programs(0)):
-        piece = tl.load(tiles + tile * 3)
-        row0 = tl.load(tiles + tile * 3 + 1).to(tl.int32)
-        col0 = tl.load(tiles + tile * 3 + 2).to(tl.int32)
+    entry = tiles + tl.minimum(program, tile_count - 1) * 3
+    piece, row0, col0 = tl.load(entry), tl.load(entry + 1).to(tl.int32), tl.load(entry + 2).to(tl.int32)
+    for tile in range(program, tile_count, programs):
+        entry = tiles + tl.minimum(tile + programs, tile_count - 1) * 3  # the next tile's (the last: its own again)
+        next_piece = tl.load(entry)
+        next_row0, next_col0 = tl.load(entry + 1).to(tl.int32), tl.load(entry + 2).to(tl.int32)
         tensor, position, mask = _locate(pieces, piece, row0, col0, TENSOR_DTYPE, WIRE_DTYPE, ALIGNED, ROWS, COLS)
         if TO_BUCKET:
             values = tl.load(tensor, mask=mask, other=0)
@@ -134,6 +138,7 @@ def _copy_tiles(pieces, tiles, tile_count, bucket, scratch, programs_in_all, tai
             word, index = _checksum_words(values, position, WORDS)
             plain += word
             weighted += word * index
+        piece, row0, col0 = next_piece, next_row0, next_col0
     if CHECKSUM:
         _add_sums(scratch, programs_in_all, tail, sums, tl.sum(tl.sum(plain, axis=1), axis=0),
                   tl.sum(tl.sum(weighted, axis=1), axis=0), TO_BUCKET)
@@ -210,11 +215,7 @@ class BucketKernel:
                 classes.setdefault((torch.int32 if words else tensor.dtype, aligned, words), []).append(piece)
         self.launches = [_launch(dtype, aligned, words, pieces, bucket.device, self.rows, self.cols)
                          for (dtype, aligned, words), pieces in classes.items()]
-        # with the checksum, a few programs a multiprocessor loop over the tiles (each reduces
-        # its sums once); without, a program a tile
-        self.programs = [min(len(launch.tiles), PROGRAMS_PER_SM * _multiprocessors(bucket.device)) if sums
-                         else len(launch.tiles) for launch in self.launches]
-        self.programs_in_all = sum(self.programs)
+        self.programs: dict[bool, list[int]] = {}  # per direction (to the bucket or not), a launch's programs
         self.scratch = torch.zeros(3, dtype=torch.int32, device=bucket.device)  # see _add_sums
         self.totals = torch.zeros(2, 2, dtype=torch.int64, device=bucket.device)
         if sums and bucket.numel() * bucket.element_size() < bucket_numel * bucket.element_size() + checksum.TAIL_BYTES:
@@ -238,21 +239,40 @@ class BucketKernel:
         unpacking: the sender's). A device tensor of this kernel's, which its next run
         rewrites; nothing waited for."""
         tail = bucket.view(torch.uint8)[self.tail_byte:] if self.sums else bucket  # (unused without the checksum)
-        for launch, programs in zip(self.launches, self.programs):
-            tensor_dtype = tl.int32 if launch.words else _TRITON_DTYPES[launch.dtype]
-            wire_dtype = tl.int32 if launch.words else _TRITON_DTYPES[bucket.dtype]
-            _copy_tiles[(programs,)](launch.pieces, launch.tiles, len(launch.tiles), bucket, self.scratch,
-                                     self.programs_in_all, tail, self.totals,
-                                     TENSOR_DTYPE=tensor_dtype, WIRE_DTYPE=wire_dtype, TO_BUCKET=to_bucket,
-                                     ALIGNED=launch.aligned, CHECKSUM=self.sums, WORDS=self.checksum_word_bytes,
-                                     ROWS=self.rows, COLS=self.cols, num_warps=self.warps)
+        launches = [(launch, dict(TENSOR_DTYPE=tl.int32 if launch.words else _TRITON_DTYPES[launch.dtype],
+                                  WIRE_DTYPE=tl.int32 if launch.words else _TRITON_DTYPES[bucket.dtype],
+                                  TO_BUCKET=to_bucket, ALIGNED=launch.aligned, CHECKSUM=self.sums,
+                                  WORDS=self.checksum_word_bytes, ROWS=self.rows, COLS=self.cols,
+                                  num_warps=self.warps)) for launch in self.launches]
+        if to_bucket not in self.programs:
+            self.programs[to_bucket] = [self._programs(launch, bucket, tail, constants)
+                                        for launch, constants in launches]
+        programs = self.programs[to_bucket]
+        for (launch, constants), count in zip(launches, programs):
+            _copy_tiles[(count,)](launch.pieces, launch.tiles, len(launch.tiles), bucket, self.scratch, sum(programs),
+                                  tail, self.totals, **constants)
         return self.totals if self.sums else None
 
-
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # Triton's interpreter (tests on a machine without a GPU)
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    def _programs(self, launch: Launch, bucket: torch.Tensor, tail: torch.Tensor, constants: dict) -> int:
+        """Without the checksum, a program a tile. With it, as many programs as the device
+        keeps resident at once, each looping over the tiles (and reducing its sums once):
+        one program more than that would wait for a whole program's share to finish,
+        leaving most of the device idle meanwhile."""
+        if not self.sums:
+            return len(launch.tiles)
+        if bucket.device.type != "cuda":  # Triton's interpreter (tests on a machine without a GPU)
+            return min(len(launch.tiles), 4)
+        # compiled, not run (2 programs in all: a count Triton does not specialize on, as it does 1)
+        compiled = _copy_tiles.warmup(launch.pieces, launch.tiles, len(launch.tiles), bucket, self.scratch,
+                                      2, tail, self.totals, grid=(1,), **constants)
+        compiled._init_handles()  # loads the module: its register count is known from here on
+        properties = torch.cuda.get_device_properties(bucket.device)
+        registers_a_warp = math.ceil(compiled.n_regs * 32 / 256) * 256  # a warp's registers come 256 at a time
+        resident = min(properties.regs_per_multiprocessor // registers_a_warp // self.warps,
+                       properties.max_threads_per_multi_processor // (32 * self.warps),
+                       properties.shared_memory_per_multiprocessor // max(compiled.metadata.shared, 1),
+                       32)  # a multiprocessor's block limit on Ampere and Hopper (too many costs time, not results)
+        return min(len(launch.tiles), max(resident, 1) * properties.multi_processor_count)
 
 
 def supported(tensor: torch.Tensor) -> bool:
