@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import torch.distributed as dist
 
 from shardsync.harness.local_cluster import free_port
-from shardsync.runtime.session.liveness import Heartbeat, silent_peers
+from shardsync.runtime.session.liveness import BEAT_S, Heartbeat, silent_peers, stop_beats
 
 
 def _store():
@@ -39,3 +40,18 @@ def test_a_stuck_peer_points_at_the_endpoint_elsewhere_that_died():
     assert sentence.startswith("trainer pp0 tp0 still alive (heartbeats go on), so stuck rather than gone; ")
     assert "engine 1 tp0 stopped responding" in sentence and "which may be what it waits on" in sentence
     assert "engine 1 tp1" not in sentence
+
+
+def test_a_heartbeat_told_the_store_is_closing_stops_and_a_new_one_on_that_store_beats_on():
+    store = _store()
+    told = Heartbeat(store, "engine 0 tp0")
+    stop_beats(store, ["engine 0 tp0"])
+    time.sleep(0.05)
+    assert not told.beating
+    again = Heartbeat(store, "engine 0 tp0")  # a later session of the same endpoint on a store kept up
+    try:
+        time.sleep(2.5 * BEAT_S)
+        assert again.beating
+        assert silent_peers(store, ("engine 0 tp0",), "engine 0 tp0").startswith("engine 0 tp0 still alive")
+    finally:
+        again.stop()

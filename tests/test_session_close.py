@@ -82,6 +82,19 @@ def test_the_host_closes_at_once_once_its_peers_are_through_or_closed(sessions, 
     assert not caplog.records
 
 
+def test_a_peer_left_open_stops_beating_before_the_host_takes_the_store_down(sessions):
+    """A peer through with the last update but not closed (an engine that outlives the
+    trainer) would beat into a store that is gone, and torch prints every such failure
+    with a C++ stack trace: the host's close tells its heartbeat to stop and waits for
+    the last beat, within about a beat."""
+    host, peer = sessions()
+    peer.through(1)
+    assert peer.heartbeat.beating
+    assert _timed_close(host) < 1.0
+    time.sleep(0.05)  # a tenth of a beat: without the word it would beat on for a while
+    assert not peer.heartbeat.beating
+
+
 def test_the_host_does_not_wait_out_its_timeout_for_a_peer_that_is_gone(sessions, caplog):
     """A peer that crashed (its heartbeat stopped, no word) holds the close for about
     the time liveness takes to call it gone, not for the 30 s timeout."""

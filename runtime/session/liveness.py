@@ -15,6 +15,7 @@ import time
 
 BEAT_S = 0.5
 SILENT_AFTER_S = 2.0  # no beat for this long: the peer is taken to be gone
+STORE_CLOSING = 1 << 40  # added to a peer's counter by the store's host as it closes the store: stop beating
 
 
 def _key(who: str) -> str:
@@ -29,19 +30,38 @@ class Heartbeat:
         self._store = store.clone()  # its own connection: the endpoint's may be blocked in a wait
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"shardsync heartbeat {who}", daemon=True)
-        self._store.add(_key(who), 1)
+        count = self._store.add(_key(who), 1)
+        if count >= STORE_CLOSING:  # a flag left by a host that closed a session on this store before
+            self._store.add(_key(who), -(count // STORE_CLOSING) * STORE_CLOSING)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(BEAT_S):
             try:
-                self._store.add(_key(self.who), 1)
+                if self._store.add(_key(self.who), 1) >= STORE_CLOSING:
+                    return  # the host is taking the store down: a beat after that would fail, loudly, in torch
             except RuntimeError:
                 return  # the store is gone; waits will say so
+
+    @property
+    def beating(self) -> bool:
+        return self._thread.is_alive()
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2 * BEAT_S)
+
+
+def stop_beats(store, peers) -> None:
+    """Tell the heartbeats of peers that are still open that the store is closing, and
+    wait (about a beat) until each has beaten once more, seen it and stopped, so that
+    none is in the middle of a beat when the store goes. Peers whose counter does not
+    move by then are not waited for longer."""
+    told = {peer: store.add(_key(peer), STORE_CLOSING) for peer in peers}
+    deadline = time.monotonic() + BEAT_S + 0.25
+    while told and time.monotonic() < deadline:
+        time.sleep(0.01)
+        told = {peer: count for peer, count in told.items() if _beats(store, peer) <= count}
 
 
 def silent_peers(store, peers: tuple[str, ...], host: str, others: tuple[str, ...] = ()) -> str:

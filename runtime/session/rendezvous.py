@@ -36,7 +36,7 @@ from torch.distributed import PrefixStore, TCPStore
 
 from shardsync.runtime.session.agreement import Silence, agree, first_refusal, post_verdict, round_keys
 from shardsync.runtime.errors import TransferError, UpdateFailedElsewhere, UpdateRefused
-from shardsync.runtime.session.liveness import SILENT_AFTER_S, Heartbeat, Watch, silent_peers
+from shardsync.runtime.session.liveness import SILENT_AFTER_S, Heartbeat, Watch, silent_peers, stop_beats
 
 EPOCH = "epoch"
 CLOSED = "closed"  # the value of a `through` key once its endpoint closed
@@ -92,7 +92,7 @@ class Session:
             self.store = open_store(self.address, self.port, self.is_host, self.timeout)
         self.epoch = self._take_epoch()
         self._through = None
-        if self.heartbeat is None:
+        if self.heartbeat is None or not self.heartbeat.beating:  # (one stops when its store's host closes it)
             self.heartbeat = Heartbeat(self.store, self.who)
 
     def agree(self, digest: str, inputs: dict) -> None:
@@ -180,9 +180,10 @@ class Session:
         (`_wait_until_peers_are_through`); any other endpoint says it closed and goes."""
         if self.is_host:
             self._wait_until_peers_are_through()
-        else:
+            self._stop_heartbeat()
+        else:  # beats no more before it says so: the host may take the store down at once
+            self._stop_heartbeat()
             self._say_closed()
-        self._stop_heartbeat()
         self.store = None
 
     def leave_epoch(self) -> None:
@@ -229,7 +230,7 @@ class Session:
         keys = {p: self._through_key(p) for p in peers}
         watch = Watch(self.store)
         deadline = time.monotonic() + self.timeout
-        pending, gone, pause = list(peers), [], 0.001
+        pending, gone, still_open, pause = list(peers), [], [], 0.001
         try:
             while pending:
                 present = [p for p in pending if self.store.check([keys[p]])]
@@ -237,6 +238,8 @@ class Session:
                 for peer, value in zip(present, said):
                     if value == CLOSED.encode() or (value.isdigit() and int(value) >= step):
                         pending.remove(peer)
+                        if value != CLOSED.encode():
+                            still_open.append(peer)
                 for peer in watch.gone(pending):
                     pending.remove(peer)
                     gone.append(peer)
@@ -244,6 +247,7 @@ class Session:
                     break
                 time.sleep(pause)
                 pause = min(2 * pause, 0.02)
+            stop_beats(self.store, still_open + pending)
         except RuntimeError as exc:
             log.warning("%s: closing the rendezvous store while waiting for %s to be through with %s: "
                         "the store failed: %s", self.who, ", ".join(pending), what,
