@@ -160,7 +160,7 @@ class Inbound:
         sums it computed while copying beside the tail's, or None): checked before the copy,
         and a bucket that fails is not written; or, where the copy computed the sums
         (`fused`), compared after it, the bucket then written and flagged."""
-        compared = []  # (index, sent, computed): on the device, compared once the run is through
+        compared = []  # (index, [computed, sent]): on the device, compared once the run is through
         for index, bucket, buffer, intact in self.buckets(group, buckets, where, check=not fused):
             if not intact:
                 continue
