@@ -215,7 +215,8 @@ class BucketKernel:
                 classes.setdefault((torch.int32 if words else tensor.dtype, aligned, words), []).append(piece)
         self.launches = [_launch(dtype, aligned, words, pieces, bucket.device, self.rows, self.cols)
                          for (dtype, aligned, words), pieces in classes.items()]
-        self.programs: dict[bool, list[int]] = {}  # per direction (to the bucket or not), a launch's programs
+        # per direction (to the bucket or not): each launch with its constants and programs, and the programs in all
+        self._runs: dict[bool, tuple[list[tuple[Launch, dict, int]], int]] = {}
         self.scratch = torch.zeros(3, dtype=torch.int32, device=bucket.device)  # see _add_sums
         self.totals = torch.zeros(2, 2, dtype=torch.int64, device=bucket.device)
         if sums and bucket.numel() * bucket.element_size() < bucket_numel * bucket.element_size() + checksum.TAIL_BYTES:
@@ -239,19 +240,24 @@ class BucketKernel:
         unpacking: the sender's). A device tensor of this kernel's, which its next run
         rewrites; nothing waited for."""
         tail = bucket.view(torch.uint8)[self.tail_byte:] if self.sums else bucket  # (unused without the checksum)
-        launches = [(launch, dict(TENSOR_DTYPE=tl.int32 if launch.words else _TRITON_DTYPES[launch.dtype],
-                                  WIRE_DTYPE=tl.int32 if launch.words else _TRITON_DTYPES[bucket.dtype],
-                                  TO_BUCKET=to_bucket, ALIGNED=launch.aligned, CHECKSUM=self.sums,
-                                  WORDS=self.checksum_word_bytes, ROWS=self.rows, COLS=self.cols,
-                                  num_warps=self.warps)) for launch in self.launches]
-        if to_bucket not in self.programs:
-            self.programs[to_bucket] = [self._programs(launch, bucket, tail, constants)
-                                        for launch, constants in launches]
-        programs = self.programs[to_bucket]
-        for (launch, constants), count in zip(launches, programs):
-            _copy_tiles[(count,)](launch.pieces, launch.tiles, len(launch.tiles), bucket, self.scratch, sum(programs),
-                                  tail, self.totals, **constants)
+        if to_bucket not in self._runs:
+            self._runs[to_bucket] = self._plan_runs(bucket, tail, to_bucket)
+        launches, programs_in_all = self._runs[to_bucket]
+        for launch, constants, programs in launches:
+            _copy_tiles[(programs,)](launch.pieces, launch.tiles, len(launch.tiles), bucket, self.scratch,
+                                     programs_in_all, tail, self.totals, **constants)
         return self.totals if self.sums else None
+
+    def _plan_runs(self, bucket: torch.Tensor, tail: torch.Tensor, to_bucket: bool):
+        """Each launch's constants and program count in one direction, and their programs in all."""
+        launches = []
+        for launch in self.launches:
+            constants = dict(TENSOR_DTYPE=tl.int32 if launch.words else _TRITON_DTYPES[launch.dtype],
+                             WIRE_DTYPE=tl.int32 if launch.words else _TRITON_DTYPES[bucket.dtype],
+                             TO_BUCKET=to_bucket, ALIGNED=launch.aligned, CHECKSUM=self.sums,
+                             WORDS=self.checksum_word_bytes, ROWS=self.rows, COLS=self.cols, num_warps=self.warps)
+            launches.append((launch, constants, self._programs(launch, bucket, tail, constants)))
+        return launches, sum(programs for _, _, programs in launches)
 
     def _programs(self, launch: Launch, bucket: torch.Tensor, tail: torch.Tensor, constants: dict) -> int:
         """Without the checksum, a program a tile. With it, as many programs as the device

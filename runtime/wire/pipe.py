@@ -113,11 +113,15 @@ class Sending:
         if len(self.in_flight) == pipe.depth:  # the buffer about to be packed is still on the wire
             self.group.wait(self.in_flight.pop(0), f"sending bucket {self.index - pipe.depth}{self.where}", update)
         buffer = pipe.buffers[self.index % 2]
-        if pack(buffer) is None and pipe.tail:  # the copy did not write the checksum's tail on its way
-            checksum.write(buffer, bucket.numel)
+        self._pack(bucket, pack, buffer)
         wire = buffer[:bucket.numel + pipe.tail]
         self.in_flight.append(self.group.broadcast(wire))
         self.index += 1
+
+    def _pack(self, bucket: Bucket, pack: Callable[[torch.Tensor], torch.Tensor | None], buffer: torch.Tensor) -> None:
+        """Pack into `buffer`, then write the checksum's tail where the copy did not write it on its way."""
+        if pack(buffer) is None and self.outbound.pipe.tail:
+            checksum.write(buffer, bucket.numel)
 
     def drain(self) -> None:
         for work in self.in_flight:

@@ -136,8 +136,7 @@ class SharedSending(Sending):
         pipe, update = self.outbound.pipe, self.outbound.update
         slot = pipe.take_slot()
         buffer = pipe.own[slot]
-        if pack(buffer) is None and pipe.tail:  # the copy did not write the checksum's tail on its way
-            checksum.write(buffer, bucket.numel)
+        self._pack(bucket, pack, buffer)
         if pipe.cuda:
             pipe.own.ready_events[slot].record(torch.cuda.current_stream(pipe.device))
         signal = torch.tensor([update, self.index, slot], dtype=torch.int64)
