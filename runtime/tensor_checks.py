@@ -24,8 +24,9 @@ def as_named(tensors) -> tuple[dict[str, torch.Tensor], str | None]:
 
 
 def trainer_findings(given: Mapping[str, torch.Tensor], shapes: dict[str, tuple], device: torch.device,
-                     allow_nonfinite: bool) -> str | None:
-    """The first problem with a trainer rank's tensors, or None."""
+                     allow_nonfinite: bool, all_finite: FiniteCheck | None = None) -> str | None:
+    """The first problem with a trainer rank's tensors, or None. `all_finite`: the
+    endpoint's own check, which keeps what it prepared for the tensors it last saw."""
     problem = _names_and_shapes("trainer", given, shapes)
     if problem:
         return problem
@@ -35,7 +36,8 @@ def trainer_findings(given: Mapping[str, torch.Tensor], shapes: dict[str, tuple]
             return f"{name}: dtype {_dtype(tensor)} is not a floating-point weight"
         if tensor.device.type != device.type:
             return f"{name}: on {tensor.device}, the sender sends from {device}"
-    if allow_nonfinite or _all_finite([given[name] for name in shapes]):
+    all_finite = all_finite or FiniteCheck()
+    if allow_nonfinite or all_finite([given[name] for name in shapes]):
         return None
     for name in shapes:
         bad = int((~torch.isfinite(given[name])).sum())
@@ -59,22 +61,46 @@ def engine_findings(names: Iterable[str], shape_of, dtype_of, shapes: dict[str, 
     return None
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """One pass over every tensor, no temporary the size of one, and one wait for the
-    device in all (not one a tensor): a NaN or Inf makes a tensor's float32 sum
-    non-finite (weights are far too small for a finite sum to overflow); only then are
-    the bad values looked for. On CUDA the sums are of magnitudes, in a few multi-tensor
-    launches (hundreds of tensors: 2.6 ms against 6.7 ms a launch each, Qwen3-4B's half
-    on an H200)."""
-    if not tensors:
-        return True
-    if tensors[0].is_cuda:
-        sums = torch._foreach_norm(tensors, 1, dtype=torch.float32)
-    else:
-        sums = [t.sum(dtype=torch.float32) for t in tensors]
-    if bool(torch.isfinite(torch.stack(sums)).all()):
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+class FiniteCheck:
+    """Whether every element of a rank's tensors is finite: one pass over them, no
+    temporary the size of one, one wait for the device in all (not one a tensor).
+
+    - On CUDA, one launch per dtype reads every tensor at the device's read rate and
+      flags exponent bits (`runtime/nonfinite`); where Triton is missing or a tensor
+      is not contiguous, magnitudes are summed in a few multi-tensor launches instead
+      (hundreds of tensors: 2.6 ms against 6.7 ms a launch each, Qwen3-4B's half on an
+      H200).
+    - On the CPU, a NaN or Inf makes a tensor's float32 sum non-finite (weights are far
+      too small for a finite sum to overflow; where one did, the exact check below
+      clears it).
+    Only where something was found are the bad values looked for, tensor by tensor."""
+
+    def __init__(self):
+        self._kernel = None  # CUDA: the flagging pass, made at first use (None: not tried yet)
+
+    def __call__(self, tensors: list[torch.Tensor]) -> bool:
+        if not tensors:
+            return True
+        if tensors[0].is_cuda:
+            kernel = self._cuda_kernel()
+            if kernel and kernel.handles(tensors):
+                return not kernel.any_nonfinite(tensors)
+            sums = torch._foreach_norm(tensors, 1, dtype=torch.float32)
+        else:
+            sums = [t.sum(dtype=torch.float32) for t in tensors]
+        if bool(torch.isfinite(torch.stack(sums)).all()):
+            return True
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+    def _cuda_kernel(self):
+        if self._kernel is None:
+            try:
+                from shardsync.runtime.nonfinite import NonfiniteCheck
+            except ImportError:  # no Triton: the multi-tensor sums
+                self._kernel = False
+            else:
+                self._kernel = NonfiniteCheck()
+        return self._kernel
 
 
 def _names_and_shapes(kind: str, given: Mapping, shapes: dict[str, tuple]) -> str | None:

@@ -33,7 +33,7 @@ from shardsync.runtime.plan.build import source_table
 from shardsync.runtime.reports import ChannelReport, PhaseClock, Receipt, UpdateReport
 from shardsync.runtime.session import Session, local_address
 from shardsync.runtime.targets import as_loader, as_targets
-from shardsync.runtime.tensor_checks import as_named, engine_findings, trainer_findings
+from shardsync.runtime.tensor_checks import FiniteCheck, as_named, engine_findings, trainer_findings
 
 DEFAULT_BUCKET_BYTES = 64 << 20
 log = logging.getLogger("shardsync")
@@ -219,6 +219,7 @@ class Sender(_Endpoint):
                             f"data-parallel rank both above 0): it takes no part in the transfer")
         self.pp_rank, self.tp_rank, self.dp_rank = pp_rank, tp_rank, dp_rank
         self._local_shapes: dict[str, tuple[int, ...]] | None = None
+        self._all_finite = FiniteCheck()  # keeps what it prepared for the tensors of the last update
 
     @property
     def who(self) -> str:
@@ -251,7 +252,8 @@ class Sender(_Endpoint):
         clock = PhaseClock()
         with clock.phase("checks"):
             tensors, finding = as_named(tensors)
-            finding = finding or trainer_findings(tensors, self.local_shapes(), self.device, allow_nonfinite)
+            finding = finding or trainer_findings(tensors, self.local_shapes(), self.device, allow_nonfinite,
+                                                self._all_finite)
         self._vote(number, finding, clock)
         reports = self._settled(number, lambda: self.transport.send(tensors, number), clock)
         return UpdateReport(number, reports, clock.seconds)
