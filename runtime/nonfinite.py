@@ -1,14 +1,16 @@
 """On CUDA, whether any element of a set of tensors is NaN or Inf: one read of every
-byte, at the device's read rate.
+byte, near the device's read rate.
 
 The check runs before every update and reads every byte a trainer rank sends once
-more. torch's multi-tensor norm, which did it before, reads at about a third of what
-the device's memory allows. Here every tensor is cut into tiles of `TILE` elements;
-a table of (address, elements) per tile is built once per set of tensors and kept
-on the device; and one launch per dtype reads each tile as integers and raises a
-flag where an element's exponent bits are all ones, which is what NaN and Inf share.
-No arithmetic touches the values, so no finite value can pass for one (a sum can
-overflow), and none is missed.
+more. Here every tensor is cut into tiles of `TILE` elements; a table of (address,
+elements) per tile is built once per set of tensors and kept on the device; and one
+launch per dtype reads each tile as integers and raises a flag where an element's
+exponent bits are all ones, which is what NaN and Inf share. No arithmetic touches
+the values, so no finite value can pass for one (a sum can overflow), and none is
+missed. On an H200, for Qwen3-4B's TP-2 half (399 tensors, 4.1 GiB of bf16): 1.24 ms
+(3.6 TB/s), against 2.30 ms for torch's multi-tensor norm and 1.10 ms for a sum over
+one flat tensor of the same size (bench/RESULTS.md). Vector loads (16-byte aligned
+tiles) and other tile sizes measured no faster.
 
 Triton is imported only here and in `wire.batched_copy`, and this module only on CUDA.
 """
@@ -26,14 +28,11 @@ _EXPONENT = {torch.bfloat16: (tl.int16, 0x7F80), torch.float16: (tl.int16, 0x7C0
 
 
 @triton.jit
-def _flag_nonfinite(tiles, flag, BITS: tl.constexpr, EXPONENT: tl.constexpr, ALIGNED: tl.constexpr,
-                    TILE: tl.constexpr):
+def _flag_nonfinite(tiles, flag, BITS: tl.constexpr, EXPONENT: tl.constexpr, TILE: tl.constexpr):
     entry = tiles + tl.program_id(0) * 2
     address = tl.load(entry)
     count = tl.load(entry + 1).to(tl.int32)
     elements = address.to(tl.pointer_type(BITS))
-    if ALIGNED:  # every tile starts 16-byte aligned: vector loads
-        elements = tl.multiple_of(elements, 16)
     lanes = tl.arange(0, TILE)
     bits = tl.load(elements + lanes, mask=lanes < count, other=0).to(tl.int32)
     if tl.max(((bits & EXPONENT) == EXPONENT).to(tl.int32), axis=0) > 0:
@@ -46,7 +45,7 @@ class NonfiniteCheck:
 
     def __init__(self):
         self._key = None
-        self._launches: list[tuple] = []  # (table, tiles, BITS, EXPONENT, ALIGNED) per dtype
+        self._launches: list[tuple] = []  # (table, tiles, BITS, EXPONENT) per dtype
         self._flag: torch.Tensor | None = None
 
     @staticmethod
@@ -59,27 +58,27 @@ class NonfiniteCheck:
     def any_nonfinite(self, tensors: list[torch.Tensor]) -> bool:
         """Whether some element of `tensors` (which `handles`) is NaN or Inf; one wait for
         the device."""
+        if not tensors:
+            return False
         key = tuple((t.data_ptr(), t.numel(), t.dtype, t.device) for t in tensors)
         if key != self._key:
             self._plan(tensors)
             self._key = key
         flag = self._flag
         flag.zero_()
-        for table, tiles, bits, exponent, aligned in self._launches:
-            _flag_nonfinite[(tiles,)](table, flag, BITS=bits, EXPONENT=exponent, ALIGNED=aligned, TILE=TILE,
-                                      num_warps=8)
+        for table, tiles, bits, exponent in self._launches:
+            _flag_nonfinite[(tiles,)](table, flag, BITS=bits, EXPONENT=exponent, TILE=TILE, num_warps=8)
         return bool(flag.item())
 
     def _plan(self, tensors: list[torch.Tensor]) -> None:
         self._launches = []
-        device = tensors[0].device if tensors else None
-        self._flag = torch.zeros(1, dtype=torch.int32, device=device) if tensors else None
+        device = tensors[0].device
+        self._flag = torch.zeros(1, dtype=torch.int32, device=device)
         for dtype in sorted({t.dtype for t in tensors if t.numel()}, key=str):
             group = [t for t in tensors if t.dtype == dtype and t.numel()]
             table = _tile_table(group)
             bits, exponent = _EXPONENT[dtype]
-            aligned = all(t.data_ptr() % 16 == 0 for t in group) and (TILE * group[0].element_size()) % 16 == 0
-            self._launches.append((table.to(device), table.shape[0], bits, exponent, aligned))
+            self._launches.append((table.to(device), table.shape[0], bits, exponent))
 
 
 def _tile_table(tensors: list[torch.Tensor]) -> torch.Tensor:

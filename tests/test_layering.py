@@ -24,7 +24,7 @@ RUNTIME_LAYERS = {
     "wire": {"plan", "wire", "errors", "targets"},
     "methods": {"plan", "wire", "session", "methods", "errors", "targets", "reports", "tensor_checks"},
 }
-TOP_OF_RUNTIME = {"errors", "targets", "reports", "tensor_checks"}  # imported by every layer: import no layer
+TOP_OF_RUNTIME = {"errors", "targets", "reports", "tensor_checks", "nonfinite"}  # imported by every layer: import no layer
 
 
 def _modules(package: str) -> dict[str, Path]:

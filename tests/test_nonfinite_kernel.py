@@ -96,4 +96,5 @@ def test_the_largest_finite_values_pass_and_a_new_set_of_tensors_is_read_from_it
     others[0][99] = float("inf")
     assert check.any_nonfinite(others)  # not the first set's tables
     assert not check.any_nonfinite(extremes)
+    assert not check.any_nonfinite([])
     assert not check.handles([torch.zeros(4, 4, device=DEVICE).t()])  # not contiguous: summed instead
