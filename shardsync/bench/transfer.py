@@ -334,7 +334,7 @@ class _RssPeak:
     thread where `watching` (the bench watches its untimed rounds, the first of which
     touches every buffer an update needs), else only compared at the block's ends. The
     thread wakes 500 times a second in every bench process, and timed updates it
-    watched were a few percent slower, more so the faster method."""
+    watched were 6-10% slower on the CPU (bench/RESULTS.md)."""
 
     def __init__(self, watching: bool = True):
         self.watching = watching
