@@ -13,9 +13,6 @@ and without Triton the module is skipped, visibly.
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,18 +24,12 @@ from shardsync.runtime.plan.buckets import Bucket, Entry
 from shardsync.runtime.targets import TensorTargets
 from shardsync.runtime.wire import checksum
 from shardsync.runtime.wire import pack as packing
+from tests.triton_interpreter import CUDA, DEVICE, needs_kernel, run_under_interpreter, runner_only
 
 pytest.importorskip("triton", reason="Triton is installed by `make` (requirements/lock.txt) and on the GPU machine")
 
-CUDA = torch.cuda.is_available()
-# Triton's interpreter must be on before Triton is first imported: on the CPU these tests
-# run in a child process started with it (test_the_kernel_runs_under_the_interpreter)
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 EXAMPLES = 60 if CUDA else 15
-runs_here = pytest.mark.skipif(not (CUDA or INTERPRETED),
-                               reason="no GPU: runs in a child process under Triton's interpreter (see "
-                                      "test_the_kernel_runs_under_the_interpreter)")
+runs_here = needs_kernel("test_the_kernel_runs_under_the_interpreter")
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +38,11 @@ def kernel():
     return importlib.import_module("shardsync.runtime.wire.batched_copy")
 
 
-@pytest.mark.skipif(CUDA or INTERPRETED, reason="the kernel runs for real here (GPU) or this is the child")
+@runner_only
 def test_the_kernel_runs_under_the_interpreter():
     """On a machine without a GPU: this file's tests, in a child process with Triton's
     interpreter on, must pass (none of them skipped but the GPU-only ones)."""
-    result = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-rs"],
-                            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
-                            timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "3 passed, 5 skipped" in result.stdout, result.stdout[-2000:]  # the runner itself and 4 GPU-only
+    run_under_interpreter(__file__, "3 passed, 5 skipped")  # the runner itself and 4 GPU-only
 
 
 @st.composite

@@ -11,24 +11,18 @@ kernel in a child process, and without Triton the module is skipped, visibly.
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.triton_interpreter import CUDA, DEVICE, needs_kernel, run_under_interpreter, runner_only
+
 pytest.importorskip("triton", reason="Triton is installed by `make` (requirements/lock.txt) and on the GPU machine")
 
-CUDA = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # set before Triton is first imported: the child
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 EXAMPLES = 60 if CUDA else 12
-runs_here = pytest.mark.skipif(not (CUDA or INTERPRETED),
-                               reason="no GPU: runs in a child process under Triton's interpreter (see "
-                                      "test_the_pass_runs_under_the_interpreter)")
+runs_here = needs_kernel("test_the_pass_runs_under_the_interpreter")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BAD = (float("nan"), float("inf"), float("-inf"))
 
@@ -38,15 +32,11 @@ def nonfinite():
     return importlib.import_module("shardsync.runtime.nonfinite")
 
 
-@pytest.mark.skipif(CUDA or INTERPRETED, reason="the kernel runs for real here (GPU) or this is the child")
+@runner_only
 def test_the_pass_runs_under_the_interpreter():
     """On a machine without a GPU: this file's tests, in a child process with Triton's
     interpreter on, must pass (none of them skipped but the runner itself)."""
-    result = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-rs"],
-                            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
-                            timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "2 passed, 1 skipped" in result.stdout, result.stdout[-2000:]
+    run_under_interpreter(__file__, "2 passed, 1 skipped")
 
 
 @st.composite
