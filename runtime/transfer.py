@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 
 import torch
 
@@ -358,6 +359,7 @@ class Receiver(_Endpoint):
         if counting is not None:
             sink.begin_update()
         receipt: Receipt = self.transport.receive(counting or sink, number)
+        self._wait_for_device(number)
         if receipt.corrupted:
             raise TransferError(f"update {number}: {self.who}: {'; '.join(receipt.corrupted)}")
         if receipt.unloaded:
@@ -375,6 +377,27 @@ class Receiver(_Endpoint):
             raise UpdateFailedElsewhere(f"update {number}: failed: {'; '.join(receipt.elsewhere)} ({self.who} took "
                                         f"all of its share)")
         return receipt.channels
+
+    def _wait_for_device(self, number: int) -> None:
+        """On CUDA the method only queued this rank's copies: wait until they ran, so that
+        a completed update means the weights are in place whatever stream reads them next,
+        and a copy that failed on the device fails this update (leaving the rank stale).
+        Bounded: the copies may wait on a trainer's interprocess events."""
+        if self.device.type != "cuda":
+            return
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        deadline = time.monotonic() + self.timeout
+        spin_until = time.monotonic() + 0.01  # a short spin first: most waits are a few ms
+        while not done.query():
+            now = time.monotonic()
+            if now > deadline:
+                feeding = sorted({trainer_name(c.src) for c in self.plan.channels_of_engine_rank(self.tp_rank)}
+                                 if self.plan else ())
+                raise TransferError(f"update {number}: {self.who}: its copies had not run on the device after "
+                                    f"{self.timeout:g}s: they wait on the work queued before them on this rank's "
+                                    f"stream and on the writes of {', '.join(feeding) or 'the trainer ranks'}")
+            time.sleep(0 if now < spin_until else 0.0005)
 
 
 class _CountingTargets:

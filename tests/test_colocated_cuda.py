@@ -38,3 +38,19 @@ def test_four_processes_on_one_gpu_update_exactly_through_cuda_ipc(case):
         else:  # its slots, and each reader's "read" events
             assert result["mappings_created"] == 1 + case.engines * result["channels"], who
             assert 0 < result["buffer_bytes"] <= 2 * (case.bucket_bytes + 16), who
+
+
+def test_an_engine_whose_copies_do_not_run_within_the_timeout_fails_the_update_and_is_stale():
+    """The copies are only queued by the method; the update completes once they ran, so
+    a device that does not get to them is a failed update with a bounded wait, not a
+    weight update reported done while it is still to come."""
+    case = Case(model_config("qwen3-tiny"), 2, 1, 2, 1, method="colocated", device="cuda", timeout=4.0,
+                faults=(("engine 0 tp1", "busy-device"),))  # the second update finds the device busy
+    results = run(case, allow_errors=True)
+    errors = {who: (r.get("error") or "").strip().splitlines()[-1:] for who, r in results.items()}
+    busy = results["engine 0 tp1"].get("error", "")
+    assert "update 2: engine 0 tp1: its copies had not run on the device after 4s" in busy, errors
+    assert "trainer pp0 tp1" in busy, busy
+    assert results["engine 0 tp1"]["stale"].startswith("update 2 did not complete"), results["engine 0 tp1"]
+    for who in ("trainer pp0 tp0", "trainer pp0 tp1"):
+        assert "update 2" in results[who].get("error", ""), errors

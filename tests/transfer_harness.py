@@ -15,7 +15,7 @@ import torch
 
 from shardsync.runtime.plan import Layout
 from shardsync.runtime.transfer import Receiver, Sender
-from shardsync.harness.faults import SlowTargets, reuse_slots_early, slow_to_read_outcome
+from shardsync.harness.faults import BusyDeviceTargets, SlowTargets, reuse_slots_early, slow_to_read_outcome
 from shardsync.runtime.targets import TensorTargets
 from shardsync.harness.local_cluster import free_port, run_ranks
 from tests import reference as ref
@@ -51,7 +51,10 @@ class Case:
                 reuse_slots_early()
 
     def targets(self, who: str, params: dict):
-        slow = [fault for victim, fault in self.faults if victim == who and fault.startswith("slow-reader")]
+        faults = {fault for victim, fault in self.faults if victim == who}
+        if "busy-device" in faults:
+            return BusyDeviceTargets(TensorTargets(params), 3 * self.timeout)
+        slow = any(fault.startswith("slow-reader") for fault in faults)
         return SlowTargets(TensorTargets(params), SLOW_PIECE_S) if slow else params
 
     @property
@@ -137,7 +140,7 @@ def _engine(case: Case, port: int, engine: int, tp: int) -> dict:
     for seed in SEEDS[:case.updates]:
         failed = _attempt(lambda: receiver.update(targets))
         if failed:
-            return failed
+            return {**failed, "stale": receiver.stale}
         hf = ref.random_hf(model, seed)
         # without a vLLM layout table the engine holds full HF tensors, loaded by name
         expected = hf if receiver.loads_full_tensors else ref.vllm_rank(model, hf, tp, case.infer_tp)

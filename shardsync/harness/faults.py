@@ -1,6 +1,6 @@
 """Fault injection for drills and tests: a receiver that stops mid-update or reads slowly,
 a flipped byte, an endpoint slow to read how an update went, a producer that writes a
-shared slot again before its readers are done."""
+shared slot again before its readers are done, a GPU busy with other work."""
 
 from __future__ import annotations
 
@@ -56,6 +56,26 @@ def reuse_slots_early() -> None:
         return slot
 
     SharedPipe.take_slot = take_slot
+
+
+class BusyDeviceTargets:
+    """Write targets on a GPU busy with other work when an update's copies are queued:
+    from the update after `quiet` on, `seconds` of it go on the stream first, as a
+    device shared with a long kernel. (The first updates build what the copies keep on
+    the device, which waits for the stream.)"""
+
+    def __init__(self, targets, seconds: float, quiet: int = 1):
+        self.targets, self.seconds, self.quiet = targets, seconds, quiet
+
+    def __getattr__(self, name: str):
+        return getattr(self.targets, name)
+
+    def begin_update(self) -> None:
+        self.targets.begin_update()
+        if self.quiet:
+            self.quiet -= 1
+        else:
+            torch.cuda._sleep(int(self.seconds * 2e9))  # cycles: at most 2 GHz, so at least `seconds`
 
 
 def corrupt_next_bucket() -> None:
