@@ -1,13 +1,14 @@
 """The shard method: peer to peer, each trainer rank's boxes straight to the engines.
 
 One persistent group per plan channel (a source rank and the engine ranks it
-feeds); each channel's copies are bucketed per phase (embedding, layer 0, layer 1,
-..., head) and packed from views of the trainer's tensors, so no whole tensor is
-ever held. Receivers write each piece into the live tensor by box.
+feeds); each channel's copies are bucketed in phase order (embedding, layer 0,
+layer 1, ..., head) and packed from views of the trainer's tensors, so no whole
+tensor is ever held. Receivers write each piece into the live tensor by box.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 
 from shardsync.runtime.methods.base import Context, OverChannels, engine_name, trainer_name
@@ -119,8 +120,22 @@ class ShardMethod(OverChannels):
 
 
 def _phased_schedule(copies, capacity: int) -> dict[int, tuple[bucketing.Bucket, ...]]:
-    """Buckets per phase: a bucket never spans two phases."""
+    """The channel's buckets, keyed by the phase in which the walk moves them.
+
+    The copies are bucketed in phase order as one stream, so a bucket fills up across
+    phase boundaries (a bucket a layer would cap every bucket at a layer's size
+    whatever `capacity` says, and every bucket costs a hand-off between processes);
+    each bucket is moved in the phase of its last element, so an engine still
+    completes its layers in order, and every process derives the same keys."""
+    ordered = sorted(copies, key=lambda copy: copy.phase)  # stable: plan order within a phase
+    starts, position = [], 0
+    for copy in ordered:
+        starts.append(position)
+        position += copy.numel
     by_phase: dict[int, list] = {}
-    for copy in copies:
-        by_phase.setdefault(copy.phase, []).append(copy)
-    return {phase: bucketing.schedule(group, capacity) for phase, group in sorted(by_phase.items())}
+    end = 0
+    for bucket in bucketing.schedule(ordered, capacity):
+        end += bucket.numel
+        last = ordered[bisect.bisect_right(starts, end - 1) - 1]
+        by_phase.setdefault(last.phase, []).append(bucket)
+    return {phase: tuple(buckets) for phase, buckets in by_phase.items()}
