@@ -8,7 +8,6 @@ tensor is ever held. Receivers write each piece into the live tensor by box.
 
 from __future__ import annotations
 
-import bisect
 import time
 
 from shardsync.runtime.methods.base import Context, OverChannels, engine_name, trainer_name
@@ -32,7 +31,7 @@ class ShardMethod(OverChannels):
             engine, tp = context.engine
             self.mine = self.plan.channels_of_engine_rank(tp)
             self.member = 1 + engine  # replicas follow the source, in engine order
-        self.schedules = {c.name: _phased_schedule(c.copies, context.capacity) for c in self.mine}
+        self.schedules = {c.name: bucketing.phased_schedule(c.copies, context.capacity) for c in self.mine}
         largest = max((b.numel for s in self.schedules.values() for bs in s.values() for b in bs), default=0)
         self.pipe = self.pipe_class(largest, context.dtype, context.device, verify=context.verify,
                                     overlap=context.overlap)
@@ -118,24 +117,3 @@ class ShardMethod(OverChannels):
         """What the header announces: both ends derive it from the same schedule."""
         return sum(len(buckets) for buckets in self.schedules[channel.name].values())
 
-
-def _phased_schedule(copies, capacity: int) -> dict[int, tuple[bucketing.Bucket, ...]]:
-    """The channel's buckets, keyed by the phase in which the walk moves them.
-
-    The copies are bucketed in phase order as one stream, so a bucket fills up across
-    phase boundaries (a bucket a layer would cap every bucket at a layer's size
-    whatever `capacity` says, and every bucket costs a hand-off between processes);
-    each bucket is moved in the phase of its last element, so an engine still
-    completes its layers in order, and every process derives the same keys."""
-    ordered = sorted(copies, key=lambda copy: copy.phase)  # stable: plan order within a phase
-    starts, position = [], 0
-    for copy in ordered:
-        starts.append(position)
-        position += copy.numel
-    by_phase: dict[int, list] = {}
-    end = 0
-    for bucket in bucketing.schedule(ordered, capacity):
-        end += bucket.numel
-        last = ordered[bisect.bisect_right(starts, end - 1) - 1]
-        by_phase.setdefault(last.phase, []).append(bucket)
-    return {phase: tuple(buckets) for phase, buckets in by_phase.items()}

@@ -8,6 +8,7 @@ is split into leading row (then column) blocks, so no buffer ever exceeds
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from shardsync.runtime.plan import boxes
 from shardsync.runtime.plan.boxes import Box
@@ -58,6 +59,28 @@ def schedule(copies, capacity: int) -> tuple[Bucket, ...]:
     if entries:
         buckets.append(Bucket(tuple(entries), used))
     return tuple(buckets)
+
+
+def phased_schedule(copies, capacity: int) -> dict[int, tuple[Bucket, ...]]:
+    """The channel's buckets, keyed by the phase in which the walk moves them.
+
+    The copies are bucketed in phase order as one stream, so a bucket fills up across
+    phase boundaries (a bucket a layer would cap every bucket at a layer's size
+    whatever `capacity` says, and every bucket costs a hand-off between processes);
+    each bucket is moved in the phase of its last element, so an engine still
+    completes its layers in order, and every process derives the same keys."""
+    ordered = sorted(copies, key=lambda copy: copy.phase)  # stable: plan order within a phase
+    starts, position = [], 0
+    for copy in ordered:
+        starts.append(position)
+        position += copy.numel
+    by_phase: dict[int, list] = {}
+    end = 0
+    for bucket in schedule(ordered, capacity):
+        end += bucket.numel
+        last = ordered[bisect.bisect_right(starts, end - 1) - 1]
+        by_phase.setdefault(last.phase, []).append(bucket)
+    return {phase: tuple(buckets) for phase, buckets in by_phase.items()}
 
 
 def _leading_part(box: Box, room: int) -> tuple[Box, list[Box]]:
