@@ -45,12 +45,12 @@ def test_an_engine_whose_copies_do_not_run_within_the_timeout_fails_the_update_a
     a device that does not get to them is a failed update with a bounded wait, not a
     weight update reported done while it is still to come."""
     case = Case(model_config("qwen3-tiny"), 2, 1, 2, 1, method="colocated", device="cuda", timeout=4.0,
-                faults=(("engine 0 tp1", "busy-device"),))  # the second update finds the device busy
+                updates=3, faults=(("engine 0 tp1", "busy-device"),))  # the third finds the device busy
     results = run(case, allow_errors=True)
     errors = {who: (r.get("error") or "").strip().splitlines()[-1:] for who, r in results.items()}
     busy = results["engine 0 tp1"].get("error", "")
-    assert "update 2: engine 0 tp1: its copies had not run on the device after 4s" in busy, errors
+    assert "update 3: engine 0 tp1: its copies had not run on the device after 4s" in busy, errors
     assert "trainer pp0 tp1" in busy, busy
-    assert results["engine 0 tp1"]["stale"].startswith("update 2 did not complete"), results["engine 0 tp1"]
+    assert results["engine 0 tp1"]["stale"].startswith("update 3 did not complete"), results["engine 0 tp1"]
     for who in ("trainer pp0 tp0", "trainer pp0 tp1"):
-        assert "update 2" in results[who].get("error", ""), errors
+        assert "update 3" in results[who].get("error", ""), errors

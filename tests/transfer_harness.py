@@ -20,7 +20,7 @@ from shardsync.runtime.targets import TensorTargets
 from shardsync.harness.local_cluster import free_port, run_ranks
 from tests import reference as ref
 
-SEEDS = (11, 23)  # one per update: the trainer's weights change between updates
+SEEDS = (11, 23, 37)  # one per update: the trainer's weights change between updates
 SLOW_READ_S = 3.0  # how long a `slow_reader` waits before reading the last update's outcomes
 SLOW_PIECE_S = 0.01  # how long a "slow-reader" engine takes before each piece it writes
 

@@ -61,10 +61,10 @@ def reuse_slots_early() -> None:
 class BusyDeviceTargets:
     """Write targets on a GPU busy with other work when an update's copies are queued:
     from the update after `quiet` on, `seconds` of it go on the stream first, as a
-    device shared with a long kernel. (The first updates build what the copies keep on
-    the device, which waits for the stream.)"""
+    device shared with a long kernel. (The first update builds what the copies keep on
+    the device and the second captures their graphs: both wait for the device.)"""
 
-    def __init__(self, targets, seconds: float, quiet: int = 1):
+    def __init__(self, targets, seconds: float, quiet: int = 2):
         self.targets, self.seconds, self.quiet = targets, seconds, quiet
 
     def __getattr__(self, name: str):
