@@ -8,7 +8,6 @@ is split into leading row (then column) blocks, so no buffer ever exceeds
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass
 from shardsync.runtime.plan import boxes
 from shardsync.runtime.plan.boxes import Box
@@ -70,16 +69,10 @@ def phased_schedule(copies, capacity: int) -> dict[int, tuple[Bucket, ...]]:
     each bucket is moved in the phase of its last element, so an engine still
     completes its layers in order, and every process derives the same keys."""
     ordered = sorted(copies, key=lambda copy: copy.phase)  # stable: plan order within a phase
-    starts, position = [], 0
-    for copy in ordered:
-        starts.append(position)
-        position += copy.numel
+    phase_of = {copy.src_tensor: copy.phase for copy in ordered}  # a phase is its source tensor's layer
     by_phase: dict[int, list] = {}
-    end = 0
     for bucket in schedule(ordered, capacity):
-        end += bucket.numel
-        last = ordered[bisect.bisect_right(starts, end - 1) - 1]
-        by_phase.setdefault(last.phase, []).append(bucket)
+        by_phase.setdefault(phase_of[bucket.entries[-1].src_tensor], []).append(bucket)
     return {phase: tuple(buckets) for phase, buckets in by_phase.items()}
 
 
