@@ -387,8 +387,8 @@ class Receiver(_Endpoint):
             return
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(self.device))
-        deadline = time.monotonic() + self.timeout
-        spin_until = time.monotonic() + 0.01  # a short spin first: most waits are a few ms
+        started = time.monotonic()
+        deadline, spin_until = started + self.timeout, started + 0.01  # a short spin first: most waits are a few ms
         while not done.query():
             now = time.monotonic()
             if now > deadline:

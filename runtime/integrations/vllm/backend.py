@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
 from vllm.distributed.weight_transfer.base import WeightTransferEngine, WeightTransferInitInfo, WeightTransferUpdateInfo
 
 from shardsync.runtime.plan import Layout
@@ -72,9 +71,9 @@ class ShardsyncWeightTransferEngine(WeightTransferEngine[ShardsyncInitInfo, Shar
         self._require_init()
 
     def update_weights(self, update_info: dict) -> None:
+        # on a GPU the receiver returns once its copies have run (a bounded wait), so the
+        # weights are in place for whatever stream the engine reads them on next
         self.receive_weights(self.parse_update_info(update_info or {}))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def receive_weights(self, update_info: ShardsyncUpdateInfo) -> None:
         self._require_init()
