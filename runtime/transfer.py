@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 
 import torch
 
@@ -35,6 +34,7 @@ from shardsync.runtime.reports import ChannelReport, PhaseClock, Receipt, Update
 from shardsync.runtime.session import Session, local_address
 from shardsync.runtime.targets import as_loader, as_targets
 from shardsync.runtime.tensor_checks import FiniteCheck, as_named, engine_findings, trainer_findings
+from shardsync.runtime.wire.device_wait import stream_done_within
 
 DEFAULT_BUCKET_BYTES = 64 << 20
 log = logging.getLogger("shardsync")
@@ -383,21 +383,13 @@ class Receiver(_Endpoint):
         a completed update means the weights are in place whatever stream reads them next,
         and a copy that failed on the device fails this update (leaving the rank stale).
         Bounded: the copies may wait on a trainer's interprocess events."""
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or stream_done_within(torch.cuda.current_stream(self.device), self.timeout):
             return
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(self.device))
-        started = time.monotonic()
-        deadline, spin_until = started + self.timeout, started + 0.01  # a short spin first: most waits are a few ms
-        while not done.query():
-            now = time.monotonic()
-            if now > deadline:
-                feeding = sorted({trainer_name(c.src) for c in self.plan.channels_of_engine_rank(self.tp_rank)}
-                                 if self.plan else ())
-                raise TransferError(f"update {number}: {self.who}: its copies had not run on the device after "
-                                    f"{self.timeout:g}s: they wait on the work queued before them on this rank's "
-                                    f"stream and on the writes of {', '.join(feeding) or 'the trainer ranks'}")
-            time.sleep(0 if now < spin_until else 0.0005)
+        feeding = sorted({trainer_name(c.src) for c in self.plan.channels_of_engine_rank(self.tp_rank)}
+                         if self.plan else ())
+        raise TransferError(f"update {number}: {self.who}: its copies had not run on the device after "
+                            f"{self.timeout:g}s: they wait on the work queued before them on this rank's "
+                            f"stream and on the writes of {', '.join(feeding) or 'the trainer ranks'}")
 
 
 class _CountingTargets:

@@ -40,17 +40,33 @@ def test_four_processes_on_one_gpu_update_exactly_through_cuda_ipc(case):
             assert 0 < result["buffer_bytes"] <= 2 * (case.bucket_bytes + 16), who
 
 
-def test_an_engine_whose_copies_do_not_run_within_the_timeout_fails_the_update_and_is_stale():
+# the two host waits on the device left without a deadline, each once per process or per bucket
+FIRST_LAUNCH_WAITS = pytest.mark.xfail(
+    strict=True, reason="the copy kernel's first launch loads its module (Triton's _init_handles), which waits "
+                        "for the busy device: the engine's host blocks there, without a deadline")
+CAPTURE_END_WAITS = pytest.mark.xfail(
+    strict=True, reason="ending a graph capture waits while earlier work waits on another process: the trainer "
+                        "capturing its packs blocks until the busy engine's reads ran, without a deadline")
+
+
+@pytest.mark.parametrize("busy_at, verify", [pytest.param(1, False, marks=FIRST_LAUNCH_WAITS),
+                                             pytest.param(2, False, marks=CAPTURE_END_WAITS), (3, False), (3, True)],
+                         ids=["building descriptors", "capturing graphs", "replaying graphs", "with checksums"])
+def test_an_engine_whose_copies_do_not_run_within_the_timeout_fails_the_update_and_is_stale(busy_at, verify):
     """The copies are only queued by the method; the update completes once they ran, so
     a device that does not get to them is a failed update with a bounded wait, not a
-    weight update reported done while it is still to come."""
-    case = Case(model_config("qwen3-tiny"), 2, 1, 2, 1, method="colocated", device="cuda", timeout=4.0,
-                updates=3, faults=(("engine 0 tp1", "busy-device"),))  # the third finds the device busy
+    weight update reported done while it is still to come, nor a host blocked in a
+    device-wide wait. Each update finds the device busy at another step: the first
+    builds the copies' descriptors, the second captures their graphs, the third
+    replays them; with checksums the sums are read before the update completes."""
+    # the busy engine's own timeout is the shortest, so that its bounded wait, not a peer's, ends the update
+    case = Case(model_config("qwen3-tiny"), 2, 1, 2, 1, method="colocated", device="cuda", timeout=8.0,
+                timeouts=(("engine 0 tp1", 3.0),), in_place=True, updates=busy_at, verify=verify,
+                faults=(("engine 0 tp1", f"busy-device:{busy_at}"),))
     results = run(case, allow_errors=True)
-    errors = {who: (r.get("error") or "").strip().splitlines()[-1:] for who, r in results.items()}
     busy = results["engine 0 tp1"].get("error", "")
-    assert "update 3: engine 0 tp1: its copies had not run on the device after 4s" in busy, errors
-    assert "trainer pp0 tp1" in busy, busy
-    assert results["engine 0 tp1"]["stale"].startswith("update 3 did not complete"), results["engine 0 tp1"]
+    assert f"update {busy_at}: " in busy and "had not run on the device after 3s" in busy, busy
+    assert "trainer pp0 tp" in busy, busy  # whose writes it was waiting on
+    assert results["engine 0 tp1"]["stale"].startswith(f"update {busy_at} did not complete"), results["engine 0 tp1"]
     for who in ("trainer pp0 tp0", "trainer pp0 tp1"):
-        assert "update 3" in results[who].get("error", ""), errors
+        assert f"update {busy_at}" in results[who].get("error", ""), results[who].get("error")

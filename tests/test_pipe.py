@@ -35,7 +35,7 @@ class FakeLink:
     """Member `rank` of a two-member channel whose messages go through `wire`."""
 
     def __init__(self, rank: int, wire: deque, acks: dict):
-        self.name, self.rank, self.peers = "fake", rank, ("sender", "receiver")
+        self.name, self.rank, self.peers, self.timeout = "fake", rank, ("sender", "receiver"), 5.0
         self.wire, self.acks = wire, acks
 
     def broadcast(self, tensor):
@@ -47,10 +47,10 @@ class FakeLink:
     def wait(self, work, what, update):
         work.wait()
 
-    def send_header(self, update, buckets, device):
+    def send_header(self, update, buckets):
         self.wire.append(torch.tensor([update, buckets]))
 
-    def receive_header(self, update, buckets, device):
+    def receive_header(self, update, buckets):
         if self.wire.popleft().tolist() != [update, buckets]:
             raise TransferError(f"update {update}: channel {self.name}: header differs")
 

@@ -36,6 +36,8 @@ class Case:
     bucket_bytes: int = 4096
     updates: int = 2
     timeout: float = 60.0
+    timeouts: tuple[tuple[str, float], ...] = ()  # (who, seconds): a rank whose own timeout differs
+    in_place: bool = False  # trainers write each update's values into the same tensors, as an optimizer does
     stall: str | None = None  # a rank that connects, then never takes part in an update
     method: str = "auto"
     slow_reader: str | None = None  # a rank that reads the last update's outcomes SLOW_READ_S late
@@ -52,8 +54,9 @@ class Case:
 
     def targets(self, who: str, params: dict):
         faults = {fault for victim, fault in self.faults if victim == who}
-        if "busy-device" in faults:
-            return BusyDeviceTargets(TensorTargets(params), 3 * self.timeout)
+        busy = [int(f.split(":")[1]) for f in faults if f.startswith("busy-device:")]  # "busy-device:<update>"
+        if busy:
+            return BusyDeviceTargets(TensorTargets(params), 3 * self.timeout_of(who), quiet=busy[0] - 1)
         slow = any(fault.startswith("slow-reader") for fault in faults)
         return SlowTargets(TensorTargets(params), SLOW_PIECE_S) if slow else params
 
@@ -61,8 +64,11 @@ class Case:
     def layout(self) -> Layout:
         return Layout(self.train_tp, self.train_pp, self.infer_tp, self.engines)
 
-    def options(self, port: int) -> dict:
-        return {"rendezvous": f"127.0.0.1:{port}", "bucket_bytes": self.bucket_bytes, "timeout": self.timeout,
+    def timeout_of(self, who: str) -> float:
+        return dict(self.timeouts).get(who, self.timeout)
+
+    def options(self, port: int, who: str) -> dict:
+        return {"rendezvous": f"127.0.0.1:{port}", "bucket_bytes": self.bucket_bytes, "timeout": self.timeout_of(who),
                 "dtype": getattr(torch, self.dtype), "method": self.method, "verify": self.verify,
                 "device": self.device}
 
@@ -95,20 +101,26 @@ def exact(results: dict, case: Case) -> tuple[dict, dict]:
 
 def _trainer(case: Case, port: int, pp: int, tp: int) -> dict:
     model = ref.Model.from_hf(case.hf_config)
-    sender = Sender(case.hf_config, case.layout, pp_rank=pp, tp_rank=tp, **case.options(port))
+    sender = Sender(case.hf_config, case.layout, pp_rank=pp, tp_rank=tp,
+                    **case.options(port, f"trainer pp{pp} tp{tp}"))
     sender.connect()
     if case.stall == sender.who:
         return _stall(case)
     case.slow(sender.who)
     names = set(sender.local_shapes())
-    reports = []
+    reports, shards = [], {}
     for seed in SEEDS[:case.updates]:
         full = ref.megatron_full(model, ref.random_hf(model, seed), 128, case.train_tp, seed)
-        shards = {n: ref.megatron_shard(n, t, tp, case.train_tp).clone().to(case.device)
+        values = {n: ref.megatron_shard(n, t, tp, case.train_tp).clone().to(case.device)
                   for n, t in full.items() if n in names}
+        if case.in_place and shards:
+            for name, value in values.items():
+                shards[name].copy_(value)
+        else:
+            shards = values
         failed = _attempt(lambda: reports.append(sender.update(shards)))
         if failed:
-            return failed
+            return _drained(case, failed)
     result = {
         "groups_created": sender.channels_created,
         "mappings_created": sender.mappings_created,
@@ -127,7 +139,8 @@ def _trainer(case: Case, port: int, pp: int, tp: int) -> dict:
 def _engine(case: Case, port: int, engine: int, tp: int) -> dict:
     model = ref.Model.from_hf(case.hf_config)
     dtype = getattr(torch, case.dtype)
-    receiver = Receiver(case.hf_config, case.layout, engine=engine, tp_rank=tp, **case.options(port),
+    receiver = Receiver(case.hf_config, case.layout, engine=engine, tp_rank=tp,
+                        **case.options(port, f"engine {engine} tp{tp}"),
                         vllm_config={"forwarded": True})  # an extra keyword, as frameworks pass
     receiver.connect()
     if case.stall == receiver.who:
@@ -140,7 +153,7 @@ def _engine(case: Case, port: int, engine: int, tp: int) -> dict:
     for seed in SEEDS[:case.updates]:
         failed = _attempt(lambda: receiver.update(targets))
         if failed:
-            return {**failed, "stale": receiver.stale}
+            return _drained(case, {**failed, "stale": receiver.stale})
         hf = ref.random_hf(model, seed)
         # without a vLLM layout table the engine holds full HF tensors, loaded by name
         expected = hf if receiver.loads_full_tensors else ref.vllm_rank(model, hf, tp, case.infer_tp)
@@ -162,6 +175,15 @@ def _engine(case: Case, port: int, engine: int, tp: int) -> dict:
     receiver.close()
     result["close_seconds"] = time.monotonic() - closing
     return result
+
+
+def _drained(case: Case, failed: dict) -> dict:
+    """A rank's failed result, once the device work it queued before failing has run: a
+    peer's stream may wait on this process's events, and on CUDA a process that exits
+    with such work pending can leave the peer's stream waiting for good."""
+    if case.device == "cuda":
+        torch.cuda.synchronize()
+    return failed
 
 
 def _attempt(update) -> dict | None:

@@ -346,4 +346,13 @@ def _launch(dtype: torch.dtype, aligned: bool, words: bool, pieces: list[tuple[i
     piece = torch.repeat_interleave(torch.arange(len(pieces)), per_piece)
     within = torch.arange(len(piece)) - torch.repeat_interleave(per_piece.cumsum(0) - per_piece, per_piece)
     tiles = torch.stack([piece, within // across[piece] * tile_rows, within % across[piece] * tile_cols], dim=1)
-    return Launch(dtype, aligned, words, table.to(device), tiles.contiguous().to(device))
+    return Launch(dtype, aligned, words, _upload(table, device), _upload(tiles.contiguous(), device))
+
+
+def _upload(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Queued on the stream, not waited for: a blocking copy would wait for everything
+    queued before it, which may wait on another process. Staged through pinned memory,
+    which torch keeps until the copy has run."""
+    if device.type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)

@@ -53,14 +53,14 @@ class Group:
         outputs = [[torch.empty_like(tensor) for _ in range(self.size)]] if self.rank == 0 else []
         return self.backend.gather(outputs, [tensor], options)
 
-    def send_header(self, update: int, buckets: int, device: torch.device) -> None:
+    def send_header(self, update: int, buckets: int) -> None:
         """Member 0 announces the update number and how many buckets follow."""
-        self.wait(self.broadcast(torch.tensor([update, buckets], dtype=torch.int64, device=device)),
+        self.wait(self.broadcast(torch.tensor([update, buckets], dtype=torch.int64, device=self.device)),
                   "sending the header", update)
 
-    def receive_header(self, update: int, buckets: int, device: torch.device) -> None:
+    def receive_header(self, update: int, buckets: int) -> None:
         """Refuse an update whose announced number or bucket count is not the expected one."""
-        announced = torch.zeros(2, dtype=torch.int64, device=device)
+        announced = torch.zeros(2, dtype=torch.int64, device=self.device)
         self.wait(self.broadcast(announced), "receiving the header", update)
         if announced.tolist() != [update, buckets]:
             raise TransferError(f"update {update}: channel {self.name}: the sender announced update "

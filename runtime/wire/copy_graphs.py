@@ -39,6 +39,9 @@ class BucketCopier:
         self.checksums = checksums
         self._prepared: dict = {}  # key -> _Prepared for the addresses last seen
         self.captures = 0
+        # where graphs are captured: made here, not in an update, because making a stream
+        # waits for the device
+        self._capture_stream = torch.cuda.Stream(device) if self.batched else None
 
     @property
     def fuses_checksums(self) -> bool:
@@ -87,7 +90,7 @@ class BucketCopier:
             self._prepared[key] = _Prepared(addresses, kernel)
             return kernel.run(buffer, to_bucket)
         if prepared.graph is None:
-            prepared.capture(buffer, to_bucket)
+            prepared.capture(buffer, to_bucket, self._capture_stream)
             self.captures += 1
         prepared.graph.replay()
         return prepared.sums
@@ -102,14 +105,23 @@ class _Prepared:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.sums: torch.Tensor | None = None
 
-    def capture(self, buffer: torch.Tensor, to_bucket: bool) -> None:
-        device = buffer.device
-        current = torch.cuda.current_stream(device)
-        capture = torch.cuda.Stream(device)
-        capture.wait_stream(current)
+    def capture(self, buffer: torch.Tensor, to_bucket: bool, capture: torch.cuda.Stream) -> None:
+        """Captured on a side stream of its own, which runs nothing while capturing; the
+        graph is replayed on this rank's stream, in its order. Not through
+        `torch.cuda.graph`, which synchronizes the whole device and empties the
+        allocator's cache on entry: this rank's stream may be waiting on another
+        process's events, a host wait for them would have no deadline, and the engine's
+        cache is not ours to empty. Ending the capture still waits while work queued
+        before it waits on another process (measured on an H200: a trainer capturing
+        its packs held until the busy engine whose reads its stream waited on was
+        through): a host wait without a deadline, once per bucket and set of addresses.
+        The capture mode is the thread's own, so that another thread of the engine
+        touching CUDA meanwhile neither breaks the capture nor is broken by it."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=capture):
-            self.sums = self.kernel.run(buffer, to_bucket)
-        current.wait_stream(capture)
+        with torch.cuda.stream(capture):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                self.sums = self.kernel.run(buffer, to_bucket)
+            finally:
+                graph.capture_end()
         self.graph = graph
-

@@ -29,6 +29,7 @@ import torch
 from shardsync.runtime.errors import TransferError
 from shardsync.runtime.plan.buckets import Bucket
 from shardsync.runtime.wire import checksum
+from shardsync.runtime.wire.device_wait import stream_done_within
 
 
 class Link(Protocol):
@@ -38,14 +39,15 @@ class Link(Protocol):
     name: str
     rank: int
     peers: tuple[str, ...]
+    timeout: float
 
     def broadcast(self, tensor: torch.Tensor): ...
 
     def wait(self, work, what: str, update: int | None) -> None: ...
 
-    def send_header(self, update: int, buckets: int, device: torch.device) -> None: ...
+    def send_header(self, update: int, buckets: int) -> None: ...
 
-    def receive_header(self, update: int, buckets: int, device: torch.device) -> None: ...
+    def receive_header(self, update: int, buckets: int) -> None: ...
 
     def acknowledge(self, problem: int, what: str, update: int) -> int: ...
 
@@ -80,7 +82,7 @@ class Outbound:
         self.problems: list[str] = []
 
     def header(self, group: Link, buckets: int) -> None:
-        group.send_header(self.update, buckets, self.pipe.device)
+        group.send_header(self.update, buckets)
 
     def sending(self, group: Link, where: str = "") -> "Sending":
         """A run of buckets on `group`; `where` ends the wait messages (" of phase 3")."""
@@ -140,7 +142,7 @@ class Inbound:
         self._bad: set[str] = set()  # channels with a bad bucket this update
 
     def header(self, group: Link, buckets: int) -> None:
-        group.receive_header(self.update, buckets, self.pipe.device)
+        group.receive_header(self.update, buckets)
 
     def buckets(self, group: Link, buckets, where: str = "",
                 check: bool = True) -> Iterator[tuple[int, Bucket, torch.Tensor, bool]]:
@@ -172,11 +174,22 @@ class Inbound:
             if fused and self.pipe.tail and sums is not None:
                 compared.append((index, sums))
         if compared:  # one wait for the device, not one a bucket
+            self._wait_for_copies(group, where)
             pairs = torch.stack([sums for _, sums in compared]).tolist()
             for (index, _), (sums, sent) in zip(compared, pairs):
                 if sent != sums:
                     self.flag(group, f"bucket {index}{where} failed its checksum (sent {sent}, computed {sums}) in "
                                      f"the copy that wrote it")
+
+    def _wait_for_copies(self, group: Link, where: str) -> None:
+        """Before reading the sums the copies computed: bounded, as the copies wait on
+        the sender's writes (an interprocess event, or the channel's collective)."""
+        device = self.pipe.device
+        if device.type == "cuda" and not stream_done_within(torch.cuda.current_stream(device), group.timeout):
+            raise TransferError(f"update {self.update}: channel {group.name}: the copies of its buckets{where} had "
+                                f"not run on the device after {group.timeout:g}s, so their checksums could not be "
+                                f"read: they wait on the work queued before them on this rank's stream and on "
+                                f"the writes of {group.peers[0]}")
 
     def arrived_intact(self, group: Link, buffer: torch.Tensor, bucket: Bucket, what: str) -> bool:
         """Whether `buffer` holds `bucket` as its sender summed it (always, without

@@ -4,6 +4,7 @@ shared slot again before its readers are done, a GPU busy with other work."""
 
 from __future__ import annotations
 
+import faulthandler
 import time
 from pathlib import Path
 
@@ -62,7 +63,8 @@ class BusyDeviceTargets:
     """Write targets on a GPU busy with other work when an update's copies are queued:
     from the update after `quiet` on, `seconds` of it go on the stream first, as a
     device shared with a long kernel. (The first update builds what the copies keep on
-    the device and the second captures their graphs: both wait for the device.)"""
+    the device and the second captures their graphs: each update finds the device
+    busy at a different step.)"""
 
     def __init__(self, targets, seconds: float, quiet: int = 2):
         self.targets, self.seconds, self.quiet = targets, seconds, quiet
@@ -76,6 +78,9 @@ class BusyDeviceTargets:
             self.quiet -= 1
         else:
             torch.cuda._sleep(int(self.seconds * 2e9))  # cycles: at most 2 GHz, so at least `seconds`
+            # where this host is a sixth of the way into that work (stderr): waiting, with a
+            # deadline, for its copies to run, unless something else blocked it on the device
+            faulthandler.dump_traceback_later(self.seconds / 6, exit=False)
 
 
 def corrupt_next_bucket() -> None:

@@ -7,6 +7,7 @@ over real sockets. A rank that dies or hangs is reported, never waited on foreve
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
 import random
 import signal
@@ -80,7 +81,9 @@ def run_ranks(ranks: list[tuple[str, Callable, tuple]], deadline_s: float,
                 if stop is not None and stop.is_set():
                     raise RuntimeError(f"stopped while waiting for {missing}") from None
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"ranks did not finish within {deadline_s:.0f}s: {missing}") from None
+                    _dump_stacks([procs[w] for w in missing])
+                    raise RuntimeError(f"ranks did not finish within {deadline_s:.0f}s: {missing} (their stacks "
+                                       f"are on stderr)") from None
                 dead = [w for w in missing if not procs[w].is_alive() and procs[w].exitcode not in (None, 0)]
                 if dead and results.empty():
                     how = ", ".join(f"{w} ({_exit_reason(procs[w].exitcode)})" for w in dead)
@@ -92,6 +95,15 @@ def run_ranks(ranks: list[tuple[str, Callable, tuple]], deadline_s: float,
                 proc.kill()
                 proc.join()
     return collected
+
+
+def _dump_stacks(procs) -> None:
+    """Ask ranks that overran to print every thread's Python stack (`_rank_main`
+    registered the signal), so a hang says where it hangs."""
+    for proc in procs:
+        if proc.is_alive():
+            os.kill(proc.pid, signal.SIGUSR1)
+    time.sleep(1.0)
 
 
 def _exit_reason(code: int) -> str:
@@ -108,6 +120,7 @@ def _rank_main(who: str, fn: Callable, args: tuple, results) -> None:
     import faulthandler
 
     faulthandler.enable()  # a crash in native code prints every thread's Python stack to stderr
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # and so does a rank that overran (`_dump_stacks`)
     import torch
 
     from shardsync import log_lines

@@ -1,0 +1,30 @@
+"""Waiting for a CUDA stream's queued work, with a deadline.
+
+Colocated on one GPU, the copies queued on an engine rank's stream wait on a trainer
+process's interprocess events (and over NCCL, on its peers). A host wait for that
+stream (`synchronize`, `.item()`, `.tolist()`) is then a wait on another process,
+and like every such wait it gets a deadline, so the caller can name whom it was
+waiting for instead of hanging with it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def stream_done_within(stream: torch.cuda.Stream, timeout: float) -> bool:
+    """Whether everything queued on `stream` so far ran within `timeout` seconds: polled
+    through an event, spinning for the first 10 ms (most waits are a few ms), then
+    sleeping half a millisecond between looks."""
+    done = torch.cuda.Event()
+    done.record(stream)
+    started = time.monotonic()
+    deadline, spin_until = started + timeout, started + 0.01
+    while not done.query():
+        now = time.monotonic()
+        if now > deadline:
+            return False
+        time.sleep(0 if now < spin_until else 0.0005)
+    return True
