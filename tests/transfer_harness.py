@@ -179,8 +179,8 @@ def _engine(case: Case, port: int, engine: int, tp: int) -> dict:
 
 def _drained(case: Case, failed: dict) -> dict:
     """A rank's failed result, once the device work it queued before failing has run: a
-    peer's stream may wait on this process's events, and on CUDA a process that exits
-    with such work pending can leave the peer's stream waiting for good."""
+    peer's stream may wait on this process's events (on the H200, with the trainers
+    exiting at once, a busy engine's process hung past the harness's deadline)."""
     if case.device == "cuda":
         torch.cuda.synchronize()
     return failed
