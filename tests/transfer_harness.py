@@ -77,10 +77,15 @@ def run(case: Case, allow_errors: bool = False) -> dict:
     """Run every rank of `case`; returns {who: result dict}. Raises if a rank failed,
     unless `allow_errors` (then a failed update's result is {"error", "seconds"})."""
     port = free_port()
-    ranks = [(f"trainer pp{pp} tp{tp}", _trainer, (case, port, pp, tp))
-             for pp in range(case.train_pp) for tp in range(case.train_tp)]
-    ranks += [(f"engine {e} tp{tp}", _engine, (case, port, e, tp))
-              for e in range(case.engines) for tp in range(case.infer_tp)]
+    ranks = []  # (who, the rank's function, its arguments, which end with who: the name its options go by)
+    for pp in range(case.train_pp):
+        for tp in range(case.train_tp):
+            who = f"trainer pp{pp} tp{tp}"
+            ranks.append((who, _trainer, (case, port, pp, tp, who)))
+    for e in range(case.engines):
+        for tp in range(case.infer_tp):
+            who = f"engine {e} tp{tp}"
+            ranks.append((who, _engine, (case, port, e, tp, who)))
     collected = run_ranks(ranks, deadline_s=case.timeout * 2 + 60)
     failed = {who: r["error"] for who, r in collected.items() if r.get("error")}
     if failed and not allow_errors:
@@ -99,10 +104,9 @@ def exact(results: dict, case: Case) -> tuple[dict, dict]:
     return trainers, engines
 
 
-def _trainer(case: Case, port: int, pp: int, tp: int) -> dict:
+def _trainer(case: Case, port: int, pp: int, tp: int, who: str) -> dict:
     model = ref.Model.from_hf(case.hf_config)
-    sender = Sender(case.hf_config, case.layout, pp_rank=pp, tp_rank=tp,
-                    **case.options(port, f"trainer pp{pp} tp{tp}"))
+    sender = Sender(case.hf_config, case.layout, pp_rank=pp, tp_rank=tp, **case.options(port, who))
     sender.connect()
     if case.stall == sender.who:
         return _stall(case)
@@ -136,11 +140,10 @@ def _trainer(case: Case, port: int, pp: int, tp: int) -> dict:
     return result
 
 
-def _engine(case: Case, port: int, engine: int, tp: int) -> dict:
+def _engine(case: Case, port: int, engine: int, tp: int, who: str) -> dict:
     model = ref.Model.from_hf(case.hf_config)
     dtype = getattr(torch, case.dtype)
-    receiver = Receiver(case.hf_config, case.layout, engine=engine, tp_rank=tp,
-                        **case.options(port, f"engine {engine} tp{tp}"),
+    receiver = Receiver(case.hf_config, case.layout, engine=engine, tp_rank=tp, **case.options(port, who),
                         vllm_config={"forwarded": True})  # an extra keyword, as frameworks pass
     receiver.connect()
     if case.stall == receiver.who:
