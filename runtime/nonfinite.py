@@ -57,9 +57,12 @@ class NonfiniteCheck:
 
     def any_nonfinite(self, tensors: list[torch.Tensor]) -> bool:
         """Whether some element of `tensors` (which `handles`) is NaN or Inf; one wait for
-        the device."""
-        if not tensors:
-            return False
+        the device, without a deadline (`flag_nonfinite` leaves the wait to the caller)."""
+        return bool(tensors) and bool(self.flag_nonfinite(tensors).item())
+
+    def flag_nonfinite(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """int32 [1] on the tensors' device, nonzero once the queued check found a NaN or
+        Inf in `tensors` (which `handles`, at least one)."""
         key = tuple((t.data_ptr(), t.numel(), t.dtype, t.device) for t in tensors)
         if key != self._key:
             self._plan(tensors)
@@ -68,7 +71,7 @@ class NonfiniteCheck:
         flag.zero_()
         for table, tiles, bits, exponent in self._launches:
             _flag_nonfinite[(tiles,)](table, flag, BITS=bits, EXPONENT=exponent, TILE=TILE, num_warps=8)
-        return bool(flag.item())
+        return flag
 
     def _plan(self, tensors: list[torch.Tensor]) -> None:
         self._launches = []

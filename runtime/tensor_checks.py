@@ -10,6 +10,8 @@ from typing import Iterable, Mapping
 
 import torch
 
+from shardsync.runtime.wire.device_wait import stream_done_within
+
 
 def as_named(tensors) -> tuple[dict[str, torch.Tensor], str | None]:
     """A mapping, or (name, tensor) pairs in which no name may repeat."""
@@ -26,7 +28,9 @@ def as_named(tensors) -> tuple[dict[str, torch.Tensor], str | None]:
 def trainer_findings(given: Mapping[str, torch.Tensor], shapes: dict[str, tuple], device: torch.device,
                      allow_nonfinite: bool, all_finite: FiniteCheck | None = None) -> str | None:
     """The first problem with a trainer rank's tensors, or None. `all_finite`: the
-    endpoint's own check, which keeps what it prepared for the tensors it last saw."""
+    endpoint's own check, which keeps what it prepared for the tensors it last saw (and
+    has the endpoint's timeout). A check the device did not get to in time is a finding
+    too: no byte moves on an update nobody could check."""
     problem = _names_and_shapes("trainer", given, shapes)
     if problem:
         return problem
@@ -37,8 +41,11 @@ def trainer_findings(given: Mapping[str, torch.Tensor], shapes: dict[str, tuple]
         if tensor.device.type != device.type:
             return f"{name}: on {tensor.device}, the sender sends from {device}"
     all_finite = all_finite or FiniteCheck()
-    if allow_nonfinite or all_finite([given[name] for name in shapes]):
-        return None
+    try:
+        if allow_nonfinite or all_finite([given[name] for name in shapes]):
+            return None
+    except TimeoutError as exc:
+        return str(exc)
     for name in shapes:
         bad = int((~torch.isfinite(given[name])).sum())
         if bad:
@@ -72,9 +79,15 @@ class FiniteCheck:
     - On the CPU, a NaN or Inf makes a tensor's float32 sum non-finite (weights are far
       too small for a finite sum to overflow; where one did, the exact check below
       clears it).
-    Only where something was found are the bad values looked for, tensor by tensor."""
+    Only where something was found are the bad values looked for, tensor by tensor.
 
-    def __init__(self):
+    On CUDA the check is queued behind whatever this rank's stream holds, which, on a
+    GPU shared with engines, may wait on another process (after a failed update, an
+    engine's reads): the host waits for it `timeout` seconds at most, then raises
+    TimeoutError saying so."""
+
+    def __init__(self, timeout: float = 60.0):
+        self.timeout = timeout
         self._kernel = None  # CUDA: the flagging pass, made at first use (None: not tried yet)
 
     def __call__(self, tensors: list[torch.Tensor]) -> bool:
@@ -83,13 +96,20 @@ class FiniteCheck:
         if tensors[0].is_cuda:
             kernel = self._cuda_kernel()
             if kernel and kernel.handles(tensors):
-                return not kernel.any_nonfinite(tensors)
-            sums = torch._foreach_norm(tensors, 1, dtype=torch.float32)
-        else:
-            sums = [t.sum(dtype=torch.float32) for t in tensors]
-        if bool(torch.isfinite(torch.stack(sums)).all()):
+                found = kernel.flag_nonfinite(tensors)
+            else:
+                found = ~torch.isfinite(torch.stack(torch._foreach_norm(tensors, 1, dtype=torch.float32))).all()
+            self._wait_for_device(tensors[0].device)
+            if not bool(found):
+                return True
+        elif bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors])).all()):
             return True
         return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+    def _wait_for_device(self, device: torch.device) -> None:
+        if not stream_done_within(torch.cuda.current_stream(device), self.timeout):
+            raise TimeoutError(f"the NaN/Inf check had not run on the device after {self.timeout:g}s: it waits on "
+                               f"the work queued before it on this rank's stream, which may wait on another process")
 
     def _cuda_kernel(self):
         if self._kernel is None:

@@ -220,7 +220,7 @@ class Sender(_Endpoint):
                             f"data-parallel rank both above 0): it takes no part in the transfer")
         self.pp_rank, self.tp_rank, self.dp_rank = pp_rank, tp_rank, dp_rank
         self._local_shapes: dict[str, tuple[int, ...]] | None = None
-        self._all_finite = FiniteCheck()  # keeps what it prepared for the tensors of the last update
+        self._all_finite = FiniteCheck(self.timeout)  # keeps what it prepared for the tensors of the last update
 
     @property
     def who(self) -> str:

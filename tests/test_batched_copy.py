@@ -144,23 +144,42 @@ def test_sums_over_several_chunks_and_an_odd_count_equal_the_cpu_ones(kernel, nu
     assert checksum.check(bucket.cpu(), numel) is None  # and the tail it wrote checks on the CPU
 
 
-@pytest.mark.skipif(not CUDA, reason="CUDA graphs: on the GPU machine only")
-def test_the_copier_replays_a_captured_launch_to_the_same_bytes(kernel):
-    from shardsync.runtime.wire.copy_graphs import BucketCopier
+@pytest.mark.skipif(not CUDA, reason="compiled variants: on the GPU machine only")
+@settings(max_examples=20, deadline=None)
+@given(layout=layouts(), checksums=st.booleans())
+def test_no_copy_launches_a_variant_that_was_not_loaded_at_connect(kernel, layout, checksums):
+    """Loading a module waits for the device, which mid-update may wait on another
+    process: every variant a bucket's copies launch, whatever its tensors' addresses,
+    counts, alignment and source dtype, is one `load_kernels` loaded before. The
+    copier's second pass keeps the descriptors of its first and copies the same bytes."""
+    from shardsync.runtime.wire.bucket_copier import BucketCopier
 
-    tensors = {"a": torch.randn(300, 70, device=DEVICE), "b": torch.randn(5, 8, 33, device=DEVICE)}
-    entries = (Entry("a", ((10, 300), (3, 40)), "a", ((10, 300), (3, 40)), 1),
-               Entry("b", ((1, 4), (0, 8), (5, 33)), "b", ((1, 4), (0, 8), (5, 33)), 1 + 290 * 37))
-    bucket = Bucket(entries, 1 + 290 * 37 + 3 * 8 * 28)
-    buffer = torch.zeros(bucket.numel + 8, dtype=torch.bfloat16, device=DEVICE)
+    tensors, bucket, wire = layout
+    tensors = {name: t.to(DEVICE) for name, t in tensors.items()}
+    buffer = torch.zeros(bucket.numel + checksum.tail_elements(wire), dtype=wire, device=DEVICE)
     reference = torch.zeros_like(buffer)
     packing.pack(bucket, tensors, reference)
-    copier = BucketCopier(DEVICE, checksums=True)
-    results = []
-    for _ in range(4):  # eager, captured and replayed, replayed
+    dests = {name: torch.zeros_like(t, dtype=wire) for name, t in tensors.items()}
+    expected = {name: torch.zeros_like(t, dtype=wire) for name, t in tensors.items()}
+    packing.unpack(bucket, reference, TensorTargets(expected))
+    kernel._copy_tiles.device_caches.clear()  # forget what earlier tests compiled and loaded
+    packer, unpacker = BucketCopier(DEVICE, checksums=checksums), BucketCopier(DEVICE, checksums=checksums)
+    packer.load_kernels(wire, [bucket], to_bucket=True)  # a trainer: every source dtype
+    unpacker.load_kernels(wire, [bucket], to_bucket=False, tensor_dtypes=(wire,))  # an engine: the wire's
+    loaded = _variants(kernel)
+    for _ in range(2):
         buffer.zero_()
-        results.append(copier.pack(("k",), bucket, tensors, buffer).tolist())
+        for tensor in dests.values():
+            tensor.zero_()
+        packer.pack(("k",), bucket, tensors, buffer)
+        unpacker.unpack(("k",), bucket, buffer, TensorTargets(dests))
         assert torch.equal(buffer[:bucket.numel], reference[:bucket.numel])
-    assert copier.captures == 1
-    assert results == [[checksum.compute(reference[:bucket.numel].cpu()).tolist()] * 2] * 4
-    assert checksum.check(buffer.cpu(), bucket.numel) is None
+        assert all(torch.equal(dests[name], expected[name]) for name in dests)
+    assert _variants(kernel) == loaded
+    assert packer.descriptors_built == unpacker.descriptors_built == 1
+
+
+def _variants(kernel) -> set:
+    """The copy kernel's compiled variants, on every device (Triton's cache, keyed by the
+    constants and the specialization of the arguments)."""
+    return {key for caches in kernel._copy_tiles.device_caches.values() for key in caches[0]}

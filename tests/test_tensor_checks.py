@@ -1,13 +1,16 @@
 """What a trainer rank's tensors are checked for before any byte moves: a NaN or an
-Inf anywhere is found and named, on the CPU and on CUDA (where the sums run as
-multi-tensor launches), and finite weights pass."""
+Inf anywhere is found and named, on the CPU and on CUDA (where one kernel flags them),
+and finite weights pass; on CUDA a check the device does not get to in time is a
+finding, reached within the timeout."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
 
-from shardsync.runtime.tensor_checks import trainer_findings
+from shardsync.runtime.tensor_checks import FiniteCheck, trainer_findings
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="CUDA: on the GPU machine"))]
@@ -25,3 +28,21 @@ def test_a_nonfinite_value_in_any_tensor_is_found_and_named(device, bad):
     finding = trainer_findings(tensors, shapes, torch.device(device), allow_nonfinite=False)
     assert finding is not None and finding.startswith("w1: 1 NaN/Inf value(s) of 2368")
     assert trainer_findings(tensors, shapes, torch.device(device), allow_nonfinite=True) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: on the GPU machine")
+def test_a_check_the_device_does_not_get_to_within_the_timeout_is_a_finding():
+    """The check is queued behind this rank's stream, as after a failed colocated update
+    an engine's reads may be: the host waits a bounded time, then the rank refuses."""
+    tensors = {"w": torch.randn(64, 64, device="cuda")}
+    shapes = {"w": (64, 64)}
+    check = FiniteCheck(timeout=0.5)
+    assert trainer_findings(tensors, shapes, torch.device("cuda"), False, check) is None  # its kernel loaded
+    torch.cuda._sleep(int(4 * 2e9))  # cycles: at least 4 s of other work at the H200's clocks
+    started = time.monotonic()
+    finding = trainer_findings(tensors, shapes, torch.device("cuda"), False, check)
+    waited = time.monotonic() - started
+    torch.cuda.synchronize()
+    assert finding is not None and finding.startswith("the NaN/Inf check had not run on the device after 0.5s"), finding
+    assert waited < 2.0, f"waited {waited:.1f}s for a check with a 0.5s timeout"
+    assert trainer_findings(tensors, shapes, torch.device("cuda"), False, check) is None  # once the device is through

@@ -34,7 +34,7 @@ from shardsync.runtime.plan.build import has_experts, is_expert
 from shardsync.runtime.plan.layout import Layout, TrainerRank
 from shardsync.runtime.reports import ChannelReport, Receipt
 from shardsync.runtime.wire.channels import Channels
-from shardsync.runtime.wire.copy_graphs import BucketCopier
+from shardsync.runtime.wire.bucket_copier import BucketCopier
 from shardsync.runtime.wire.pipe import BucketPipe
 
 
@@ -151,7 +151,7 @@ class GatherMethod(OverChannels):
         self.shapes = module.hf_shapes(cfg)
         largest = max((b.numel for s in self.stages for b in s.buckets), default=0)
         self.pipe = BucketPipe(largest, context.dtype, context.device, verify=context.verify, overlap=context.overlap)
-        # one batched kernel per bucket on CUDA (the full tensors are new at every update: run eagerly)
+        # one batched kernel per bucket on CUDA (the full tensors are new at every update: its descriptors too)
         self.copier = BucketCopier(context.device, checksums=context.verify)
         self.elsize = torch.empty((), dtype=context.dtype).element_size()
         self.channels = Channels(context.device, context.timeout, context.channel_options)
@@ -195,6 +195,7 @@ class GatherMethod(OverChannels):
                     self.channels.join(store, name, members.index(me), tuple(map(trainer_name, members)), diagnose)
             if self._broadcasts:
                 self._join_broadcast(store, me.pp, 0, diagnose)
+                self.copier.load_kernels(self.context.dtype, self.stages[me.pp].buckets, to_bucket=True)
         else:
             engine, tp = self.context.engine
             for stage in self.stages:

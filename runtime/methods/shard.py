@@ -15,7 +15,7 @@ from shardsync.runtime.plan import Channel
 from shardsync.runtime.plan import buckets as bucketing
 from shardsync.runtime.reports import ChannelReport, Receipt
 from shardsync.runtime.wire.channels import Channels
-from shardsync.runtime.wire.copy_graphs import BucketCopier
+from shardsync.runtime.wire.bucket_copier import BucketCopier
 from shardsync.runtime.wire.pipe import BucketPipe
 
 
@@ -35,8 +35,9 @@ class ShardMethod(OverChannels):
         largest = max((b.numel for s in self.schedules.values() for bs in s.values() for b in bs), default=0)
         self.pipe = self.pipe_class(largest, context.dtype, context.device, verify=context.verify,
                                     overlap=context.overlap)
-        # one batched kernel per bucket on CUDA (graphed, checksum fused), foreach copies on the CPU
+        # one batched kernel per bucket on CUDA (checksum fused), foreach copies on the CPU
         self.copier = BucketCopier(context.device, checksums=context.verify)
+        self.wire_dtype = context.dtype
         self.channels = Channels(self.channel_device(context), context.timeout, context.channel_options)
 
     @staticmethod
@@ -57,6 +58,15 @@ class ShardMethod(OverChannels):
             peers = (trainer_name(channel.src),) + tuple(
                 engine_name(e, channel.dst_tp) for e in range(channel.engines))
             self.channels.join(store, channel.name, self.member, peers, diagnose)
+        self.load_kernels()
+
+    def load_kernels(self) -> None:
+        """The copies' kernels, loaded before the first update: an engine's tensors hold
+        the wire's dtype (checked at every update), a trainer's are known only then."""
+        buckets = [b for schedule in self.schedules.values() for bs in schedule.values() for b in bs]
+        sending = self.member == 0
+        self.copier.load_kernels(self.wire_dtype, buckets, to_bucket=sending,
+                                 tensor_dtypes=None if sending else (self.wire_dtype,))
 
     def send(self, tensors, update: int) -> tuple[ChannelReport, ...]:
         outbound = self.pipe.outbound(update)

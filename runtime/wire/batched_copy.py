@@ -50,6 +50,7 @@ from shardsync.runtime.wire import checksum
 TILES = {False: (8, 512, 4), True: (4, 512, 8)}
 _FIELDS = 6  # per piece: tensor address (bytes), rows, cols, row stride, bucket offset, elements
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+DTYPES = tuple(_TRITON_DTYPES)  # what the kernel copies, on either side
 
 
 @triton.jit
@@ -97,7 +98,15 @@ def _locate(pieces, piece, row0, col0, TENSOR_DTYPE: tl.constexpr, WIRE_DTYPE: t
     return tensor, offset + linear, mask
 
 
-@triton.jit
+# Nothing but the constants picks which compiled variant a launch runs: no argument is
+# specialized on its value or alignment (what alignment the copies may assume is the
+# ALIGNED constant's), so every variant an endpoint will launch can be loaded before its
+# first update (`load_kernels`) rather than at a first launch that may find its stream
+# waiting on another process.
+_ARGUMENTS = ("pieces", "tiles", "tile_count", "bucket", "scratch", "programs_in_all", "tail", "sums")
+
+
+@triton.jit(do_not_specialize=_ARGUMENTS)
 def _copy_tiles(pieces, tiles, tile_count, bucket, scratch, programs_in_all, tail, sums,
                 TENSOR_DTYPE: tl.constexpr, WIRE_DTYPE: tl.constexpr, TO_BUCKET: tl.constexpr,
                 ALIGNED: tl.constexpr, CHECKSUM: tl.constexpr, WORDS: tl.constexpr,
@@ -112,6 +121,8 @@ def _copy_tiles(pieces, tiles, tile_count, bucket, scratch, programs_in_all, tai
     each tile's bytes. The bucket is read as WIRE_DTYPE: its own dtype, or int32 for
     pieces copied as words."""
     wire = bucket.to(tl.pointer_type(WIRE_DTYPE))
+    if ALIGNED:  # the bucket starts on a 16-byte boundary (`_aligned`)
+        wire = tl.multiple_of(wire, 16)
     program = tl.program_id(0)
     programs = tl.num_programs(0)
     if CHECKSUM:
@@ -203,8 +214,7 @@ class BucketKernel:
         will run with the checksum (its tiles are smaller)."""
         self.sums = sums
         self.rows, self.cols, self.warps = TILES[sums]
-        # the checksum reads the bucket as 32-bit words unless its byte count is odd in 16-bit ones
-        self.checksum_word_bytes = 4 if (bucket_numel * bucket.element_size()) % 4 == 0 else 2
+        self.checksum_word_bytes = checksum_word_bytes(bucket_numel, bucket.dtype) if sums else 4
         classes: dict[tuple[torch.dtype, bool, bool], list[tuple]] = {}
         for tensor, box, offset in entries:
             for piece in _pieces(tensor, box, offset, self.cols):
@@ -252,10 +262,8 @@ class BucketKernel:
         """Each launch's constants and program count in one direction, and their programs in all."""
         launches = []
         for launch in self.launches:
-            constants = dict(TENSOR_DTYPE=tl.int32 if launch.words else _TRITON_DTYPES[launch.dtype],
-                             WIRE_DTYPE=tl.int32 if launch.words else _TRITON_DTYPES[bucket.dtype],
-                             TO_BUCKET=to_bucket, ALIGNED=launch.aligned, CHECKSUM=self.sums,
-                             WORDS=self.checksum_word_bytes, ROWS=self.rows, COLS=self.cols, num_warps=self.warps)
+            constants = _constants(launch.dtype, bucket.dtype, to_bucket, launch.aligned, launch.words, self.sums,
+                                   self.checksum_word_bytes)
             launches.append((launch, constants, self._programs(launch, bucket, tail, constants)))
         return launches, sum(programs for _, _, programs in launches)
 
@@ -268,10 +276,9 @@ class BucketKernel:
             return len(launch.tiles)
         if bucket.device.type != "cuda":  # Triton's interpreter (tests on a machine without a GPU)
             return min(len(launch.tiles), 4)
-        # compiled, not run (2 programs in all: a count Triton does not specialize on, as it does 1)
         compiled = _copy_tiles.warmup(launch.pieces, launch.tiles, len(launch.tiles), bucket, self.scratch,
-                                      2, tail, self.totals, grid=(1,), **constants)
-        compiled._init_handles()  # loads the module: its register count is known from here on
+                                      len(launch.tiles), tail, self.totals, grid=(1,), **constants)
+        compiled._init_handles()  # loaded (`load_kernels` did it before the first update): its registers are known
         properties = torch.cuda.get_device_properties(bucket.device)
         registers_a_warp = math.ceil(compiled.n_regs * 32 / 256) * 256  # a warp's registers come 256 at a time
         resident = min(properties.regs_per_multiprocessor // registers_a_warp // self.warps,
@@ -279,6 +286,48 @@ class BucketKernel:
                        properties.shared_memory_per_multiprocessor // max(compiled.metadata.shared, 1),
                        32)  # a multiprocessor's block limit on Ampere and Hopper (too many costs time, not results)
         return min(len(launch.tiles), max(resident, 1) * properties.multi_processor_count)
+
+
+def checksum_word_bytes(bucket_numel: int, dtype: torch.dtype) -> int:
+    """How the checksum reads a bucket: as 32-bit words, or as 16-bit ones where its byte
+    count is odd in 16-bit words."""
+    return 4 if (bucket_numel * torch.empty((), dtype=dtype).element_size()) % 4 == 0 else 2
+
+
+def load_kernels(device: torch.device, wire_dtype: torch.dtype, tensor_dtypes, *, to_bucket: bool, sums: bool,
+                 word_bytes=(4,)) -> None:
+    """Compile and load every variant of the copy kernel that copies between tensors of
+    `tensor_dtypes` and buckets of `wire_dtype` in one direction may launch; `word_bytes`:
+    how the checksum reads the buckets (`checksum_word_bytes`). Loading a module waits
+    for the device: done before an endpoint's first update, it finds no stream waiting
+    on another process."""
+    pieces = torch.zeros(1, _FIELDS, dtype=torch.int64, device=device)
+    tiles = torch.zeros(1, 3, dtype=torch.int64, device=device)
+    bucket = torch.zeros(64, dtype=wire_dtype, device=device)
+    tail = bucket.view(torch.uint8) if sums else bucket  # as `BucketKernel.run` passes it
+    scratch = torch.zeros(3, dtype=torch.int32, device=device)
+    totals = torch.zeros(2, 2, dtype=torch.int64, device=device)
+    # (tensor dtype, aligned, as words): what `BucketKernel` may put in a launch of its own
+    variants = [(dtype, aligned, False) for dtype in tensor_dtypes if dtype in _TRITON_DTYPES
+                for aligned in (False, True)]
+    if wire_dtype in tensor_dtypes:
+        variants.append((torch.int32, True, True))
+    for dtype, aligned, words in variants:
+        for word in set(word_bytes) if sums else {4}:
+            constants = _constants(dtype, wire_dtype, to_bucket, aligned, words, sums, word)
+            _copy_tiles.warmup(pieces, tiles, 1, bucket, scratch, 1, tail, totals, grid=(1,),
+                               **constants)._init_handles()
+
+
+def _constants(dtype: torch.dtype, wire_dtype: torch.dtype, to_bucket: bool, aligned: bool, words: bool, sums: bool,
+               word_bytes: int) -> dict:
+    """A launch's constants: which variant of the kernel it runs. `dtype`: its tensors'
+    (int32 where copied as words)."""
+    rows, cols, warps = TILES[sums]
+    return dict(TENSOR_DTYPE=tl.int32 if words else _TRITON_DTYPES[dtype],
+                WIRE_DTYPE=tl.int32 if words else _TRITON_DTYPES[wire_dtype],
+                TO_BUCKET=to_bucket, ALIGNED=aligned, CHECKSUM=sums, WORDS=word_bytes, ROWS=rows, COLS=cols,
+                num_warps=warps)
 
 
 def supported(tensor: torch.Tensor) -> bool:
@@ -319,10 +368,11 @@ def _pieces(tensor: torch.Tensor, box: boxes.Box, offset: int, tile_cols: int) -
 
 
 def _aligned(piece: tuple[int, ...], element: int, bucket: torch.Tensor) -> bool:
-    """Every row of the piece starts on a 16-byte boundary in its tensor and in the bucket."""
+    """Every row of the piece starts on a 16-byte boundary in its tensor and in the bucket,
+    and so does the bucket (the kernel's vector accesses assume both)."""
     address, rows, cols, row_stride, offset, _ = piece
     wire = bucket.element_size()
-    return (address % 16 == 0 and (bucket.data_ptr() + offset * wire) % 16 == 0
+    return (address % 16 == 0 and bucket.data_ptr() % 16 == 0 and (offset * wire) % 16 == 0
             and (rows == 1 or ((row_stride * element) % 16 == 0 and (cols * wire) % 16 == 0)))
 
 

@@ -15,14 +15,19 @@ import torch
 
 
 def stream_done_within(stream: torch.cuda.Stream, timeout: float) -> bool:
-    """Whether everything queued on `stream` so far ran within `timeout` seconds: polled
-    through an event, spinning for the first 10 ms (most waits are a few ms), then
-    sleeping half a millisecond between looks."""
+    """Whether everything queued on `stream` so far ran within `timeout` seconds."""
     done = torch.cuda.Event()
     done.record(stream)
+    return event_done_within(done, timeout)
+
+
+def event_done_within(event: torch.cuda.Event, timeout: float) -> bool:
+    """Whether `event` (recorded) completed within `timeout` seconds: polled, spinning for
+    the first 10 ms (most waits are a few ms), then sleeping half a millisecond between
+    looks."""
     started = time.monotonic()
     deadline, spin_until = started + timeout, started + 0.01
-    while not done.query():
+    while not event.query():
         now = time.monotonic()
         if now > deadline:
             return False

@@ -70,8 +70,14 @@ class Slots:
             self._fd = -1
 
 
+SLOT_ALIGNMENT = 16  # bytes: the batched copy's vector and word accesses need a bucket to start here
+
+
 def create_slots(numel: int, count: int, dtype: torch.dtype, device: torch.device) -> Slots:
-    """A producer's slots, in memory its consumers on this host or GPU can map."""
+    """A producer's slots, in memory its consumers on this host or GPU can map: at least
+    `numel` elements each, every slot starting on a `SLOT_ALIGNMENT` boundary."""
+    element = torch.empty((), dtype=dtype).element_size()
+    numel = -(-numel * element // SLOT_ALIGNMENT) * SLOT_ALIGNMENT // element
     if device.type == "cuda":
         return _cuda_slots(numel, count, dtype, device)
     if device.type != "cpu":

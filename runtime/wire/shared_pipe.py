@@ -18,6 +18,11 @@ lives and what says it may be read or rewritten:
   waits on it before reading and records its own "read" event after, and the
   producer's stream waits on every reader's "read" event before it writes the slot
   again;
+- a consumer's host queues the reads of at most `LEAD` buckets ahead of its device,
+  waiting (with the timeout) for the reads of bucket k - LEAD before it queues bucket
+  k's: a stream that stalls (busy, or waiting on a producer that stopped) would
+  otherwise take queued work until CUDA's queue is full, and then block the host in
+  whatever call queues the next, without a deadline;
 - with `verify`, a consumer checks the bucket's checksum before reading it and checks
   the slot again after: a slot rewritten while it was read is reported as corrupted.
 """
@@ -31,8 +36,11 @@ import torch
 
 from shardsync.runtime.errors import TransferError
 from shardsync.runtime.wire import checksum
+from shardsync.runtime.wire.device_wait import event_done_within
 from shardsync.runtime.wire.pipe import BucketPipe, Inbound, Link, Outbound, Sending
 from shardsync.runtime.wire.shared import Slots
+
+LEAD = 8  # buckets whose reads a consumer's host queues ahead of its device
 
 
 class SignalLink(Link, Protocol):
@@ -69,6 +77,8 @@ class SharedPipe(BucketPipe):
         self.mapped: dict[str, Slots] = {}  # a consumer's view of each channel's producer slots
         self.read_events: dict[str, tuple] = {}  # CUDA: per channel, per member 1..K, per slot, opened at connect
         self.own_read_events: dict[str, tuple] = {}  # CUDA: a consumer's own "read" events per channel and slot
+        # CUDA: a consumer's reads of its last LEAD buckets, over all of its channels, as (event, bucket) in a ring
+        self.lead: list[tuple[torch.cuda.Event, str] | None] = [None] * LEAD
         self._occupants: list[_Occupant | None] = [None] * self.depth
         self._next = 0
 
@@ -154,6 +164,7 @@ class SharedInbound(Inbound):
     def __init__(self, pipe: SharedPipe, update: int):
         super().__init__(pipe, update)
         self._releases: dict[str, list] = {}
+        self._queued = 0  # buckets whose reads this update queued, over every channel
 
     def buckets(self, group: SignalLink, buckets, where: str = "", check: bool = True):
         """Yield (index, bucket, slot, intact) as each bucket is announced; the slot is
@@ -173,6 +184,7 @@ class SharedInbound(Inbound):
                                     f"bucket {index}{where} of update {update}")
             buffer = slots[slot]
             if pipe.cuda:
+                self._keep_lead(group)
                 torch.cuda.current_stream(pipe.device).wait_event(slots.ready_events[slot])
             checking = pipe.tail and check
             sums = checksum.sent(buffer, bucket.numel) if checking else None
@@ -182,8 +194,25 @@ class SharedInbound(Inbound):
                 self.flag(group, f"bucket {index}{where} changed while it was read: its slot was written again "
                                  f"before this rank released it, so what was written from it is wrong")
             if pipe.cuda:
-                pipe.own_read_events[group.name][slot].record(torch.cuda.current_stream(pipe.device))
+                stream = torch.cuda.current_stream(pipe.device)
+                pipe.own_read_events[group.name][slot].record(stream)
+                self._queued_reads(stream, f"channel {group.name}'s bucket {index}{where} (update {update})")
             releases.append((index, group.gather_at_source(torch.zeros(1, dtype=torch.int64))))
+
+    def _keep_lead(self, group: SignalLink) -> None:
+        """Before queuing another bucket's reads: those of the bucket LEAD before it ran."""
+        earlier = self.pipe.lead[self._queued % LEAD]
+        if earlier is not None and not event_done_within(earlier[0], group.timeout):
+            raise TransferError(f"update {self.update}: channel {group.name}: the copies of {earlier[1]} had not run "
+                                f"on the device after {group.timeout:g}s: they wait on the work queued before them "
+                                f"on this rank's stream and on the writes of {group.peers[0]}")
+
+    def _queued_reads(self, stream: torch.cuda.Stream, what: str) -> None:
+        entry = self.pipe.lead[self._queued % LEAD]
+        event = entry[0] if entry is not None else torch.cuda.Event()
+        event.record(stream)
+        self.pipe.lead[self._queued % LEAD] = (event, what)
+        self._queued += 1
 
     def close(self, group: SignalLink) -> None:
         for index, release in self._releases.pop(group.name, []):

@@ -2,8 +2,8 @@
 
 One trainer rank's channel (for a real model shape, e.g. Qwen3-4B at TP 2) is
 packed into wire buckets and unpacked into engine-layout tensors with the runtime's
-own copier (`runtime.wire.copy_graphs`: on CUDA one batched kernel per bucket, replayed
-as a graph), with and without the checksum it computes on the way (`verify=True`),
+own copier (`runtime.wire.bucket_copier`: on CUDA one batched kernel per bucket, its
+descriptors kept from one pass to the next), with and without the checksum it computes on the way (`verify=True`),
 and, for reference, the eager per-piece `wire.pack.pack` / `wire.pack.unpack` and the
 eager copy of each box straight from trainer to engine tensors (what engines reading
 the trainer's tensors in place would do: one copy a byte), on any device. Each pass is one read and one write of the payload, so each is compared with
@@ -24,7 +24,7 @@ from shardsync.runtime.plan import boxes
 from shardsync.runtime.plan import buckets as bucketing
 from shardsync.runtime.wire import checksum
 from shardsync.runtime.wire import pack as packing
-from shardsync.runtime.wire.copy_graphs import BucketCopier
+from shardsync.runtime.wire.bucket_copier import BucketCopier
 from shardsync.runtime.plan import Layout, build_plan
 from shardsync.runtime.targets import TensorTargets
 from shardsync.presets import model_config
@@ -95,7 +95,7 @@ def run_pack_bench(model: str = "qwen3-4b", train_tp: int = 2, infer_tp: int = 2
         for bucket in schedule:
             packing.unpack(bucket, buffer, targets)
 
-    for _ in range(2):  # the runtime captures a bucket's graph when it sees the same tensors twice
+    for _ in range(2):  # untimed: kernels compiled and descriptors built, as at an endpoint's first update
         pack_all()
         unpack_all()
         pack_checked()
@@ -116,7 +116,7 @@ def run_pack_bench(model: str = "qwen3-4b", train_tp: int = 2, infer_tp: int = 2
         "pack_eager_s": _time(pack_eager, device, repeat),
         "unpack_eager_s": _time(unpack_eager, device, repeat),
         "direct_eager_s": _time(direct, device, repeat),
-        "graphs_captured": copier.captures + checked.captures,
+        "descriptors_built": copier.descriptors_built + checked.descriptors_built,  # once a bucket and direction
     }
     result["runtime_equals_eager"] = _same_result(schedule, sources, buffer, dests)
     result["copy_GBps"] = payload / result["copy_s"] / 1e9
@@ -160,11 +160,11 @@ def _cuda_extras(pack_eager, buffer, schedule, sources, payload, repeat, device)
 
 
 def _same_result(schedule, sources, buffer, dests) -> bool:
-    """The runtime's (graphed) copies leave the engine tensors as the eager ones do."""
+    """The runtime's copies leave the engine tensors as the eager ones do."""
     copier = BucketCopier(buffer.device)
     for tensor in dests.values():
         tensor.zero_()
-    for _ in range(3):  # eager, then captured, then replayed
+    for _ in range(2):  # descriptors built, then kept
         for index, bucket in enumerate(schedule):
             copier.pack(("check", index), bucket, sources, buffer)
             copier.unpack(("check", index), bucket, buffer, TensorTargets(dests))

@@ -63,8 +63,7 @@ class BusyDeviceTargets:
     """Write targets on a GPU busy with other work when an update's copies are queued:
     from the update after `quiet` on, `seconds` of it go on the stream first, as a
     device shared with a long kernel. (The first update builds what the copies keep on
-    the device and the second captures their graphs: each update finds the device
-    busy at a different step.)"""
+    the device, later ones reuse it: each finds the device busy at a different step.)"""
 
     def __init__(self, targets, seconds: float, quiet: int = 2):
         self.targets, self.seconds, self.quiet = targets, seconds, quiet
