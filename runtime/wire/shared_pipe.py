@@ -77,8 +77,9 @@ class SharedPipe(BucketPipe):
         self.mapped: dict[str, Slots] = {}  # a consumer's view of each channel's producer slots
         self.read_events: dict[str, tuple] = {}  # CUDA: per channel, per member 1..K, per slot, opened at connect
         self.own_read_events: dict[str, tuple] = {}  # CUDA: a consumer's own "read" events per channel and slot
-        # CUDA: a consumer's reads of its last LEAD buckets, over all of its channels, as (event, bucket) in a ring
-        self.lead: list[tuple[torch.cuda.Event, str] | None] = [None] * LEAD
+        # CUDA: a consumer's reads of its last LEAD buckets over all of its channels, in a ring: (the event
+        # recorded after them, the bucket, its producer)
+        self.lead: list[tuple[torch.cuda.Event, str, str] | None] = [None] * LEAD
         self._occupants: list[_Occupant | None] = [None] * self.depth
         self._next = 0
 
@@ -196,22 +197,26 @@ class SharedInbound(Inbound):
             if pipe.cuda:
                 stream = torch.cuda.current_stream(pipe.device)
                 pipe.own_read_events[group.name][slot].record(stream)
-                self._queued_reads(stream, f"channel {group.name}'s bucket {index}{where} (update {update})")
+                self._queued_reads(stream, f"channel {group.name}'s bucket {index}{where} (update {update})",
+                                   group.peers[0])
             releases.append((index, group.gather_at_source(torch.zeros(1, dtype=torch.int64))))
 
     def _keep_lead(self, group: SignalLink) -> None:
         """Before queuing another bucket's reads: those of the bucket LEAD before it ran."""
         earlier = self.pipe.lead[self._queued % LEAD]
-        if earlier is not None and not event_done_within(earlier[0], group.timeout):
-            raise TransferError(f"update {self.update}: channel {group.name}: the copies of {earlier[1]} had not run "
-                                f"on the device after {group.timeout:g}s: they wait on the work queued before them "
-                                f"on this rank's stream and on the writes of {group.peers[0]}")
+        if earlier is None:
+            return
+        event, what, producer = earlier
+        if not event_done_within(event, group.timeout):
+            raise TransferError(f"update {self.update}: channel {group.name}: the copies of {what} had not run on the "
+                                f"device after {group.timeout:g}s: they wait on the work queued before them on this "
+                                f"rank's stream and on the writes of {producer}")
 
-    def _queued_reads(self, stream: torch.cuda.Stream, what: str) -> None:
+    def _queued_reads(self, stream: torch.cuda.Stream, what: str, producer: str) -> None:
         entry = self.pipe.lead[self._queued % LEAD]
         event = entry[0] if entry is not None else torch.cuda.Event()
         event.record(stream)
-        self.pipe.lead[self._queued % LEAD] = (event, what)
+        self.pipe.lead[self._queued % LEAD] = (event, what, producer)
         self._queued += 1
 
     def close(self, group: SignalLink) -> None:

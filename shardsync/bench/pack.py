@@ -3,8 +3,8 @@
 One trainer rank's channel (for a real model shape, e.g. Qwen3-4B at TP 2) is
 packed into wire buckets and unpacked into engine-layout tensors with the runtime's
 own copier (`runtime.wire.bucket_copier`: on CUDA one batched kernel per bucket, its
-descriptors kept from one pass to the next), with and without the checksum it computes on the way (`verify=True`),
-and, for reference, the eager per-piece `wire.pack.pack` / `wire.pack.unpack` and the
+descriptors kept from one pass to the next), with and without the checksum it
+computes on the way (`verify=True`), and, for reference, the eager per-piece `wire.pack.pack` / `wire.pack.unpack` and the
 eager copy of each box straight from trainer to engine tensors (what engines reading
 the trainer's tensors in place would do: one copy a byte), on any device. Each pass is one read and one write of the payload, so each is compared with
 one plain contiguous copy of the same bytes measured in the same run. On CUDA it also

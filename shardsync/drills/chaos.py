@@ -120,12 +120,9 @@ def run_scenario(scenario: str, model: str = "qwen3-tiny", train_tp: int = 2, in
     layout = Layout(train_tp, 1, infer_tp, engines, train_ep=train_ep, train_etp=train_etp, train_dp=train_dp,
                     infer_ep=infer_ep)
     result = {"scenario": scenario, "engine": engine, "method": method, "device": device, "model": model,
-              "train_tp": train_tp,
-              "infer_tp": infer_tp,
-              "engines": engines, "train_ep": layout.train_ep, "train_etp": layout.train_etp,
-              "train_dp": layout.train_dp, "infer_ep": infer_ep, "timeout": timeout, "detected": False,
-              "seconds_to_error": None,
-              "engine_state_after_fault": None,
+              "train_tp": train_tp, "infer_tp": infer_tp, "engines": engines, "train_ep": layout.train_ep,
+              "train_etp": layout.train_etp, "train_dp": layout.train_dp, "infer_ep": infer_ep, "timeout": timeout,
+              "detected": False, "seconds_to_error": None, "engine_state_after_fault": None,
               "recovered": False, "hung": False, "errors": {}}
     odd = {**hf_config, "num_hidden_layers": hf_config["num_hidden_layers"] + 1}
     drill = _Drill(hf_config, layout, timeout, log, engine_config=odd if scenario == "config-mismatch" else None,
