@@ -10,7 +10,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from shardsync.runtime.wire.device_wait import stream_done_within
+from shardsync.runtime.device_wait import stream_done_within
 
 
 def as_named(tensors) -> tuple[dict[str, torch.Tensor], str | None]:

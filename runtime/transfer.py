@@ -25,6 +25,7 @@ import torch
 
 from shardsync import generated
 from shardsync.runtime import methods
+from shardsync.runtime.device_wait import stream_done_within
 from shardsync.runtime.errors import PlanError, StaleWeightsError, TensorError, TransferError, UpdateFailedElsewhere
 from shardsync.runtime.methods import METHODS, Context, Method
 from shardsync.runtime.methods.base import engine_name, trainer_name
@@ -34,7 +35,6 @@ from shardsync.runtime.reports import ChannelReport, PhaseClock, Receipt, Update
 from shardsync.runtime.session import Session, local_address
 from shardsync.runtime.targets import as_loader, as_targets
 from shardsync.runtime.tensor_checks import FiniteCheck, as_named, engine_findings, trainer_findings
-from shardsync.runtime.wire.device_wait import stream_done_within
 
 DEFAULT_BUCKET_BYTES = 64 << 20
 log = logging.getLogger("shardsync")

@@ -21,10 +21,11 @@ FOLDERS = {"shardsync.runtime": ROOT / "runtime", "shardsync.generated": ROOT / 
 RUNTIME_LAYERS = {
     "plan": {"plan", "errors"},
     "session": {"session", "errors"},
-    "wire": {"plan", "wire", "errors", "targets"},
+    "wire": {"plan", "wire", "errors", "targets", "device_wait"},
     "methods": {"plan", "wire", "session", "methods", "errors", "targets", "reports", "tensor_checks"},
 }
-TOP_OF_RUNTIME = {"errors", "targets", "reports", "tensor_checks", "nonfinite"}  # imported by every layer: import no layer
+# imported by every layer: import no layer
+TOP_OF_RUNTIME = {"errors", "targets", "reports", "tensor_checks", "nonfinite", "device_wait"}
 
 
 def _modules(package: str) -> dict[str, Path]:

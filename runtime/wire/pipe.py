@@ -26,10 +26,10 @@ from typing import Callable, Iterator, Protocol
 
 import torch
 
+from shardsync.runtime.device_wait import stream_done_within
 from shardsync.runtime.errors import TransferError
 from shardsync.runtime.plan.buckets import Bucket
 from shardsync.runtime.wire import checksum
-from shardsync.runtime.wire.device_wait import stream_done_within
 
 
 class Link(Protocol):

@@ -34,9 +34,9 @@ from typing import Protocol
 
 import torch
 
+from shardsync.runtime.device_wait import event_done_within
 from shardsync.runtime.errors import TransferError
 from shardsync.runtime.wire import checksum
-from shardsync.runtime.wire.device_wait import event_done_within
 from shardsync.runtime.wire.pipe import BucketPipe, Inbound, Link, Outbound, Sending
 from shardsync.runtime.wire.shared import Slots
 
