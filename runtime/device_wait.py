@@ -33,3 +33,10 @@ def event_done_within(event: torch.cuda.Event, timeout: float) -> bool:
             return False
         time.sleep(0 if now < spin_until else 0.0005)
     return True
+
+
+def copies_not_run(copies: str, timeout: float, writers: str) -> str:
+    """What a receiver says when `copies` (queued on its stream) had not run within
+    `timeout`: what they wait on, naming the ranks whose writes they follow."""
+    return (f"{copies} had not run on the device after {timeout:g}s: they wait on the work queued before them on "
+            f"this rank's stream and on the writes of {writers}")

@@ -25,7 +25,7 @@ import torch
 
 from shardsync import generated
 from shardsync.runtime import methods
-from shardsync.runtime.device_wait import stream_done_within
+from shardsync.runtime.device_wait import copies_not_run, stream_done_within
 from shardsync.runtime.errors import PlanError, StaleWeightsError, TensorError, TransferError, UpdateFailedElsewhere
 from shardsync.runtime.methods import METHODS, Context, Method
 from shardsync.runtime.methods.base import engine_name, trainer_name
@@ -387,9 +387,8 @@ class Receiver(_Endpoint):
             return
         feeding = sorted({trainer_name(c.src) for c in self.plan.channels_of_engine_rank(self.tp_rank)}
                          if self.plan else ())
-        raise TransferError(f"update {number}: {self.who}: its copies had not run on the device after "
-                            f"{self.timeout:g}s: they wait on the work queued before them on this rank's "
-                            f"stream and on the writes of {', '.join(feeding) or 'the trainer ranks'}")
+        raise TransferError(f"update {number}: {self.who}: "
+                            + copies_not_run("its copies", self.timeout, ", ".join(feeding) or "the trainer ranks"))
 
 
 class _CountingTargets:

@@ -291,7 +291,7 @@ class BucketKernel:
 def checksum_word_bytes(bucket_numel: int, dtype: torch.dtype) -> int:
     """How the checksum reads a bucket: as 32-bit words, or as 16-bit ones where its byte
     count is odd in 16-bit words."""
-    return 4 if (bucket_numel * torch.empty((), dtype=dtype).element_size()) % 4 == 0 else 2
+    return 4 if (bucket_numel * dtype.itemsize) % 4 == 0 else 2
 
 
 def load_kernels(device: torch.device, wire_dtype: torch.dtype, tensor_dtypes, *, to_bucket: bool, sums: bool,

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Protocol
 
 import torch
 
-from shardsync.runtime.device_wait import stream_done_within
+from shardsync.runtime.device_wait import copies_not_run, stream_done_within
 from shardsync.runtime.errors import TransferError
 from shardsync.runtime.plan.buckets import Bucket
 from shardsync.runtime.wire import checksum
@@ -186,10 +186,9 @@ class Inbound:
         the sender's writes (an interprocess event, or the channel's collective)."""
         device = self.pipe.device
         if device.type == "cuda" and not stream_done_within(torch.cuda.current_stream(device), group.timeout):
-            raise TransferError(f"update {self.update}: channel {group.name}: the copies of its buckets{where} had "
-                                f"not run on the device after {group.timeout:g}s, so their checksums could not be "
-                                f"read: they wait on the work queued before them on this rank's stream and on "
-                                f"the writes of {group.peers[0]}")
+            raise TransferError(f"update {self.update}: channel {group.name}: "
+                                + copies_not_run(f"the copies of its buckets{where}", group.timeout, group.peers[0])
+                                + "; their checksums could not be read")
 
     def arrived_intact(self, group: Link, buffer: torch.Tensor, bucket: Bucket, what: str) -> bool:
         """Whether `buffer` holds `bucket` as its sender summed it (always, without

@@ -34,7 +34,7 @@ from typing import Protocol
 
 import torch
 
-from shardsync.runtime.device_wait import event_done_within
+from shardsync.runtime.device_wait import copies_not_run, event_done_within
 from shardsync.runtime.errors import TransferError
 from shardsync.runtime.wire import checksum
 from shardsync.runtime.wire.pipe import BucketPipe, Inbound, Link, Outbound, Sending
@@ -208,9 +208,8 @@ class SharedInbound(Inbound):
             return
         event, what, producer = earlier
         if not event_done_within(event, group.timeout):
-            raise TransferError(f"update {self.update}: channel {group.name}: the copies of {what} had not run on the "
-                                f"device after {group.timeout:g}s: they wait on the work queued before them on this "
-                                f"rank's stream and on the writes of {producer}")
+            raise TransferError(f"update {self.update}: channel {group.name}: "
+                                + copies_not_run(f"the copies of {what}", group.timeout, producer))
 
     def _queued_reads(self, stream: torch.cuda.Stream, what: str, producer: str) -> None:
         entry = self.pipe.lead[self._queued % LEAD]
