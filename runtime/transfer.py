@@ -98,7 +98,7 @@ class _Endpoint:
             digest = hashlib.sha256((self.transport.digest + json.dumps(inputs, sort_keys=True)).encode()).hexdigest()
             self.session.agree(digest, inputs)
             self.updates = self.session.updates_so_far(self.updates)
-            self.transport.connect(self.session.groups_store(), self.session.diagnose)
+            self.transport.connect(self.session.groups_store(), self.session)
         except BaseException:
             self.transport.close()  # what was joined is left: a later connect() tries again from scratch
             self.session.leave_epoch()  # done with this epoch's store: its host need not wait for this endpoint

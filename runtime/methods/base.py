@@ -11,7 +11,7 @@ loops. The endpoint never asks which method it holds: it builds one from a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol
+from typing import Mapping, Protocol
 
 import torch
 
@@ -19,7 +19,7 @@ from shardsync.runtime.plan import Layout, Plan
 from shardsync.runtime.plan.build import source_label
 from shardsync.runtime.plan.layout import TrainerRank
 from shardsync.runtime.reports import ChannelReport, Receipt
-from shardsync.runtime.wire.channels import Channels
+from shardsync.runtime.wire.channels import Channels, PeerWatch
 from shardsync.runtime.wire.pipe import BucketPipe
 
 
@@ -79,9 +79,10 @@ class Method(Protocol):
     def peak_temp_bytes(self) -> int:
         """The most bytes of whole tensors held at once beyond the buffers."""
 
-    def connect(self, store, diagnose: Callable[[tuple[str, ...]], str]) -> None:
-        """Create this endpoint's channels (or buffers) over the rendezvous store;
-        `diagnose` names the peers that went silent when a wait times out."""
+    def connect(self, store, watch: PeerWatch) -> None:
+        """Create this endpoint's channels (or buffers) over the rendezvous store; `watch`
+        (the session) names the peers that went silent when a wait fails, and tells a
+        wait that lasts whether the update already failed elsewhere."""
 
     def send(self, tensors: Mapping[str, torch.Tensor], update: int) -> tuple[ChannelReport, ...]:
         """A trainer rank's share of `update`; raises TransferError naming channel,

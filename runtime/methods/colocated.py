@@ -49,21 +49,21 @@ class ColocatedMethod(ShardMethod):
         """The signals are a few integers on the host; NCCL would refuse two ranks on one GPU."""
         return torch.device("cpu")
 
-    def connect(self, store, diagnose) -> None:
+    def connect(self, store, watch) -> None:
         pipe: SharedPipe = self.pipe
         if self.producer:
             if self.mine and pipe.slot_numel:
                 pipe.own = shared.create_slots(pipe.slot_numel, pipe.depth, pipe.dtype, pipe.device)
                 self.mappings_created += 1
                 store.set(self._slots_key(self.mine[0].src), pickle.dumps(pipe.own.handle))
-            super().connect(store, diagnose)
+            super().connect(store, watch)
             if pipe.cuda:
                 for channel in self.mine:
                     pipe.read_events[channel.name] = tuple(
-                        self._open_read_events(store, channel, member, diagnose)
+                        self._open_read_events(store, channel, member, watch)
                         for member in range(1, channel.engines + 1))
             return
-        super().connect(store, diagnose)  # the producer published its slots before joining
+        super().connect(store, watch)  # the producer published its slots before joining
         for channel in self.mine:
             producer = trainer_name(channel.src)
             handle = pickle.loads(store.get(self._slots_key(channel.src)))
@@ -75,14 +75,14 @@ class ColocatedMethod(ShardMethod):
                 store.set(self._read_events_key(channel, self.member),
                           pickle.dumps(tuple(bytes(e.ipc_handle()) for e in events)))
 
-    def _open_read_events(self, store, channel, member: int, diagnose) -> tuple:
+    def _open_read_events(self, store, channel, member: int, watch) -> tuple:
         key = self._read_events_key(channel, member)
         try:
             store.wait([key], timedelta(seconds=self.timeout))
         except RuntimeError:
             reader = f"engine {member - 1} tp{channel.dst_tp}"
             raise TransferError(f"connect: channel {channel.name}: {reader} did not share its read events within "
-                                f"{self.timeout:.0f}s: {diagnose((reader,))}") from None
+                                f"{self.timeout:.0f}s: {watch.diagnose((reader,))}") from None
         self.mappings_created += 1
         return tuple(shared.open_event(h, self.pipe.device) for h in pickle.loads(store.get(key)))
 

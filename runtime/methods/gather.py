@@ -183,7 +183,7 @@ class GatherMethod(OverChannels):
 
     # -- set-up -----------------------------------------------------------------------
 
-    def connect(self, store, diagnose) -> None:
+    def connect(self, store, watch) -> None:
         """Groups are joined in one global order (each stage's gathers, then its
         broadcast), every process following its part of it, so no join waits on
         another."""
@@ -192,20 +192,20 @@ class GatherMethod(OverChannels):
         if me is not None:
             for name, members in gather_groups(layout, me.pp, self.experts):
                 if me in members:
-                    self.channels.join(store, name, members.index(me), tuple(map(trainer_name, members)), diagnose)
+                    self.channels.join(store, name, members.index(me), tuple(map(trainer_name, members)), watch)
             if self._broadcasts:
-                self._join_broadcast(store, me.pp, 0, diagnose)
+                self._join_broadcast(store, me.pp, 0, watch)
                 self.copier.load_kernels(self.context.dtype, self.stages[me.pp].buckets, to_bucket=True)
         else:
             engine, tp = self.context.engine
             for stage in self.stages:
-                self._join_broadcast(store, stage.stage, 1 + engine * layout.infer_tp + tp, diagnose)
+                self._join_broadcast(store, stage.stage, 1 + engine * layout.infer_tp + tp, watch)
 
-    def _join_broadcast(self, store, pp: int, member: int, diagnose) -> None:
+    def _join_broadcast(self, store, pp: int, member: int, watch) -> None:
         layout = self.context.layout
         peers = (trainer_name(layout.trainer_at(pp, 0)),) + tuple(
             engine_name(e, s) for e in range(layout.engines) for s in range(layout.infer_tp))
-        self.channels.join(store, f"broadcast-pp{pp}", member, peers, diagnose)
+        self.channels.join(store, f"broadcast-pp{pp}", member, peers, watch)
 
     # -- updates ----------------------------------------------------------------------
 

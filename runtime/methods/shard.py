@@ -53,11 +53,11 @@ class ShardMethod(OverChannels):
     def peak_temp_bytes(self) -> int:
         return 0  # packed from views, written by box: no whole tensor held
 
-    def connect(self, store, diagnose) -> None:
+    def connect(self, store, watch) -> None:
         for channel in self.mine:
             peers = (trainer_name(channel.src),) + tuple(
                 engine_name(e, channel.dst_tp) for e in range(channel.engines))
-            self.channels.join(store, channel.name, self.member, peers, diagnose)
+            self.channels.join(store, channel.name, self.member, peers, watch)
         self.load_kernels()
 
     def load_kernels(self) -> None:

@@ -171,6 +171,19 @@ class Session:
         except RuntimeError:
             pass  # the store is gone: nobody is left waiting for this
 
+    def failed_elsewhere(self, update: int) -> str | None:
+        """Why `update` failed, once an endpoint posted its failure (which decides the
+        outcome's round: this endpoint, still waiting, has posted nothing); None until
+        then, or when the store cannot say (the wait goes on and reports its own way)."""
+        stage = f"done{update}"
+        try:
+            if not self._has(self._decided(stage)):
+                return None
+            found = first_refusal(self.store, self._verdict_keys(stage), self.timeout, self._decided(stage))
+        except (RuntimeError, Silence):
+            return None
+        return found[1] if found is not None else None
+
     def diagnose(self, peers: tuple[str, ...]) -> str:
         others = tuple(p for p in self.everyone if p != self.who) if peers else ()
         return silent_peers(self.store, peers, self.host_name, others)

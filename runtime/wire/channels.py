@@ -6,6 +6,12 @@ update and shut down at close. Gloo carries CPU tensors, NCCL CUDA tensors. Ever
 blocking call has a timeout and fails with the channel, the peer and the update.
 A method holds its groups in one `Channels`, which counts what it created: the
 evidence that updates create none.
+
+A wait on a group is also a wait on the rest of the transfer: a member whose peer
+failed elsewhere (an engine of another channel killed, a trainer that gave up) would
+otherwise wait out its whole timeout for a signal that will not come. So a gloo wait
+that lasts asks the session, a few times a second, whether the update already failed,
+and stops with that failure's words.
 """
 
 from __future__ import annotations
@@ -13,13 +19,26 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Iterator, Mapping
+from typing import Iterator, Mapping, Protocol
 
 import torch
 from torch._C._distributed_c10d import AllreduceOptions, BroadcastOptions, GatherOptions, ReduceOp
 from torch.distributed import PrefixStore, Store
 
 from shardsync.runtime.errors import TransferError
+
+
+WATCH_EVERY_S = 0.25  # how often a gloo wait that lasts asks whether the update failed elsewhere
+
+
+class PeerWatch(Protocol):
+    """What an endpoint's session knows of its peers while one of its waits lasts."""
+
+    def diagnose(self, peers: tuple[str, ...]) -> str:
+        """A sentence naming those of `peers` (or of the rest of the transfer) that went silent."""
+
+    def failed_elsewhere(self, update: int) -> str | None:
+        """Why `update` failed, once another endpoint said it did; None until then."""
 
 
 @dataclass
@@ -33,7 +52,7 @@ class Group:
     timeout: float
     peers: tuple[str, ...]  # a readable name per member
     device: torch.device
-    diagnose: Callable[[tuple[str, ...]], str] | None = None  # which peers went silent, set at connect
+    watch: PeerWatch | None = None  # the session's news of the peers, set at connect
 
     def broadcast(self, tensor: torch.Tensor):
         options = BroadcastOptions()
@@ -79,20 +98,45 @@ class Group:
         return int(value.item())
 
     def wait(self, work, what: str, update: int | None) -> None:
-        """Wait for `work`, turning a timeout or a dead peer into a TransferError."""
+        """Wait for `work`, turning a timeout, a dead peer or a failure elsewhere in the
+        update into a TransferError."""
         started = time.monotonic()
+        when = f"update {update}" if update is not None else "connect"
+        others = tuple(p for i, p in enumerate(self.peers) if i != self.rank)
         try:
-            work.wait(timedelta(seconds=self.timeout))
+            failure = self._wait_watching(work, update, started + self.timeout)
         except RuntimeError as exc:
             elapsed = time.monotonic() - started
-            when = f"update {update}" if update is not None else "connect"
-            others = tuple(p for i, p in enumerate(self.peers) if i != self.rank)
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            found = f"{self.diagnose(others)}; " if self.diagnose is not None else ""
+            found = f"{self.watch.diagnose(others)}; " if self.watch is not None else ""
             raise TransferError(
                 f"{when}: channel {self.name}: {what} with {', '.join(others)} failed after {elapsed:.1f}s "
                 f"(timeout {self.timeout:.0f}s): {found}{reason}"
             ) from None
+        if failure is not None:
+            raise TransferError(
+                f"{when}: channel {self.name}: {what} with {', '.join(others)}: stopped waiting after "
+                f"{time.monotonic() - started:.1f}s, the update failed elsewhere: {failure}")
+
+    def _wait_watching(self, work, update: int | None, deadline: float) -> str | None:
+        """Wait for `work` until `deadline`; None once it completed. On gloo, in slices of
+        WATCH_EVERY_S, between which the watch is asked whether the update failed
+        elsewhere: if so, its words (the work is left to the group's close). An NCCL wait
+        with a timeout may abort its communicator when the timeout passes, so it is one."""
+        if self.watch is None or update is None or self.device.type != "cpu":
+            work.wait(timedelta(seconds=self.timeout))
+            return None
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                work.wait(timedelta(seconds=max(min(WATCH_EVERY_S, left), 0.001)))
+                return None
+            except RuntimeError:
+                if work.is_completed() or left <= WATCH_EVERY_S:
+                    raise  # the work failed (a peer is gone), or the timeout passed
+            failure = self.watch.failed_elsewhere(update)
+            if failure is not None:
+                return failure
 
     def close(self) -> None:
         try:
@@ -145,10 +189,9 @@ class Channels(Mapping[str, Group]):
     def __len__(self) -> int:
         return len(self._groups)
 
-    def join(self, store: Store, name: str, member: int, peers: tuple[str, ...],
-             diagnose: Callable[[tuple[str, ...]], str] | None) -> Group:
+    def join(self, store: Store, name: str, member: int, peers: tuple[str, ...], watch: PeerWatch | None) -> Group:
         group = create_group(store, name, member, peers, self.device, self.timeout, **self.options)
-        group.diagnose = diagnose
+        group.watch = watch
         self._groups[name] = group
         self.created += 1
         return group
