@@ -132,7 +132,7 @@ class Group:
                 work.wait(timedelta(seconds=max(min(WATCH_EVERY_S, left), 0.001)))
                 return None
             except RuntimeError:
-                if work.is_completed() or left <= WATCH_EVERY_S:
+                if work.is_completed() or time.monotonic() >= deadline:
                     raise  # the work failed (a peer is gone), or the timeout passed
             failure = self.watch.failed_elsewhere(update)
             if failure is not None:
