@@ -39,13 +39,25 @@ def _flag_nonfinite(tiles, flag, BITS: tl.constexpr, EXPONENT: tl.constexpr, TIL
         tl.atomic_max(flag, 1)
 
 
+def load_kernels(device: torch.device) -> None:
+    """Compile and load the pass for every dtype it reads. Loading a module waits for the
+    device: done at connect, before a trainer's stream may wait on an engine's reads,
+    rather than in the first update's check. A launch's variant depends on its dtype
+    alone: the table and the flag are fresh allocations, aligned as these are."""
+    table = torch.zeros(1, 2, dtype=torch.int64, device=device)
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    for bits, exponent in _EXPONENT.values():
+        _flag_nonfinite.warmup(table, flag, BITS=bits, EXPONENT=exponent, TILE=TILE, num_warps=8,
+                               grid=(1,))._init_handles()
+
+
 class NonfiniteCheck:
     """Keeps the tile tables of the last set of tensors it was given (a trainer hands
     the same parameters at every update), and a flag on their device."""
 
     def __init__(self):
         self._key = None
-        self._launches: list[tuple] = []  # (table, tiles, BITS, EXPONENT) per dtype
+        self._launches: list[tuple] = []  # (table, tiles, BITS, EXPONENT, its pinned source) per dtype
         self._flag: torch.Tensor | None = None
 
     @staticmethod
@@ -69,7 +81,7 @@ class NonfiniteCheck:
             self._key = key
         flag = self._flag
         flag.zero_()
-        for table, tiles, bits, exponent in self._launches:
+        for table, tiles, bits, exponent, _pinned in self._launches:
             _flag_nonfinite[(tiles,)](table, flag, BITS=bits, EXPONENT=exponent, TILE=TILE, num_warps=8)
         return flag
 
@@ -79,9 +91,12 @@ class NonfiniteCheck:
         self._flag = torch.zeros(1, dtype=torch.int32, device=device)
         for dtype in sorted({t.dtype for t in tensors if t.numel()}, key=str):
             group = [t for t in tensors if t.dtype == dtype and t.numel()]
-            table = _tile_table(group)
+            # from pinned memory, not waited for: a pageable copy would wait on this rank's
+            # stream, which may wait on another process; the pinned table lives as long as
+            # the one on the device, which is not rewritten
+            table = _tile_table(group).pin_memory()
             bits, exponent = _EXPONENT[dtype]
-            self._launches.append((table.to(device), table.shape[0], bits, exponent))
+            self._launches.append((table.to(device, non_blocking=True), table.shape[0], bits, exponent, table))
 
 
 def _tile_table(tensors: list[torch.Tensor]) -> torch.Tensor:

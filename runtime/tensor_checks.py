@@ -106,6 +106,15 @@ class FiniteCheck:
             return True
         return all(bool(torch.isfinite(t).all()) for t in tensors)
 
+    def load(self, device: torch.device) -> None:
+        """On CUDA, load the flagging pass for every dtype now (`nonfinite.load_kernels`),
+        so that the first update's check loads no module."""
+        if device.type == "cuda" and self._cuda_kernel():
+            from shardsync.runtime.nonfinite import load_kernels
+
+            with torch.cuda.device(device):
+                load_kernels(device)
+
     def _wait_for_device(self, device: torch.device) -> None:
         if not stream_done_within(torch.cuda.current_stream(device), self.timeout):
             raise TimeoutError(f"the NaN/Inf check had not run on the device after {self.timeout:g}s: it waits on "

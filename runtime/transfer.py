@@ -234,6 +234,10 @@ class Sender(_Endpoint):
     def _position(self) -> dict:
         return {"trainer": self.position, "engine": None}
 
+    def connect(self) -> None:
+        super().connect()
+        self._all_finite.load(self.device)  # its modules now, not in the first update's check
+
     def local_shapes(self) -> dict[str, tuple[int, ...]]:
         """The Megatron tensors this rank must hand to `update`, by name: its dense
         tensors at dense DP rank 0, its experts at expert DP rank 0. (Derived once: every

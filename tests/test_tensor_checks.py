@@ -46,3 +46,29 @@ def test_a_check_the_device_does_not_get_to_within_the_timeout_is_a_finding():
     assert finding is not None and finding.startswith("the NaN/Inf check had not run on the device after 0.5s"), finding
     assert waited < 2.0, f"waited {waited:.1f}s for a check with a 0.5s timeout"
     assert trainer_findings(tensors, shapes, torch.device("cuda"), False, check) is None  # once the device is through
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: on the GPU machine")
+def test_a_check_of_new_tensors_behind_a_busy_stream_loads_nothing_and_waits_only_its_timeout():
+    """Loading the pass's module, or uploading a table of tiles from pageable memory, would
+    wait for the device: once a trainer is connected (`FiniteCheck.load`) the check of
+    tensors it never saw, of every dtype, queued behind 4 s of other work, still ends
+    within its timeout, and compiles nothing new."""
+    from shardsync.runtime import nonfinite
+
+    nonfinite._flag_nonfinite.device_caches.clear()  # forget what earlier tests loaded
+    check = FiniteCheck(timeout=0.5)
+    check.load(torch.device("cuda"))
+    loaded = {key for caches in nonfinite._flag_nonfinite.device_caches.values() for key in caches[0]}
+    tensors = {f"w{i}": torch.randn(65, 33, device="cuda").to(dtype)[1:]  # at an offset of one row
+               for i, dtype in enumerate([torch.bfloat16, torch.float32, torch.float16])}
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    torch.cuda._sleep(int(4 * 2e9))
+    started = time.monotonic()
+    finding = trainer_findings(tensors, shapes, torch.device("cuda"), False, check)
+    waited = time.monotonic() - started
+    torch.cuda.synchronize()
+    assert finding is not None and finding.startswith("the NaN/Inf check had not run on the device after 0.5s"), finding
+    assert waited < 2.0, f"waited {waited:.1f}s for a check with a 0.5s timeout"
+    assert trainer_findings(tensors, shapes, torch.device("cuda"), False, check) is None
+    assert {key for caches in nonfinite._flag_nonfinite.device_caches.values() for key in caches[0]} == loaded
