@@ -36,9 +36,10 @@ class FailsAfter:
         return f"{', '.join(peers)} still alive"
 
 
-def _source(port: int, timeout: float, answer) -> None:
+def _source(port: int, timeout: float, started, answer) -> None:
     """Member 0, in its own process: joins, broadcasts once `answer` is set, then leaves."""
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=30))
+    started.set()  # (the join waits `timeout` for the other member: a process may take longer to start)
     group = create_group(store, "pp0-tp0-to-tp0", 0, PEERS, torch.device("cpu"), timeout)
     answer.wait(60)
     group.wait(group.broadcast(torch.tensor([7, 2, 1], dtype=torch.int64)), "announcing bucket 2", 7)
@@ -53,9 +54,10 @@ class Channel:
         port = free_port()
         self.store = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=30),
                                    wait_for_workers=False)
-        self.answer = context.Event()
-        self.source = context.Process(target=_source, args=(port, timeout, self.answer), daemon=True)
+        self.answer, started = context.Event(), context.Event()
+        self.source = context.Process(target=_source, args=(port, timeout, started, self.answer), daemon=True)
         self.source.start()
+        assert started.wait(60), "the channel's source process did not start within 60 s"
         self.engine = create_group(self.store, "pp0-tp0-to-tp0", 1, PEERS, torch.device("cpu"), timeout)
 
     def close(self) -> None:
