@@ -121,8 +121,9 @@ class Group:
     def _wait_watching(self, work, update: int | None, deadline: float) -> str | None:
         """Wait for `work` until `deadline`; None once it completed. On gloo, in slices of
         WATCH_EVERY_S, between which the watch is asked whether the update failed
-        elsewhere: if so, its words (the work is left to the group's close). An NCCL wait
-        with a timeout may abort its communicator when the timeout passes, so it is one."""
+        elsewhere: if so, its words (the work is left to the group's close). NCCL waits
+        once, for the whole timeout: a wait of its that times out may abort the
+        communicator."""
         if self.watch is None or update is None or self.device.type != "cpu":
             work.wait(timedelta(seconds=self.timeout))
             return None
