@@ -268,11 +268,13 @@ class BucketKernel:
         return launches, sum(programs for _, _, programs in launches)
 
     def _programs(self, launch: Launch, bucket: torch.Tensor, tail: torch.Tensor, constants: dict) -> int:
-        """Without the checksum, a program a tile. With it, as many programs as the device
-        keeps resident at once, each looping over the tiles (and reducing its sums once):
-        one program more than that would wait for a whole program's share to finish,
-        leaving most of the device idle meanwhile."""
-        if not self.sums:
+        """A program a tile where nothing is cast and no checksum is computed. Otherwise as
+        many programs as the device keeps resident at once, each looping over the tiles
+        (and reducing its sums once): one program more than that would wait for a whole
+        program's share to finish, leaving most of the device idle meanwhile. (Casting
+        fp32 to bf16, looping packed at 0.57 of the copy rate against 0.54 a tile.)"""
+        casts = not launch.words and launch.dtype != bucket.dtype
+        if not self.sums and not casts:
             return len(launch.tiles)
         if bucket.device.type != "cuda":  # Triton's interpreter (tests on a machine without a GPU)
             return min(len(launch.tiles), 4)
