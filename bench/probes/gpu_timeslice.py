@@ -13,6 +13,10 @@ CPU counters, host spinning):
             (host enqueues once the previous step was enqueued; the GPU waits the event)
   chainsync the same, but each host waits for the previous step's GPU completion first
   check2    both trainers run the NaN/Inf check over their 4 GiB at once, vs alone
+  prepack   (1 GiB chunks: the four slots hold a trainer's whole shard) every chunk packed
+            before the vote, whose NaN/Inf flag the pack would compute on the way: each
+            trainer packs all, its host waits for its stream (the flag's read), the
+            hosts vote through shared counters, then each engine unpacks all
 """
 import json
 import os
@@ -109,6 +113,20 @@ def worker(role, pair, q_in, q_out, barrier, flags, chunk_elems, results):
                     dst[k * chunk_elems:(k + 1) * chunk_elems].copy_(slots[s])
                 tok.record(stream)
                 flags[4] = base + step + 1
+        elif scenario == "prepack":
+            if role == "T":
+                for k in range(n):
+                    slots[k].copy_(src[k * chunk_elems:(k + 1) * chunk_elems])
+                    ready[k].record(stream)
+                stream.synchronize()
+                flags[5 + pair] = base + 1
+            else:
+                spin(flags, 5, base + 1)
+                spin(flags, 6, base + 1)
+                for k in range(n):
+                    stream.wait_event(ready[k])
+                    dst[k * chunk_elems:(k + 1) * chunk_elems].copy_(slots[k])
+                    read[k].record(stream)
         elif scenario == "check2":
             if role == "T":
                 check.any_nonfinite([src])
@@ -117,7 +135,7 @@ def worker(role, pair, q_in, q_out, barrier, flags, chunk_elems, results):
                 check.any_nonfinite([src])
         torch.cuda.synchronize()
 
-    for scenario in ("indep", "pipe", "pipe4", "chain", "chainsync", "check1", "check2"):
+    for scenario in scenarios(n):
         times = []
         for rnd in range(ROUNDS):
             if me == 0:
@@ -129,6 +147,11 @@ def worker(role, pair, q_in, q_out, barrier, flags, chunk_elems, results):
             times.append(time.perf_counter() - t0)
         results.put((scenario, me, times))
     barrier.wait()
+
+
+def scenarios(chunks: int) -> tuple[str, ...]:
+    return ("indep", "pipe", "pipe4", "chain", "chainsync", "check1", "check2") + (
+        ("prepack",) if chunks <= SLOTS else ())
 
 
 def alone(chunk_elems):
@@ -185,7 +208,7 @@ def main():
     got = {}
     for q in qs.values():
         q.put(toks)
-    for _ in range(7 * 4):
+    for _ in range(len(scenarios(TOTAL // chunk_elems)) * 4):
         scenario, me, times = results.get()
         got.setdefault(scenario, {})[me] = times
     for p in procs:
