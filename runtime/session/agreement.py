@@ -16,6 +16,7 @@ from datetime import timedelta
 from torch.distributed import DistStoreError
 
 from shardsync.runtime.errors import PlanError, TransferError
+from shardsync.runtime.session.liveness import GONE_AFTER_S, Watch
 
 REFERENCE = "agreement/reference"
 DECIDED = "agreement/decided"
@@ -75,10 +76,35 @@ class Silence(Exception):
 
 def post_verdict(store, keys: dict[str, str], who: str, verdict: str, decided: str) -> None:
     """Post `who`'s verdict in a round whose verdicts are `keys` (who -> store key). The
-    last to post, or any refuser, marks the round `decided`: what `first_refusal` waits on."""
-    store.set(keys[who], verdict)
+    last to post, or any refuser, marks the round `decided`: what `first_refusal` waits on.
+    A verdict already posted in `who`'s name (gone, by a peer's `SpeakForTheGone`) stays,
+    so that every endpoint reads the same round."""
+    store.compare_set(keys[who], "", verdict)
     if verdict != "ok" or store.add(_count_key(decided), 1) == len(keys):
         store.set(decided, "1")
+
+
+class SpeakForTheGone:
+    """A round's verdicts, looked at from the heartbeat of an endpoint waiting in it: a
+    peer that has posted none and has not beaten for GONE_AFTER_S gets a refusal posted
+    in its name, which decides the round, so that everyone waiting in it hears why at
+    once instead of at the timeout. A peer taken for gone that was only slow finds the
+    verdict in its name when it posts (`post_verdict` keeps the first), and refuses too."""
+
+    def __init__(self, keys: dict[str, str], who: str, decided: str):
+        self.keys, self.who, self.decided = keys, who, decided
+        self._watch: Watch | None = None
+
+    def look(self, store) -> None:
+        if self._watch is None:
+            self._watch = Watch(store, after=GONE_AFTER_S)
+        if store.check([self.decided]):
+            return
+        pending = [peer for peer, key in self.keys.items() if peer != self.who and not store.check([key])]
+        for peer in self._watch.gone(pending):
+            store.compare_set(self.keys[peer], "", f"{peer}: gone, no heartbeat for {GONE_AFTER_S:.0f}s "
+                                                   f"(seen by {self.who})")
+            store.set(self.decided, "1")
 
 
 def round_keys(keys: dict[str, str], who: str, decided: str) -> tuple[str, ...]:

@@ -6,6 +6,10 @@ the store twice a second from a thread with its own store connection; when a wai
 fails, the peers whose counters stopped are the ones named. Counters, not clocks,
 so hosts need not agree on the time. A store that cannot be reached means its
 host, the first trainer rank, is gone.
+
+The same thread, while its endpoint is blocked in the store waiting for a round's
+verdicts (a vote, an outcome), looks at each beat for a peer that has posted none and
+stopped beating: a crashed engine would otherwise hold everyone until the timeout.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 
 BEAT_S = 0.5
 SILENT_AFTER_S = 2.0  # no beat for this long: the peer is taken to be gone
+GONE_AFTER_S = 2 * SILENT_AFTER_S  # a round's verdict is posted for a peer only after this long without a beat
 STORE_CLOSING = 1 << 40  # added to a peer's counter by the store's host as it closes the store: stop beating
 
 
@@ -29,11 +34,17 @@ class Heartbeat:
         self.who = who
         self._store = store.clone()  # its own connection: the endpoint's may be blocked in a wait
         self._stop = threading.Event()
+        self._round = None  # what `watch_round` was given, while its endpoint waits in a round
         self._thread = threading.Thread(target=self._run, name=f"shardsync heartbeat {who}", daemon=True)
         count = self._store.add(_key(who), 1)
         if count >= STORE_CLOSING:  # a flag left by a host that closed a session on this store before
             self._store.add(_key(who), -(count // STORE_CLOSING) * STORE_CLOSING)
         self._thread.start()
+
+    def watch_round(self, round_) -> None:
+        """Until called with None: at each beat, `round_.look(store)` with this thread's
+        own connection (the endpoint's is blocked in the round's wait)."""
+        self._round = round_
 
     def _run(self) -> None:
         while not self._stop.wait(BEAT_S):
@@ -42,6 +53,12 @@ class Heartbeat:
                     return  # the host is taking the store down: a beat after that would fail, loudly, in torch
             except RuntimeError:
                 return  # the store is gone; waits will say so
+            round_ = self._round
+            if round_ is not None:
+                try:
+                    round_.look(self._store)
+                except RuntimeError:
+                    pass  # the store is failing: the next beat finds out, and the wait says so
 
     @property
     def beating(self) -> bool:
@@ -92,13 +109,15 @@ def silent_peers(store, peers: tuple[str, ...], host: str, others: tuple[str, ..
 
 class Watch:
     """Which of some peers stopped beating, told without blocking: each `gone` call reads
-    their counters once; a peer whose counter has not moved for SILENT_AFTER_S since this
-    watch first read it is gone. For a wait that polls (a host that keeps the store up
-    until its peers are through with it) and must not wait out its whole timeout for a
-    peer that died."""
+    their counters once; a peer whose counter has not moved for `after` seconds
+    (SILENT_AFTER_S unless told) since this watch first read it is gone. For a wait that
+    polls (a host that keeps the store up until its peers are through with it, a
+    heartbeat watching a round) and must not wait out its whole timeout for a peer that
+    died."""
 
-    def __init__(self, store):
+    def __init__(self, store, after: float = SILENT_AFTER_S):
         self._store = store
+        self._after = after
         self._seen: dict[str, tuple[int, float]] = {}  # peer -> (beats, when they last moved)
 
     def gone(self, peers) -> list[str]:
@@ -109,7 +128,7 @@ class Watch:
             seen = self._seen.get(peer)
             if seen is None or seen[0] != beats:
                 self._seen[peer] = (beats, now)
-            elif now - seen[1] >= SILENT_AFTER_S:
+            elif now - seen[1] >= self._after:
                 silent.append(peer)
         return silent
 

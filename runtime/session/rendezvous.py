@@ -34,7 +34,8 @@ from datetime import timedelta
 
 from torch.distributed import PrefixStore, TCPStore
 
-from shardsync.runtime.session.agreement import Silence, agree, first_refusal, post_verdict, round_keys
+from shardsync.runtime.session.agreement import (SpeakForTheGone, Silence, agree, first_refusal, post_verdict,
+                                                  round_keys)
 from shardsync.runtime.errors import TransferError, UpdateFailedElsewhere, UpdateRefused
 from shardsync.runtime.session.liveness import SILENT_AFTER_S, Heartbeat, Watch, silent_peers, stop_beats
 
@@ -288,13 +289,19 @@ class Session:
         """Everyone's verdict on this stage of the update: None when all are ok, else
         (who, verdict, those not heard from yet). Silence past the timeout, or a store
         that cannot be reached, raises `failed`."""
+        keys, decided = self._verdict_keys(stage), self._decided(stage)
+        if self.heartbeat is not None:
+            self.heartbeat.watch_round(SpeakForTheGone(keys, self.who, decided))
         try:
-            return first_refusal(self.store, self._verdict_keys(stage), self.timeout, self._decided(stage))
+            return first_refusal(self.store, keys, self.timeout, decided)
         except Silence as silence:
             raise failed(f"update {update}: no word from {silence} {when} within {self.timeout:.0f}s: "
                          f"{self.diagnose(tuple(silence.pending))}") from None
         except RuntimeError:
             raise failed(f"update {update}: {self.diagnose(())}") from None
+        finally:
+            if self.heartbeat is not None:
+                self.heartbeat.watch_round(None)
 
     def _verdict_keys(self, stage: str) -> dict[str, str]:
         return {other: f"e{self.epoch}/{stage}/{other}" for other in self.everyone}
