@@ -34,7 +34,7 @@ from datetime import timedelta
 
 from torch.distributed import PrefixStore, TCPStore
 
-from shardsync.runtime.session.agreement import (SpeakForTheGone, Silence, agree, first_refusal, post_verdict,
+from shardsync.runtime.session.agreement import (Silence, SpeakForTheGone, agree, first_refusal, post_verdict,
                                                   round_keys)
 from shardsync.runtime.errors import TransferError, UpdateFailedElsewhere, UpdateRefused
 from shardsync.runtime.session.liveness import SILENT_AFTER_S, Heartbeat, Watch, silent_peers, stop_beats
