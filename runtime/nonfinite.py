@@ -91,10 +91,13 @@ class NonfiniteCheck:
         self._flag = torch.zeros(1, dtype=torch.int32, device=device)
         for dtype in sorted({t.dtype for t in tensors if t.numel()}, key=str):
             group = [t for t in tensors if t.dtype == dtype and t.numel()]
-            # from pinned memory, not waited for: a pageable copy would wait on this rank's
-            # stream, which may wait on another process; the pinned table lives as long as
-            # the one on the device, which is not rewritten
-            table = _tile_table(group).pin_memory()
+            # on CUDA from pinned memory, not waited for: a pageable copy would wait on this
+            # rank's stream, which may wait on another process; the pinned table lives as
+            # long as the one on the device, which is not rewritten. (Under Triton's
+            # interpreter, on a machine without a GPU, the table stays on the host.)
+            table = _tile_table(group)
+            if device.type == "cuda":
+                table = table.pin_memory()
             bits, exponent = _EXPONENT[dtype]
             self._launches.append((table.to(device, non_blocking=True), table.shape[0], bits, exponent, table))
 
