@@ -24,7 +24,7 @@ from shardsync.runtime.plan.buckets import Bucket, Entry
 from shardsync.runtime.targets import TensorTargets
 from shardsync.runtime.wire import checksum
 from shardsync.runtime.wire import pack as packing
-from tests.triton_interpreter import CUDA, DEVICE, needs_kernel, run_under_interpreter, runner_only
+from tests.triton_interpreter import CUDA, DEVICE, compiled_variants, needs_kernel, run_under_interpreter, runner_only
 
 pytest.importorskip("triton", reason="Triton is installed by `make` (requirements/lock.txt) and on the GPU machine")
 
@@ -166,7 +166,7 @@ def test_no_copy_launches_a_variant_that_was_not_loaded_at_connect(kernel, layou
     packer, unpacker = BucketCopier(DEVICE, checksums=checksums), BucketCopier(DEVICE, checksums=checksums)
     packer.load_kernels(wire, [bucket], to_bucket=True)  # a trainer: every source dtype
     unpacker.load_kernels(wire, [bucket], to_bucket=False, tensor_dtypes=(wire,))  # an engine: the wire's
-    loaded = _variants(kernel)
+    loaded = compiled_variants(kernel._copy_tiles)
     for _ in range(2):
         buffer.zero_()
         for tensor in dests.values():
@@ -175,11 +175,5 @@ def test_no_copy_launches_a_variant_that_was_not_loaded_at_connect(kernel, layou
         unpacker.unpack(("k",), bucket, buffer, TensorTargets(dests))
         assert torch.equal(buffer[:bucket.numel], reference[:bucket.numel])
         assert all(torch.equal(dests[name], expected[name]) for name in dests)
-    assert _variants(kernel) == loaded
+    assert compiled_variants(kernel._copy_tiles) == loaded
     assert packer.descriptors_built == unpacker.descriptors_built == 1
-
-
-def _variants(kernel) -> set:
-    """The copy kernel's compiled variants, on every device (Triton's cache, keyed by the
-    constants and the specialization of the arguments)."""
-    return {key for caches in kernel._copy_tiles.device_caches.values() for key in caches[0]}

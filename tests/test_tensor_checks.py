@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from shardsync.runtime.tensor_checks import FiniteCheck, trainer_findings
+from tests.triton_interpreter import compiled_variants
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="CUDA: on the GPU machine"))]
@@ -52,11 +53,11 @@ def test_a_check_of_new_tensors_behind_a_busy_stream_loads_nothing_and_waits_onl
     nonfinite._flag_nonfinite.device_caches.clear()  # forget what earlier tests loaded
     check = FiniteCheck(timeout=0.5)
     check.load(torch.device("cuda"))
-    loaded = {key for caches in nonfinite._flag_nonfinite.device_caches.values() for key in caches[0]}
+    loaded = compiled_variants(nonfinite._flag_nonfinite)
     tensors = {f"w{i}": torch.randn(65, 33, device="cuda").to(dtype)[1:]  # at an offset of one row
                for i, dtype in enumerate([torch.bfloat16, torch.float32, torch.float16])}
     _refused_in_time_behind_a_busy_stream(tensors, check)
-    assert {key for caches in nonfinite._flag_nonfinite.device_caches.values() for key in caches[0]} == loaded
+    assert compiled_variants(nonfinite._flag_nonfinite) == loaded
 
 
 def _refused_in_time_behind_a_busy_stream(tensors: dict, check: FiniteCheck) -> None:

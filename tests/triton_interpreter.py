@@ -33,3 +33,10 @@ def run_under_interpreter(test_file: str, expected: str) -> None:
                             timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert expected in result.stdout, result.stdout[-2000:]
+
+
+def compiled_variants(jitted) -> set:
+    """A Triton kernel's compiled variants, on every device (Triton's cache, keyed by the
+    constants and the specialization of the arguments): what a test compares before and
+    after launches that must load nothing new."""
+    return {key for caches in jitted.device_caches.values() for key in caches[0]}
