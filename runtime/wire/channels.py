@@ -101,22 +101,27 @@ class Group:
         """Wait for `work`, turning a timeout, a dead peer or a failure elsewhere in the
         update into a TransferError."""
         started = time.monotonic()
-        when = f"update {update}" if update is not None else "connect"
-        others = tuple(p for i, p in enumerate(self.peers) if i != self.rank)
         try:
             failure = self._wait_watching(work, update, started + self.timeout)
         except RuntimeError as exc:
             elapsed = time.monotonic() - started
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            found = f"{self.watch.diagnose(others)}; " if self.watch is not None else ""
+            found = f"{self.watch.diagnose(self._others())}; " if self.watch is not None else ""
             raise TransferError(
-                f"{when}: channel {self.name}: {what} with {', '.join(others)} failed after {elapsed:.1f}s "
-                f"(timeout {self.timeout:.0f}s): {found}{reason}"
+                f"{self._waiting(what, update)} failed after {elapsed:.1f}s (timeout {self.timeout:.0f}s): "
+                f"{found}{reason}"
             ) from None
         if failure is not None:
-            raise TransferError(
-                f"{when}: channel {self.name}: {what} with {', '.join(others)}: stopped waiting after "
-                f"{time.monotonic() - started:.1f}s, the update failed elsewhere: {failure}")
+            raise TransferError(f"{self._waiting(what, update)}: stopped waiting after "
+                                f"{time.monotonic() - started:.1f}s, the update failed elsewhere: {failure}")
+
+    def _others(self) -> tuple[str, ...]:
+        return tuple(p for i, p in enumerate(self.peers) if i != self.rank)
+
+    def _waiting(self, what: str, update: int | None) -> str:
+        """The start of a failed wait's message: when, on which channel, what, with whom."""
+        when = f"update {update}" if update is not None else "connect"
+        return f"{when}: channel {self.name}: {what} with {', '.join(self._others())}"
 
     def _wait_watching(self, work, update: int | None, deadline: float) -> str | None:
         """Wait for `work` until `deadline`; None once it completed. On gloo, in slices of
