@@ -138,8 +138,11 @@ class Group:
                 work.wait(timedelta(seconds=max(min(WATCH_EVERY_S, left), 0.001)))
                 return None
             except RuntimeError:
-                if work.is_completed() or time.monotonic() >= deadline:
-                    raise  # the work failed (a peer is gone), or the timeout passed
+                if work.is_completed():  # it ended as the slice did: done, or its own failure raised here
+                    work.wait(timedelta(seconds=self.timeout))
+                    return None
+                if time.monotonic() >= deadline:
+                    raise
             failure = self.watch.failed_elsewhere(update)
             if failure is not None:
                 return failure
