@@ -6,7 +6,7 @@ Each finding is one sentence naming the tensor; the endpoint turns it into its v
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -25,12 +25,10 @@ def as_named(tensors) -> tuple[dict[str, torch.Tensor], str | None]:
     return named, None
 
 
-def trainer_findings(given: Mapping[str, torch.Tensor], shapes: dict[str, tuple], device: torch.device,
-                     allow_nonfinite: bool, all_finite: FiniteCheck | None = None) -> str | None:
-    """The first problem with a trainer rank's tensors, or None. `all_finite`: the
-    endpoint's own check, which keeps what it prepared for the tensors it last saw (and
-    has the endpoint's timeout). A check the device did not get to in time is a finding
-    too: no byte moves on an update nobody could check."""
+def trainer_findings(given: Mapping[str, torch.Tensor], shapes: dict[str, tuple],
+                     device: torch.device) -> str | None:
+    """The first problem with the names, shapes, dtypes or device of a trainer rank's
+    tensors, or None (NaN/Inf: `nonfinite_finding`)."""
     problem = _names_and_shapes("trainer", given, shapes)
     if problem:
         return problem
@@ -40,9 +38,18 @@ def trainer_findings(given: Mapping[str, torch.Tensor], shapes: dict[str, tuple]
             return f"{name}: dtype {_dtype(tensor)} is not a floating-point weight"
         if tensor.device.type != device.type:
             return f"{name}: on {tensor.device}, the sender sends from {device}"
-    all_finite = all_finite or FiniteCheck()
+    return None
+
+
+def nonfinite_finding(given: Mapping[str, torch.Tensor], shapes: dict[str, tuple],
+                      all_finite: Callable[[], bool]) -> str | None:
+    """The first tensor holding NaN or Inf, or None. `all_finite`: the fast answer for
+    all of them (a `FiniteCheck` of the tensors, or its `read` of what packs flagged),
+    which may raise TimeoutError: a check the device did not get to in time is a
+    finding too, so no byte moves on an update nobody could check. Only where it
+    found something are the bad values looked for, tensor by tensor."""
     try:
-        if allow_nonfinite or all_finite([given[name] for name in shapes]):
+        if all_finite():
             return None
     except TimeoutError as exc:
         return str(exc)
@@ -99,12 +106,20 @@ class FiniteCheck:
                 found = kernel.flag_nonfinite(tensors)
             else:
                 found = ~torch.isfinite(torch.stack(torch._foreach_norm(tensors, 1, dtype=torch.float32))).all()
-            self._wait_for_device(tensors[0].device)
+            self._wait_for_device(tensors[0].device, "the NaN/Inf check")
             if not bool(found):
                 return True
         elif bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors])).all()):
             return True
         return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+    def read(self, flag: torch.Tensor, what: str) -> bool:
+        """Whether `flag` (int32 [1], raised by `what` queued before on this rank's stream)
+        says every element was finite; on CUDA, once the device ran them, waiting
+        `timeout` seconds at most (else TimeoutError)."""
+        if flag.is_cuda:
+            self._wait_for_device(flag.device, what)
+        return not bool(flag.item())
 
     def load(self, device: torch.device) -> None:
         """On CUDA, load the flagging pass for every dtype now (`nonfinite.load_kernels`),
@@ -115,10 +130,10 @@ class FiniteCheck:
             with torch.cuda.device(device):
                 load_kernels(device)
 
-    def _wait_for_device(self, device: torch.device) -> None:
+    def _wait_for_device(self, device: torch.device, what: str) -> None:
         if not stream_done_within(torch.cuda.current_stream(device), self.timeout):
-            raise TimeoutError(f"the NaN/Inf check had not run on the device after {self.timeout:g}s: it waits on "
-                               f"the work queued before it on this rank's stream, which may wait on another process")
+            raise TimeoutError(f"{what} had not run on the device after {self.timeout:g}s: it waits on the work "
+                               f"queued before it on this rank's stream, which may wait on another process")
 
     def _cuda_kernel(self):
         if self._kernel is None:

@@ -34,7 +34,7 @@ from shardsync.runtime.plan.build import source_table
 from shardsync.runtime.reports import ChannelReport, PhaseClock, Receipt, UpdateReport
 from shardsync.runtime.session import Session, local_address
 from shardsync.runtime.targets import as_loader, as_targets
-from shardsync.runtime.tensor_checks import FiniteCheck, as_named, engine_findings, trainer_findings
+from shardsync.runtime.tensor_checks import FiniteCheck, as_named, engine_findings, nonfinite_finding, trainer_findings
 
 DEFAULT_BUCKET_BYTES = 64 << 20
 log = logging.getLogger("shardsync")
@@ -48,7 +48,7 @@ class _Endpoint:
     def __init__(self, hf_config: dict, layout: Layout, *, rendezvous: str = "127.0.0.1:29555",
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout: float = 60.0, dtype: torch.dtype = torch.bfloat16,
                  device: str | torch.device = "cpu", make_vocab_size_divisible_by: int = 128, method: str = "auto",
-                 overlap: bool = True, verify: bool = False, **channel_options):
+                 overlap: bool = True, verify: bool = False, pack_ahead: bool = False, **channel_options):
         architecture = (hf_config.get("architectures") or [None])[0]
         try:
             self.module = generated.for_architecture(architecture)
@@ -57,6 +57,8 @@ class _Endpoint:
         self.method, self.method_reason = methods.choose(method, self.module)
         self.overlap = overlap  # pack bucket k+1 while bucket k is on the wire (off: one at a time)
         self.verify = verify  # a checksum per bucket, checked by the receivers
+        # a colocated trainer's: pack its whole update before the vote (engines take the option and ignore it)
+        self.pack_ahead = pack_ahead
         self.cfg = self.module.config_from_hf(hf_config, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
         self.layout = layout
         host, _, port = rendezvous.rpartition(":")
@@ -115,7 +117,7 @@ class _Endpoint:
             self.plan = build_plan(self.module, self.cfg, self.layout, elsize)
         context = Context(module=self.module, cfg=self.cfg, layout=self.layout, plan=self.plan,
                           dtype=self.dtype, device=self.device, capacity=max(1, self.bucket_bytes // elsize),
-                          timeout=self.timeout, verify=self.verify, overlap=self.overlap,
+                          timeout=self.timeout, verify=self.verify, overlap=self.overlap, pack_ahead=self.pack_ahead,
                           channel_options=self.channel_options, **self._position())
         return methods.build(self.method, context)
 
@@ -257,11 +259,27 @@ class Sender(_Endpoint):
         clock = PhaseClock()
         with clock.phase("checks"):
             tensors, finding = as_named(tensors)
-            finding = finding or trainer_findings(tensors, self.local_shapes(), self.device, allow_nonfinite,
-                                                self._all_finite)
+            finding = finding or trainer_findings(tensors, self.local_shapes(), self.device)
+            finding = finding or self._packed_and_checked(tensors, number, allow_nonfinite)
         self._vote(number, finding, clock)
         reports = self._settled(number, lambda: self.transport.send(tensors, number), clock)
         return UpdateReport(number, reports, clock.seconds)
+
+
+    def _packed_and_checked(self, tensors: dict, number: int, allow_nonfinite: bool) -> str | None:
+        """Pack the update ahead where the method does (its packs flag NaN/Inf on the way),
+        then look for NaN/Inf: in what the packs flagged, else in one pass of its own over
+        the tensors. A problem, even one the device did not get to in time, is a finding."""
+        try:
+            flag = self.transport.pack_ahead(tensors, number)
+        except TransferError as exc:
+            return f"packing the update ahead of the vote failed: {exc}"
+        if allow_nonfinite:
+            return None
+        shapes = self.local_shapes()
+        if flag is not None:
+            return nonfinite_finding(tensors, shapes, lambda: self._all_finite.read(flag, "the packs flagging NaN/Inf"))
+        return nonfinite_finding(tensors, shapes, lambda: self._all_finite([tensors[name] for name in shapes]))
 
 
 class Receiver(_Endpoint):

@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="transfer methods compared on the same processes, with memory")
     _run_args(p, model="qwen3-bench-170m", train_pp=True)
     p.add_argument("--methods", default=None,
-                   help="comma-separated methods to compare, of shard, gather, colocated (default: every one the "
-                        "model's spec allows)")
+                   help="comma-separated methods to compare, of shard, gather, colocated, and colocated-ahead "
+                        "(colocated with pack_ahead: trainers pack each update whole before its vote) (default: "
+                        "every method the model's spec allows)")
     p.add_argument("--bucket-mb", type=float, default=16.0, help="bucket size in MiB, every method (default 16)")
     p.add_argument("--repeat", type=int, default=5, help="updates per method; the median counts (default 5)")
     p.add_argument("--dtype", default="bfloat16", help="wire and engine dtype (default bfloat16)")

@@ -342,7 +342,7 @@ def bench(args) -> int:
     from shardsync.bench.transfer import run_bench
     from shardsync.bench.report import plot, table
 
-    from shardsync.bench.transfer import METHODS, WARMUP, applicable_methods
+    from shardsync.bench.transfer import METHODS, WARMUP, applicable_methods, variant
 
     checked(args)
     module, _cfg = load_converter(args.model)
@@ -357,7 +357,7 @@ def bench(args) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise UserError(f"--methods {args.methods!r}: a comma-separated list of {', '.join(METHODS)}")
-    refused = [m for m in methods if m not in applicable]
+    refused = [m for m in methods if variant(m)[0] not in applicable]
     if refused:
         why = (f"every bench process shares one {args.device} device, which only colocated can" if
                args.device.startswith("cuda") else f"the {module.FAMILY} spec has no vLLM layout table")

@@ -42,7 +42,7 @@ def kernel():
 def test_the_kernel_runs_under_the_interpreter():
     """On a machine without a GPU: this file's tests, in a child process with Triton's
     interpreter on, must pass (none of them skipped but the GPU-only ones)."""
-    run_under_interpreter(__file__, "3 passed, 5 skipped")  # the runner itself and 4 GPU-only
+    run_under_interpreter(__file__, "7 passed, 5 skipped")  # the runner itself and 4 GPU-only
 
 
 @st.composite
@@ -103,6 +103,50 @@ def test_one_launch_packs_and_unpacks_as_the_eager_copies_do_with_the_cpu_checks
     assert sums.tolist() == [expected_sums, checksum.sent(eager.cpu(), bucket.numel).tolist()]
 
 
+@runs_here
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(layout=layouts(), bad=st.sampled_from([float("nan"), float("inf"), float("-inf"), None]),
+       checksums=st.booleans(), data=st.data())
+def test_a_pack_flags_a_nan_or_inf_exactly_where_it_packs_one(kernel, layout, bad, checksums, data):
+    """With a flag, the pack raises it if and only if an element of a box it packs is NaN
+    or Inf (one drawn anywhere in a tensor, inside its box or not), whichever way it
+    copies the piece: elements, vectors or words, either half of a word."""
+    tensors, bucket, wire = layout
+    if bad is not None:
+        victim = tensors[data.draw(st.sampled_from(sorted(tensors)))]
+        victim[tuple(data.draw(st.integers(0, n - 1)) for n in victim.shape)] = bad
+    tensors = {name: t.to(DEVICE) for name, t in tensors.items()}
+    packed_bad = any(not bool(torch.isfinite(tensors[e.src_tensor][boxes.as_slices(e.src_box)]).all())
+                     for e in bucket.entries)
+    buffer = torch.zeros(bucket.numel + checksum.tail_elements(wire), dtype=wire, device=DEVICE)
+    flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    entries = [(tensors[e.src_tensor], e.src_box, e.offset) for e in bucket.entries]
+    kernel.BucketKernel(entries, bucket.numel, buffer, sums=checksums).run(buffer, to_bucket=True, flag=flag)
+    assert flag.item() == int(packed_bad)
+
+
+@runs_here
+@pytest.mark.parametrize("wire", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_pack_copying_words_flags_a_nan_in_either_half_of_a_word(kernel, wire):
+    """Copied as 32-bit words, two 16-bit elements a word: a NaN or Inf in the low or the
+    high half is flagged; a row left out of the box is not read."""
+    for column, bad in [(0, float("nan")), (1, float("inf")), (46, float("-inf")), (47, float("nan"))]:
+        weights = torch.ones(8, 48, dtype=wire)
+        weights[3, column] = bad
+        weights[7, 0] = float("nan")  # outside the box
+        weights = weights.to(DEVICE)
+        bucket = torch.zeros(7 * 48, dtype=wire, device=DEVICE)
+        flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+        copy = kernel.BucketKernel([(weights, ((0, 7), (0, 48)), 0)], 7 * 48, bucket)
+        assert [launch.words for launch in copy.launches] == [True]
+        copy.run(bucket, to_bucket=True, flag=flag)
+        assert flag.item() == 1, (wire, column)
+        weights[3, column] = 2.0
+        flag.zero_()
+        copy.run(bucket, to_bucket=True, flag=flag)
+        assert flag.item() == 0, (wire, column)
+
+
 def test_aligned_pieces_with_nothing_to_cast_are_copied_as_words(kernel):
     """Whole words on both sides and no cast: one int32 launch, counted in words (a
     contiguous run cut anew into rows of a tile's width); an odd offset, a cast or a
@@ -146,8 +190,8 @@ def test_sums_over_several_chunks_and_an_odd_count_equal_the_cpu_ones(kernel, nu
 
 @pytest.mark.skipif(not CUDA, reason="compiled variants: on the GPU machine only")
 @settings(max_examples=20, deadline=None)
-@given(layout=layouts(), checksums=st.booleans())
-def test_no_copy_launches_a_variant_that_was_not_loaded_at_connect(kernel, layout, checksums):
+@given(layout=layouts(), checksums=st.booleans(), flagging=st.booleans())
+def test_no_copy_launches_a_variant_that_was_not_loaded_at_connect(kernel, layout, checksums, flagging):
     """Loading a module waits for the device, which mid-update may wait on another
     process: every variant a bucket's copies launch, whatever its tensors' addresses,
     counts, alignment and source dtype, is one `load_kernels` loaded before. The
@@ -163,7 +207,9 @@ def test_no_copy_launches_a_variant_that_was_not_loaded_at_connect(kernel, layou
     expected = {name: torch.zeros_like(t, dtype=wire) for name, t in tensors.items()}
     packing.unpack(bucket, reference, TensorTargets(expected))
     kernel._copy_tiles.device_caches.clear()  # forget what earlier tests compiled and loaded
-    packer, unpacker = BucketCopier(DEVICE, checksums=checksums), BucketCopier(DEVICE, checksums=checksums)
+    packer = BucketCopier(DEVICE, checksums=checksums, flagging=flagging)  # flagging: a trainer that packs ahead
+    unpacker = BucketCopier(DEVICE, checksums=checksums)
+    flag = torch.zeros(1, dtype=torch.int32, device=DEVICE) if flagging else None
     packer.load_kernels(wire, [bucket], to_bucket=True)  # a trainer: every source dtype
     unpacker.load_kernels(wire, [bucket], to_bucket=False, tensor_dtypes=(wire,))  # an engine: the wire's
     loaded = compiled_variants(kernel._copy_tiles)
@@ -171,9 +217,10 @@ def test_no_copy_launches_a_variant_that_was_not_loaded_at_connect(kernel, layou
         buffer.zero_()
         for tensor in dests.values():
             tensor.zero_()
-        packer.pack(("k",), bucket, tensors, buffer)
+        packer.pack(("k",), bucket, tensors, buffer, flag)
         unpacker.unpack(("k",), bucket, buffer, TensorTargets(dests))
         assert torch.equal(buffer[:bucket.numel], reference[:bucket.numel])
         assert all(torch.equal(dests[name], expected[name]) for name in dests)
     assert compiled_variants(kernel._copy_tiles) == loaded
     assert packer.descriptors_built == unpacker.descriptors_built == 1
+    assert flag is None or flag.item() == 0  # drawn weights are finite

@@ -34,6 +34,10 @@ CASES = {
 }
 
 
+PACKED_AHEAD = ["qwen3 tied qk-norm 2,1->2,2 replicas share slots", "qwen2 bias 4,1->2,1",
+                "qwen3 kv_heads=1 1,2->2,2 checksums"]
+
+
 def _colocated(case: Case, **changes) -> Case:
     return Case(**{**vars(case), "method": "colocated", **changes})
 
@@ -54,6 +58,21 @@ def test_two_updates_are_exact_through_shared_buffers_mapped_once(case):
     per_engine = sum(r["real_bytes"] for who, r in engines.items() if who.startswith("engine 0 "))
     for update in range(case.updates):
         assert sum(r["bytes_sent"][update] for r in trainers.values()) == per_engine
+
+
+@pytest.mark.parametrize("case", [_colocated(CASES[name], pack_ahead=True) for name in PACKED_AHEAD],
+                         ids=PACKED_AHEAD)
+def test_updates_packed_ahead_of_the_vote_are_exact_from_slots_that_hold_a_whole_update(case):
+    """A trainer that packs each update whole before the vote (`pack_ahead`) holds one
+    slot a bucket, mapped once like two; its sends then only announce them."""
+    results = run(case)
+    trainers, engines = exact(results, case)
+    for who, result in trainers.items():
+        assert result["mappings_created"] == 1, who
+        slot = case.bucket_bytes + (16 if case.verify else 0) + 16  # a bucket, its checksum's tail, alignment
+        sent = result["bytes_sent"][0]
+        assert sent <= result["buffer_bytes"] <= (sent // case.bucket_bytes + result["channels"]) * slot, who
+        assert result["buffer_bytes"] > 2 * slot, f"{who}: the case must need more slots than two"
 
 
 def test_a_slow_reader_with_checksums_on_gets_every_bucket_intact():

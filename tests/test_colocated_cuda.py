@@ -4,7 +4,8 @@ ordered by interprocess events; run on the GPU machine, skipped (visibly) elsewh
 Four processes on the one GPU, as the colocated deployments the method is for: two
 trainer ranks and two engine ranks holding plain CUDA tensors in vLLM's layout, two
 updates each checked bitwise against plain slicing of the full HF weights
-(tests/reference.py), checksums on: a CUDA-computed tail checks on the other process;
+(tests/reference.py), checksums on, with two slots or with each update packed ahead
+of its vote: a CUDA-computed tail checks on the other process;
 an engine whose device is busy; and the four chaos scenarios on one GPU.
 """
 
@@ -29,17 +30,23 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("pack_ahead", [False, True], ids=["two slots", "packed ahead"])
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
-def test_four_processes_on_one_gpu_update_exactly_through_cuda_ipc(case):
-    case = Case(**{**vars(case), "method": "colocated", "device": "cuda", "verify": True})
+def test_four_processes_on_one_gpu_update_exactly_through_cuda_ipc(case, pack_ahead):
+    """Also with every update packed ahead of its vote, NaN/Inf flagged by the copy kernel."""
+    case = Case(**{**vars(case), "method": "colocated", "device": "cuda", "verify": True, "pack_ahead": pack_ahead})
     results = run(case)
+    slot = case.bucket_bytes + 16 + 16  # a bucket, its checksum's tail, alignment
     for who, result in results.items():
         if who.startswith("engine"):
             assert result["mismatches"] == [[]] * case.updates, f"{who}: tensors differ from the reference"
             assert result["mappings_created"] == result["channels"] >= 1 and result["buffer_bytes"] == 0, who
         else:  # its slots, and each reader's "read" events
             assert result["mappings_created"] == 1 + case.engines * result["channels"], who
-            assert 0 < result["buffer_bytes"] <= 2 * (case.bucket_bytes + 16), who
+            if pack_ahead:
+                assert 2 * slot < result["buffer_bytes"] and result["bytes_sent"][0] <= result["buffer_bytes"], who
+            else:
+                assert 0 < result["buffer_bytes"] <= 2 * (case.bucket_bytes + 16), who
 
 
 @pytest.mark.parametrize("busy_at, verify", [(1, False), (2, False), (2, True)],

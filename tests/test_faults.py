@@ -9,6 +9,7 @@ Timeouts are short so the suite stays quick.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from shardsync.runtime.errors import PlanError
 from shardsync.runtime.plan import Layout
@@ -122,12 +123,19 @@ TRAINER_FAULTS = [
 ]
 
 
-def test_bad_tensors_are_refused_everywhere_before_any_byte_moves():
+@pytest.mark.parametrize("method", [
+    {}, {"method": "colocated", "pack_ahead": True},
+    pytest.param({"method": "colocated", "pack_ahead": True, "device": "cuda"},
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: on the GPU machine"))],
+    ids=["shard", "colocated packed ahead", "colocated packed ahead on one GPU"])
+def test_bad_tensors_are_refused_everywhere_before_any_byte_moves(method):
     """Each bad input, on one trainer rank or on the engine: that rank raises naming the
     tensor, every other endpoint raises UpdateRefused at once, the engine keeps its
-    weights and is not stale, and the next good update goes through on the same channels."""
+    weights and is not stale, and the next good update goes through on the same channels.
+    Packed ahead, the trainers' packs flag the NaN and Inf themselves (no pass of their
+    own) and the engine, whose slots already hold the bad update, reads none of it."""
     config, layout, port = model_config("qwen3-tiny"), Layout(2, 1, 1, 1), free_port()
-    options = {"rendezvous": f"127.0.0.1:{port}", "timeout": 20.0, "verify": True, "bucket_bytes": 1 << 16}
+    options = {"rendezvous": f"127.0.0.1:{port}", "timeout": 20.0, "verify": True, "bucket_bytes": 1 << 16, **method}
     ranks = [RankProcess(RankSpec(f"trainer pp0 tp{tp}", "trainer", config, layout, options, (0, tp)))
              for tp in range(2)]
     engine = RankProcess(RankSpec("engine 0 tp0", "engine", config, layout, options, (0, 0)))

@@ -4,7 +4,8 @@ The sender runs to completion first (its broadcasts are queued), then the receiv
 takes them in order; the closing acknowledgement is the max of what both offer.
 What is checked: buckets arrive in order through two alternating buffers, the
 header refuses a different update, and a bucket that fails its checksum is flagged
-here and reported to the sender by the acknowledgement.
+here and reported to the sender by the acknowledgement; over shared slots, an update
+packed ahead of its vote is announced and not packed again.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch
 from shardsync.runtime.errors import TransferError
 from shardsync.runtime.plan import Copy
 from shardsync.runtime.plan.buckets import schedule
-from shardsync.runtime.wire import checksum
+from shardsync.runtime.wire import checksum, shared
 from shardsync.runtime.wire.pack import pack, unpack
 from shardsync.runtime.wire.pipe import BucketPipe
+from shardsync.runtime.wire.shared_pipe import SharedPipe
 from shardsync.runtime.targets import TensorTargets
 
 
@@ -128,3 +130,61 @@ def _packer(bucket, sources):
         pack(bucket, sources, buffer)
 
     return packed
+
+
+class _SignalLink(FakeLink):
+    """A producer's side of a colocated channel: what it announces, and readers that
+    released every bucket at once."""
+
+    def __init__(self):
+        super().__init__(0, deque(), {})
+        self.announced: list[list[int]] = []
+
+    def broadcast(self, tensor):
+        self.announced.append(tensor.tolist())  # (update, bucket, slot)
+        return _Done()
+
+    def gather_at_source(self, tensor):
+        return _Done()
+
+
+def test_an_update_packed_ahead_of_its_vote_is_announced_slot_by_slot_and_not_packed_again():
+    """Packed ahead, every bucket of update 1 lies in a slot of its own, and the sends
+    after the vote only announce them; update 2, refused at its vote after it was
+    packed, is never announced, and update 3, not packed ahead, packs as it goes."""
+    buckets, sources, _, _, _, _ = _setup(verify=True)
+    largest = max(b.numel for b in buckets)
+    pipe = SharedPipe(largest, torch.float32, torch.device("cpu"), verify=True, overlap=True, slots=len(buckets))
+    pipe.own = shared.create_slots(pipe.slot_numel, pipe.depth, torch.float32, torch.device("cpu"))
+    link = _SignalLink()
+    try:
+        pipe.pack_ahead(1, [(bucket, _packer(bucket, sources)) for bucket in buckets])
+        expected = torch.zeros(largest + checksum.tail_elements(torch.float32))
+        for slot, bucket in enumerate(buckets):
+            expected.zero_()
+            pack(bucket, sources, expected)
+            checksum.write(expected, bucket.numel)
+            assert torch.equal(pipe.own[slot][:bucket.numel + 4], expected[:bucket.numel + 4]), slot
+
+        def _sent(update: int, pack_fails: bool):
+            sending = pipe.outbound(update).sending(link)
+            for bucket in buckets:
+                sending.put(bucket, _failing if pack_fails else _packer(bucket, sources))
+
+        _sent(1, pack_fails=True)
+        assert link.announced == [[1, index, index] for index in range(len(buckets))]
+        pipe.pack_ahead(2, [(bucket, _packer(bucket, sources)) for bucket in buckets])  # refused at its vote
+        link.announced.clear()
+        with pytest.raises(AssertionError, match="packed again"):
+            _sent(3, pack_fails=True)
+        link.announced.clear()
+        _sent(3, pack_fails=False)
+        assert link.announced == [[3, index, index] for index in range(len(buckets))]
+        with pytest.raises(ValueError, match=f"more buckets than the {len(buckets)} slots"):
+            pipe.pack_ahead(4, [(bucket, _packer(bucket, sources)) for bucket in buckets * 2])
+    finally:
+        pipe.forget()
+
+
+def _failing(buffer):
+    raise AssertionError("packed again")

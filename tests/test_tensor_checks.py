@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from shardsync.runtime.tensor_checks import FiniteCheck, trainer_findings
+from shardsync.runtime.tensor_checks import FiniteCheck, nonfinite_finding, trainer_findings
 from tests.triton_interpreter import compiled_variants
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -24,11 +24,19 @@ def test_a_nonfinite_value_in_any_tensor_is_found_and_named(device, bad):
     tensors = {f"w{i}": (torch.randn(37, 64, generator=generator) * 100).to(dtype).to(device)
                for i, dtype in enumerate([torch.bfloat16, torch.float32, torch.bfloat16])}
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    assert trainer_findings(tensors, shapes, torch.device(device), allow_nonfinite=False) is None
+    assert trainer_findings(tensors, shapes, torch.device(device)) is None
+    assert _nonfinite(tensors) is None
     tensors["w1"][5, 7] = bad
-    finding = trainer_findings(tensors, shapes, torch.device(device), allow_nonfinite=False)
+    assert trainer_findings(tensors, shapes, torch.device(device)) is None  # names, shapes, dtypes, device only
+    finding = _nonfinite(tensors)
     assert finding is not None and finding.startswith("w1: 1 NaN/Inf value(s) of 2368")
-    assert trainer_findings(tensors, shapes, torch.device(device), allow_nonfinite=True) is None
+
+
+def _nonfinite(tensors: dict, check: FiniteCheck | None = None) -> str | None:
+    """What a sender that packs as its buckets go finds: one check over the tensors."""
+    check = check or FiniteCheck()
+    return nonfinite_finding(tensors, {name: tuple(t.shape) for name, t in tensors.items()},
+                             lambda: check(list(tensors.values())))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: on the GPU machine")
@@ -36,9 +44,8 @@ def test_a_check_the_device_does_not_get_to_within_the_timeout_is_a_finding():
     """The check is queued behind this rank's stream, as after a failed colocated update
     an engine's reads may be: the host waits a bounded time, then the rank refuses."""
     tensors = {"w": torch.randn(64, 64, device="cuda")}
-    shapes = {"w": (64, 64)}
     check = FiniteCheck(timeout=0.5)
-    assert trainer_findings(tensors, shapes, torch.device("cuda"), False, check) is None  # its kernel loaded
+    assert _nonfinite(tensors, check) is None  # its kernel loaded
     _refused_in_time_behind_a_busy_stream(tensors, check)
 
 
@@ -63,12 +70,11 @@ def test_a_check_of_new_tensors_behind_a_busy_stream_loads_nothing_and_waits_onl
 def _refused_in_time_behind_a_busy_stream(tensors: dict, check: FiniteCheck) -> None:
     """Queued behind 4 s of other work, a check with a 0.5 s timeout is a finding within
     2 s; once the device is through, the same tensors pass."""
-    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     torch.cuda._sleep(int(4 * 2e9))  # cycles: at least 4 s of other work at the H200's clocks
     started = time.monotonic()
-    finding = trainer_findings(tensors, shapes, torch.device("cuda"), False, check)
+    finding = _nonfinite(tensors, check)
     waited = time.monotonic() - started
     torch.cuda.synchronize()
     assert finding is not None and finding.startswith("the NaN/Inf check had not run on the device after 0.5s"), finding
     assert waited < 2.0, f"waited {waited:.1f}s for a check with a 0.5s timeout"
-    assert trainer_findings(tensors, shapes, torch.device("cuda"), False, check) is None
+    assert _nonfinite(tensors, check) is None

@@ -42,6 +42,7 @@ class Case:
     method: str = "auto"
     slow_reader: str | None = None  # a rank that reads the last update's outcomes SLOW_READ_S late
     verify: bool = False
+    pack_ahead: bool = False  # colocated trainers pack each whole update before the vote
     device: str = "cpu"
     faults: tuple[tuple[str, str], ...] = ()  # (who, fault of shardsync.harness.faults) injected after connect
 
@@ -70,7 +71,7 @@ class Case:
     def options(self, port: int, who: str) -> dict:
         return {"rendezvous": f"127.0.0.1:{port}", "bucket_bytes": self.bucket_bytes, "timeout": self.timeout_of(who),
                 "dtype": getattr(torch, self.dtype), "method": self.method, "verify": self.verify,
-                "device": self.device}
+                "pack_ahead": self.pack_ahead, "device": self.device}
 
 
 def run(case: Case, allow_errors: bool = False) -> dict:

@@ -34,6 +34,9 @@ def choose(method: str, module) -> tuple[str, str]:
 
 def build(method: str, context: Context) -> Method:
     """One endpoint's side of `method` (as `choose` returned it)."""
+    if context.pack_ahead and method != "colocated":
+        raise PlanError(f"pack_ahead: only the colocated method packs a whole update before the vote (its "
+                        f"trainers' slots hold one); method {method!r} packs as its buckets go")
     return _BUILDERS[method](context)
 
 

@@ -48,6 +48,7 @@ class Context:
     timeout: float
     verify: bool  # a checksum per bucket
     overlap: bool  # pack bucket k+1 while bucket k is on the wire
+    pack_ahead: bool  # a colocated trainer's: its slots hold a whole update, packed before the vote
     channel_options: dict  # forwarded to channel creation (the address to listen on, a framework's extras)
 
 
@@ -84,6 +85,12 @@ class Method(Protocol):
         (the session) names the peers that went silent when a wait fails, and tells a
         wait that lasts whether the update already failed elsewhere."""
 
+    def pack_ahead(self, tensors: Mapping[str, torch.Tensor], update: int) -> torch.Tensor | None:
+        """A trainer rank's whole share of `update` packed before the vote, where the
+        method was built to (no reader sees it before `send`): returns an int32 [1] flag
+        that the packs, once run, leave nonzero if they packed a NaN or Inf. None where
+        nothing was packed ahead: the endpoint checks the tensors itself."""
+
     def send(self, tensors: Mapping[str, torch.Tensor], update: int) -> tuple[ChannelReport, ...]:
         """A trainer rank's share of `update`; raises TransferError naming channel,
         peer and update if it did not reach every receiver intact."""
@@ -111,6 +118,9 @@ class OverChannels:
     @property
     def buffer_bytes(self) -> int:
         return self.pipe.nbytes
+
+    def pack_ahead(self, tensors, update: int) -> None:
+        return None  # packed as the buckets go
 
     def close(self) -> None:
         self.channels.close()

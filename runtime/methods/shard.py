@@ -20,8 +20,6 @@ from shardsync.runtime.wire.pipe import BucketPipe
 
 
 class ShardMethod(OverChannels):
-    pipe_class = BucketPipe  # where buckets go between pack and unpack: this endpoint's own buffers
-
     def __init__(self, context: Context):
         self.plan = context.plan
         if context.trainer is not None:
@@ -33,12 +31,15 @@ class ShardMethod(OverChannels):
             self.member = 1 + engine  # replicas follow the source, in engine order
         self.schedules = {c.name: bucketing.phased_schedule(c.copies, context.capacity) for c in self.mine}
         largest = max((b.numel for s in self.schedules.values() for bs in s.values() for b in bs), default=0)
-        self.pipe = self.pipe_class(largest, context.dtype, context.device, verify=context.verify,
-                                    overlap=context.overlap)
+        self.pipe = self._pipe(largest, context)
         # one batched kernel per bucket on CUDA (checksum fused), foreach copies on the CPU
-        self.copier = BucketCopier(context.device, checksums=context.verify)
+        self.copier = BucketCopier(context.device, checksums=context.verify, flagging=context.pack_ahead)
         self.wire_dtype = context.dtype
         self.channels = Channels(self.channel_device(context), context.timeout, context.channel_options)
+
+    def _pipe(self, largest: int, context: Context) -> BucketPipe:
+        """Where buckets go between pack and unpack: this endpoint's own two buffers."""
+        return BucketPipe(largest, context.dtype, context.device, verify=context.verify, overlap=context.overlap)
 
     @staticmethod
     def channel_device(context: Context):
@@ -108,20 +109,24 @@ class ShardMethod(OverChannels):
         seconds = {c.name: 0.0 for c in self.mine}
         for channel in self.mine:
             header(self.channels[channel.name], self._bucket_count(channel))
-        phases = sorted({phase for c in self.mine for phase in self.schedules[c.name]})
-        for phase in phases:
-            for channel in self.mine:
-                schedule = self.schedules[channel.name].get(phase)
-                if schedule:
-                    started = time.perf_counter()
-                    move(channel, self.channels[channel.name], phase, schedule)
-                    seconds[channel.name] += time.perf_counter() - started
+        for channel, phase, schedule in self._runs():
+            started = time.perf_counter()
+            move(channel, self.channels[channel.name], phase, schedule)
+            seconds[channel.name] += time.perf_counter() - started
         for channel in self.mine:
             started = time.perf_counter()
             finish(self.channels[channel.name])
             seconds[channel.name] += time.perf_counter() - started
         return tuple(ChannelReport(c.name, len(c.copies), c.numel * self.plan.dtype_bytes, seconds[c.name])
                      for c in self.mine)
+
+    def _runs(self):
+        """(channel, phase, its buckets in that phase), in the walk's order."""
+        for phase in sorted({phase for c in self.mine for phase in self.schedules[c.name]}):
+            for channel in self.mine:
+                schedule = self.schedules[channel.name].get(phase)
+                if schedule:
+                    yield channel, phase, schedule
 
     def _bucket_count(self, channel: Channel) -> int:
         """What the header announces: both ends derive it from the same schedule."""

@@ -27,6 +27,12 @@ weight, summed modulo 2**32 in int32 arithmetic (one multiply-add an element), s
 CUDA sum checks equal on the CPU and the other way round. A 16-bit element is the low
 or the high half of its word: its contribution is its bits, or its bits shifted up 16.
 
+A pack can also raise a NaN/Inf flag on the way (`flag`): an element whose exponent
+bits are all ones, read from the trainer's tensor before any cast, as `runtime/
+nonfinite` reads them. A trainer that packs its whole update before the vote
+(`pack_ahead`) then needs no pass of its own over its tensors to refuse one that
+holds a NaN or Inf.
+
 Triton is imported only here, and this module only on CUDA: the CPU path and CI
 never need it.
 """
@@ -50,6 +56,7 @@ from shardsync.runtime.wire import checksum
 TILES = {False: (8, 512, 4), True: (4, 512, 8)}
 _FIELDS = 6  # per piece: tensor address (bytes), rows, cols, row stride, bucket offset, elements
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_EXPONENT_BITS = {torch.float32: 0x7F800000, torch.bfloat16: 0x7F80, torch.float16: 0x7C00}  # all ones: NaN or Inf
 DTYPES = tuple(_TRITON_DTYPES)  # what the kernel copies, on either side
 
 
@@ -69,6 +76,22 @@ def _checksum_words(values, position, WORDS: tl.constexpr):
             word = half
             index = position
     return word, index.to(tl.int32)
+
+
+@triton.jit
+def _nonfinite(values, EXPONENT: tl.constexpr):
+    """1 where an element's exponent bits are all ones. `values`: a tensor's elements as
+    loaded, or, copied as words, 32-bit words of two 16-bit elements (a mask below
+    2**16) or of one float32."""
+    if values.dtype.primitive_bitwidth == 32:
+        bits = values.to(tl.int32, bitcast=True)
+        found = (bits & EXPONENT) == EXPONENT
+        if EXPONENT < 0x10000:  # two 16-bit elements a word: the high one too
+            found = found | (((bits >> 16) & EXPONENT) == EXPONENT)
+    else:
+        bits = values.to(tl.int16, bitcast=True).to(tl.int32)
+        found = (bits & EXPONENT) == EXPONENT
+    return found.to(tl.int32)
 
 
 @triton.jit
@@ -103,13 +126,13 @@ def _locate(pieces, piece, row0, col0, TENSOR_DTYPE: tl.constexpr, WIRE_DTYPE: t
 # ALIGNED constant's), so every variant an endpoint will launch can be loaded before its
 # first update (`load_kernels`) rather than at a first launch that may find its stream
 # waiting on another process.
-_ARGUMENTS = ("pieces", "tiles", "tile_count", "bucket", "scratch", "programs_in_all", "tail", "sums")
+_ARGUMENTS = ("pieces", "tiles", "tile_count", "bucket", "scratch", "programs_in_all", "tail", "sums", "flag")
 
 
 @triton.jit(do_not_specialize=_ARGUMENTS)
-def _copy_tiles(pieces, tiles, tile_count, bucket, scratch, programs_in_all, tail, sums,
+def _copy_tiles(pieces, tiles, tile_count, bucket, scratch, programs_in_all, tail, sums, flag,
                 TENSOR_DTYPE: tl.constexpr, WIRE_DTYPE: tl.constexpr, TO_BUCKET: tl.constexpr,
-                ALIGNED: tl.constexpr, CHECKSUM: tl.constexpr, WORDS: tl.constexpr,
+                ALIGNED: tl.constexpr, CHECKSUM: tl.constexpr, WORDS: tl.constexpr, NONFINITE: tl.constexpr,
                 ROWS: tl.constexpr, COLS: tl.constexpr):
     """Each program copies tiles program, program + programs, ...; with the checksum,
     every thread keeps its own running sums (int32 adds wrap modulo 2**32, as the
@@ -119,7 +142,8 @@ def _copy_tiles(pieces, tiles, tile_count, bucket, scratch, programs_in_all, tai
     program, once a bucket instead of once an element. A program loads its next tile's
     entry while it copies this one, so that the table's latency is not paid before
     each tile's bytes. The bucket is read as WIRE_DTYPE: its own dtype, or int32 for
-    pieces copied as words."""
+    pieces copied as words. With NONFINITE (a pack's: the exponent bits of the tensor's
+    elements), `flag` is raised where one of the elements read has them all set."""
     wire = bucket.to(tl.pointer_type(WIRE_DTYPE))
     if ALIGNED:  # the bucket starts on a 16-byte boundary (`_aligned`)
         wire = tl.multiple_of(wire, 16)
@@ -128,6 +152,8 @@ def _copy_tiles(pieces, tiles, tile_count, bucket, scratch, programs_in_all, tai
     if CHECKSUM:
         plain = tl.zeros((ROWS, COLS), dtype=tl.int32)
         weighted = tl.zeros((ROWS, COLS), dtype=tl.int32)
+    if NONFINITE:
+        found = tl.zeros((ROWS, COLS), dtype=tl.int32)
     entry = tiles + tl.minimum(program, tile_count - 1) * 3
     piece, row0, col0 = tl.load(entry), tl.load(entry + 1).to(tl.int32), tl.load(entry + 2).to(tl.int32)
     for tile in range(program, tile_count, programs):
@@ -137,6 +163,8 @@ def _copy_tiles(pieces, tiles, tile_count, bucket, scratch, programs_in_all, tai
         tensor, position, mask = _locate(pieces, piece, row0, col0, TENSOR_DTYPE, WIRE_DTYPE, ALIGNED, ROWS, COLS)
         if TO_BUCKET:
             values = tl.load(tensor, mask=mask, other=0)
+            if NONFINITE:  # masked lanes were loaded as zeros: finite
+                found = found | _nonfinite(values, NONFINITE)
             if values.dtype.primitive_bitwidth > WIRE_DTYPE.primitive_bitwidth:
                 values = values.to(WIRE_DTYPE, fp_downcast_rounding="rtne")  # as torch's copy_ rounds
             else:
@@ -150,6 +178,9 @@ def _copy_tiles(pieces, tiles, tile_count, bucket, scratch, programs_in_all, tai
             plain += word
             weighted += word * index
         piece, row0, col0 = next_piece, next_row0, next_col0
+    if NONFINITE:
+        if tl.max(tl.max(found, axis=1), axis=0) > 0:
+            tl.atomic_max(flag, 1)
     if CHECKSUM:
         _add_sums(scratch, programs_in_all, tail, sums, tl.sum(tl.sum(plain, axis=1), axis=0),
                   tl.sum(tl.sum(weighted, axis=1), axis=0), TO_BUCKET)
@@ -225,8 +256,8 @@ class BucketKernel:
                 classes.setdefault((torch.int32 if words else tensor.dtype, aligned, words), []).append(piece)
         self.launches = [_launch(dtype, aligned, words, pieces, bucket.device, self.rows, self.cols)
                          for (dtype, aligned, words), pieces in classes.items()]
-        # per direction (to the bucket or not): each launch with its constants and programs, and the programs in all
-        self._runs: dict[bool, tuple[list[tuple[Launch, dict, int]], int]] = {}
+        # per (direction, flagging NaN/Inf): each launch with its constants and programs, and the programs in all
+        self._runs: dict[tuple[bool, bool], tuple[list[tuple[Launch, dict, int]], int]] = {}
         self.scratch = torch.zeros(3, dtype=torch.int32, device=bucket.device)  # see _add_sums
         self.totals = torch.zeros(2, 2, dtype=torch.int64, device=bucket.device)
         if sums and bucket.numel() * bucket.element_size() < bucket_numel * bucket.element_size() + checksum.TAIL_BYTES:
@@ -243,43 +274,46 @@ class BucketKernel:
         return (tensor.dtype == bucket.dtype and 4 % element == 0 and (offset * element) % 4 == 0
                 and (count * element) % 4 == 0 and (not self.sums or self.checksum_word_bytes == 4))
 
-    def run(self, bucket: torch.Tensor, to_bucket: bool) -> torch.Tensor | None:
+    def run(self, bucket: torch.Tensor, to_bucket: bool, flag: torch.Tensor | None = None) -> torch.Tensor | None:
         """Copy every piece (into the bucket, or out of it). Built with `sums`, also
         return the bucket's checksum: int64 [2, 2], the two sums computed on the way
         and the two in the bucket's tail (packing: the same, written there too;
         unpacking: the sender's). A device tensor of this kernel's, which its next run
-        rewrites; nothing waited for."""
+        rewrites; nothing waited for. `flag` (packing; int32 [1] on the device): set to
+        1 where an element packed is NaN or Inf, else left as it was."""
         tail = bucket.view(torch.uint8)[self.tail_byte:] if self.sums else bucket  # (unused without the checksum)
-        if to_bucket not in self._runs:
-            self._runs[to_bucket] = self._plan_runs(bucket, tail, to_bucket)
-        launches, programs_in_all = self._runs[to_bucket]
+        flagging = to_bucket and flag is not None
+        if (to_bucket, flagging) not in self._runs:
+            self._runs[to_bucket, flagging] = self._plan_runs(bucket, tail, to_bucket, flagging)
+        launches, programs_in_all = self._runs[to_bucket, flagging]
         for launch, constants, programs in launches:
             _copy_tiles[(programs,)](launch.pieces, launch.tiles, len(launch.tiles), bucket, self.scratch,
-                                     programs_in_all, tail, self.totals, **constants)
+                                     programs_in_all, tail, self.totals, flag if flagging else self.scratch,
+                                     **constants)
         return self.totals if self.sums else None
 
-    def _plan_runs(self, bucket: torch.Tensor, tail: torch.Tensor, to_bucket: bool):
+    def _plan_runs(self, bucket: torch.Tensor, tail: torch.Tensor, to_bucket: bool, flagging: bool):
         """Each launch's constants and program count in one direction, and their programs in all."""
         launches = []
         for launch in self.launches:
             constants = _constants(launch.dtype, bucket.dtype, to_bucket, launch.aligned, launch.words, self.sums,
-                                   self.checksum_word_bytes)
+                                   self.checksum_word_bytes, flagging)
             launches.append((launch, constants, self._programs(launch, bucket, tail, constants)))
         return launches, sum(programs for _, _, programs in launches)
 
     def _programs(self, launch: Launch, bucket: torch.Tensor, tail: torch.Tensor, constants: dict) -> int:
-        """A program a tile where nothing is cast and no checksum is computed. Otherwise as
-        many programs as the device keeps resident at once, each looping over the tiles
-        (and reducing its sums once): one program more than that would wait for a whole
+        """A program a tile where nothing is cast, summed or flagged. Otherwise as many
+        programs as the device keeps resident at once, each looping over the tiles (and
+        reducing its sums or its flag once): one program more than that would wait for a whole
         program's share to finish, leaving most of the device idle meanwhile. (Casting
         fp32 to bf16, looping packed at 0.57 of the copy rate against 0.54 a tile.)"""
         casts = not launch.words and launch.dtype != bucket.dtype
-        if not self.sums and not casts:
+        if not self.sums and not casts and not constants["NONFINITE"]:
             return len(launch.tiles)
         if bucket.device.type != "cuda":  # Triton's interpreter (tests on a machine without a GPU)
             return min(len(launch.tiles), 4)
         compiled = _copy_tiles.warmup(launch.pieces, launch.tiles, len(launch.tiles), bucket, self.scratch,
-                                      len(launch.tiles), tail, self.totals, grid=(1,), **constants)
+                                      len(launch.tiles), tail, self.totals, self.scratch, grid=(1,), **constants)
         compiled._init_handles()  # loaded (`load_kernels` did it before the first update): its registers are known
         properties = torch.cuda.get_device_properties(bucket.device)
         registers_a_warp = math.ceil(compiled.n_regs * 32 / 256) * 256  # a warp's registers come 256 at a time
@@ -297,10 +331,11 @@ def checksum_word_bytes(bucket_numel: int, dtype: torch.dtype) -> int:
 
 
 def load_kernels(device: torch.device, wire_dtype: torch.dtype, tensor_dtypes, *, to_bucket: bool, sums: bool,
-                 word_bytes=(4,)) -> None:
+                 word_bytes=(4,), flagging: bool = False) -> None:
     """Compile and load every variant of the copy kernel that copies between tensors of
     `tensor_dtypes` and buckets of `wire_dtype` in one direction may launch; `word_bytes`:
-    how the checksum reads the buckets (`checksum_word_bytes`). Loading a module waits
+    how the checksum reads the buckets (`checksum_word_bytes`); `flagging`: packs that
+    flag NaN/Inf (the only packs a trainer that packs ahead launches). Loading a module waits
     for the device: done before an endpoint's first update, it finds no stream waiting
     on another process."""
     pieces = torch.zeros(1, _FIELDS, dtype=torch.int64, device=device)
@@ -316,19 +351,20 @@ def load_kernels(device: torch.device, wire_dtype: torch.dtype, tensor_dtypes, *
         variants.append((torch.int32, True, True))
     for dtype, aligned, words in variants:
         for word in set(word_bytes) if sums else {4}:
-            constants = _constants(dtype, wire_dtype, to_bucket, aligned, words, sums, word)
-            _copy_tiles.warmup(pieces, tiles, 1, bucket, scratch, 1, tail, totals, grid=(1,),
+            constants = _constants(dtype, wire_dtype, to_bucket, aligned, words, sums, word, flagging and to_bucket)
+            _copy_tiles.warmup(pieces, tiles, 1, bucket, scratch, 1, tail, totals, scratch, grid=(1,),
                                **constants)._init_handles()
 
 
 def _constants(dtype: torch.dtype, wire_dtype: torch.dtype, to_bucket: bool, aligned: bool, words: bool, sums: bool,
-               word_bytes: int) -> dict:
+               word_bytes: int, flagging: bool = False) -> dict:
     """A launch's constants: which variant of the kernel it runs. `dtype`: its tensors'
-    (int32 where copied as words)."""
+    (int32 where copied as words: then they hold the wire's dtype)."""
     rows, cols, warps = TILES[sums]
     return dict(TENSOR_DTYPE=tl.int32 if words else _TRITON_DTYPES[dtype],
                 WIRE_DTYPE=tl.int32 if words else _TRITON_DTYPES[wire_dtype],
-                TO_BUCKET=to_bucket, ALIGNED=aligned, CHECKSUM=sums, WORDS=word_bytes, ROWS=rows, COLS=cols,
+                TO_BUCKET=to_bucket, ALIGNED=aligned, CHECKSUM=sums, WORDS=word_bytes,
+                NONFINITE=_EXPONENT_BITS[wire_dtype if words else dtype] if flagging else 0, ROWS=rows, COLS=cols,
                 num_warps=warps)
 
 

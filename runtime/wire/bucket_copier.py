@@ -7,7 +7,8 @@ On CUDA each bucket is therefore one launch of `wire.batched_copy`'s kernel (two
 three where some pieces cannot take its vector or word copies), which walks every
 piece of the bucket and, with `checksums`, computes the bucket's checksum on the way:
 packing, it writes the tail itself; unpacking, it returns the sums it computed beside
-the tail's, so that the pipe compares them without a pass or a launch of its own. The
+the tail's, so that the pipe compares them without a pass or a launch of its own. A
+pack may also flag NaN/Inf in what it packs (`flag`), in the same launch. The
 plan and the schedule never change between updates, and the trainer's parameters and
 the engine's tensors mostly keep their storage, so a bucket's descriptors are built
 once for a set of addresses and kept on the device; where storage moved (an engine
@@ -38,10 +39,11 @@ class BucketCopier:
     computed on the way, then the tail's (pack wrote the tail after the bucket's data;
     unpack read the sender's); else None, and the tail is the caller's."""
 
-    def __init__(self, device: torch.device, checksums: bool = False):
+    def __init__(self, device: torch.device, checksums: bool = False, flagging: bool = False):
         self.device = device
         self.batched = device.type == "cuda"
         self.checksums = checksums
+        self.flagging = flagging  # packs flag NaN/Inf (`pack`'s `flag`): which of its variants to load
         self._kernels: dict = {}  # key -> (addresses, the bucket's kernel for them)
         self.descriptors_built = 0
 
@@ -61,15 +63,21 @@ class BucketCopier:
 
         words = {batched_copy.checksum_word_bytes(bucket.numel, wire_dtype) for bucket in buckets}
         batched_copy.load_kernels(self.device, wire_dtype, tensor_dtypes or batched_copy.DTYPES,
-                                  to_bucket=to_bucket, sums=self.checksums, word_bytes=words or {4})
+                                  to_bucket=to_bucket, sums=self.checksums, word_bytes=words or {4},
+                                  flagging=self.flagging)
 
-    def pack(self, key, bucket, tensors, buffer: torch.Tensor) -> torch.Tensor | None:
+    def pack(self, key, bucket, tensors, buffer: torch.Tensor, flag: torch.Tensor | None = None) -> torch.Tensor | None:
+        """`flag` (int32 [1] on the bucket's device): set to 1 where a packed element of a
+        trainer's tensor is NaN or Inf (on the CPU, where the packed bucket's sum is not
+        finite), else left as it was; nothing waited for."""
         sources = [tensors[e.src_tensor] for e in bucket.entries]
         if not self._batchable(sources, buffer):
             packing.pack(bucket, tensors, buffer)
+            if flag is not None:
+                packing.flag_nonfinite(bucket, buffer, flag)
             return None
         entries = [(src, e.src_box, e.offset) for e, src in zip(bucket.entries, sources)]
-        return self._run(("pack",) + key, buffer, entries, bucket.numel, to_bucket=True)
+        return self._run(("pack",) + key, buffer, entries, bucket.numel, to_bucket=True, flag=flag)
 
     def unpack(self, key, bucket, buffer: torch.Tensor, targets) -> torch.Tensor | None:
         dests = [targets.tensor(e.dst_tensor) for e in bucket.entries]  # (the targets may restore a layer here)
@@ -100,7 +108,7 @@ class BucketCopier:
 
         return supported(buffer) and all(supported(t) for t in tensors)
 
-    def _run(self, key, buffer, entries, numel: int, to_bucket: bool) -> torch.Tensor | None:
+    def _run(self, key, buffer, entries, numel: int, to_bucket: bool, flag=None) -> torch.Tensor | None:
         """The bucket's kernel for these addresses: kept from an earlier update, or built."""
         from shardsync.runtime.wire.batched_copy import BucketKernel
 
@@ -109,4 +117,4 @@ class BucketCopier:
         if kept is None or kept[0] != addresses:
             kept = self._kernels[key] = (addresses, BucketKernel(entries, numel, buffer, sums=self.checksums))
             self.descriptors_built += 1
-        return kept[1].run(buffer, to_bucket)
+        return kept[1].run(buffer, to_bucket, flag)

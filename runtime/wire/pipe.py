@@ -115,20 +115,22 @@ class Sending:
         if len(self.in_flight) == pipe.depth:  # the buffer about to be packed is still on the wire
             self.group.wait(self.in_flight.pop(0), f"sending bucket {self.index - pipe.depth}{self.where}", update)
         buffer = pipe.buffers[self.index % 2]
-        self._pack(bucket, pack, buffer)
+        fill(buffer, bucket, pack, pipe.tail)
         wire = buffer[:bucket.numel + pipe.tail]
         self.in_flight.append(self.group.broadcast(wire))
         self.index += 1
-
-    def _pack(self, bucket: Bucket, pack: Callable[[torch.Tensor], torch.Tensor | None], buffer: torch.Tensor) -> None:
-        """Pack into `buffer`, then write the checksum's tail where the copy did not write it on its way."""
-        if pack(buffer) is None and self.outbound.pipe.tail:
-            checksum.write(buffer, bucket.numel)
 
     def drain(self) -> None:
         for work in self.in_flight:
             self.group.wait(work, f"sending the last buckets{self.where}", self.outbound.update)
         self.in_flight.clear()
+
+
+def fill(buffer: torch.Tensor, bucket: Bucket, pack: Callable[[torch.Tensor], torch.Tensor | None], tail: int) -> None:
+    """Pack into `buffer`, then write the checksum's tail (`tail` elements) where the copy
+    did not write it on its way."""
+    if pack(buffer) is None and tail:
+        checksum.write(buffer, bucket.numel)
 
 
 class Inbound:

@@ -7,6 +7,9 @@ lives and what says it may be read or rewritten:
 - a producer packs each bucket straight into one of its own slots (two, or one
   without overlap, shared by all of its channels, as the pipe's two buffers are), and
   its consumers read the slot where it lies: they hold no buffer of their own;
+- or, with as many slots as an update has buckets, the producer packs the whole update
+  before the vote (`pack_ahead`) and its sends only announce the slots: no byte is
+  read before the vote, and the packs can do the NaN/Inf check on their way;
 - per bucket, member 0 of the channel's signal group broadcasts "bucket k of update u
   is in slot s" once the slot is written, and every reader sends member 0 a release
   once it finished reading (a gather, so member 0 hears each reader directly); a slot is written again only after the
@@ -37,7 +40,7 @@ import torch
 from shardsync.runtime.device_wait import copies_not_run, event_done_within
 from shardsync.runtime.errors import TransferError
 from shardsync.runtime.wire import checksum
-from shardsync.runtime.wire.pipe import BucketPipe, Inbound, Link, Outbound, Sending
+from shardsync.runtime.wire.pipe import BucketPipe, Inbound, Link, Outbound, Sending, fill
 from shardsync.runtime.wire.shared import Slots
 
 LEAD = 8  # buckets whose reads a consumer's host queues ahead of its device
@@ -66,9 +69,12 @@ class SharedPipe(BucketPipe):
     """One endpoint's slots (a producer's own), the slots it maps (a consumer's, one set
     per channel), and, on CUDA, the events that order access to them."""
 
-    def __init__(self, largest: int, dtype: torch.dtype, device: torch.device, *, verify: bool, overlap: bool):
+    def __init__(self, largest: int, dtype: torch.dtype, device: torch.device, *, verify: bool, overlap: bool,
+                 slots: int = 0):
+        """`slots`: a producer's slot count where it packs whole updates ahead (one a
+        bucket of its update), else 0: two, or one without `overlap`."""
         self.tail = checksum.tail_elements(dtype) if verify else 0
-        self.depth = 2 if overlap else 1
+        self.depth = slots or (2 if overlap else 1)
         self.device = device
         self.dtype = dtype
         self.slot_numel = largest + self.tail if largest else 0
@@ -82,6 +88,7 @@ class SharedPipe(BucketPipe):
         self.lead: list[tuple[torch.cuda.Event, str, str] | None] = [None] * LEAD
         self._occupants: list[_Occupant | None] = [None] * self.depth
         self._next = 0
+        self._packed_ahead: tuple[int, int] | None = None  # (update, buckets) packed in slots 0, 1, ... before its vote
 
     @property
     def nbytes(self) -> int:
@@ -95,6 +102,7 @@ class SharedPipe(BucketPipe):
         """Drop the slots' state and every mapping (at close, before a reconnect)."""
         self._occupants = [None] * self.depth
         self._next = 0
+        self._packed_ahead = None
         for slots in self.mapped.values():
             slots.close()
         self.mapped.clear()
@@ -109,7 +117,8 @@ class SharedPipe(BucketPipe):
         # the same slot at every update: the copies of each bucket keep their addresses
         # (descriptors built once, graphs replayed) on both ends
         self._next = 0
-        return SharedOutbound(self, update)
+        ahead, self._packed_ahead = self._packed_ahead, None
+        return SharedOutbound(self, update, ahead[1] if ahead is not None and ahead[0] == update else 0)
 
     def inbound(self, update: int) -> "Inbound":
         return SharedInbound(self, update)
@@ -135,21 +144,56 @@ class SharedPipe(BucketPipe):
     def occupy(self, slot: int, occupant: _Occupant) -> None:
         self._occupants[slot] = occupant
 
+    def write(self, slot: int, bucket, pack) -> None:
+        """Pack `bucket` into `slot` (with its checksum's tail) and, on CUDA, record that it was written."""
+        fill(self.own[slot], bucket, pack, self.tail)
+        if self.cuda:
+            self.own.ready_events[slot].record(torch.cuda.current_stream(self.device))
+
+    def pack_ahead(self, update: int, buckets) -> None:
+        """Pack every bucket of `update` before its vote: `buckets`, (bucket, pack) in the
+        order its sends will announce them, into slots 0, 1, ..., each once the readers of
+        the bucket it held last are done. `outbound(update)` then announces them; a later
+        update packs them again (a refused one was never announced, so never read)."""
+        self._packed_ahead = None
+        self._next = 0
+        count = 0
+        for bucket, pack in buckets:
+            if count == self.depth:
+                raise ValueError(f"update {update}: more buckets than the {self.depth} slots that hold an update")
+            self.write(self.take_slot(), bucket, pack)
+            count += 1
+        self._packed_ahead = (update, count)
+
 
 class SharedOutbound(Outbound):
+    def __init__(self, pipe: SharedPipe, update: int, ahead: int):
+        super().__init__(pipe, update)
+        self.ahead = ahead  # buckets packed before the vote, in slots 0, 1, ... in the order they are sent
+        self.announced = 0
+
     def sending(self, group: SignalLink, where: str = "") -> "SharedSending":
         return SharedSending(self, group, where)
+
+    def packed_slot(self, what: str) -> int:
+        """The slot the next bucket was packed into ahead of the vote."""
+        if self.announced == self.ahead:
+            raise TransferError(f"update {self.update}: {what} was not among the {self.ahead} buckets packed ahead")
+        self.announced += 1
+        return self.announced - 1
 
 
 class SharedSending(Sending):
     def put(self, bucket, pack) -> None:
-        """Pack `bucket` into the next free slot, then say where it lies."""
-        pipe, update = self.outbound.pipe, self.outbound.update
-        slot = pipe.take_slot()
-        buffer = pipe.own[slot]
-        self._pack(bucket, pack, buffer)
-        if pipe.cuda:
-            pipe.own.ready_events[slot].record(torch.cuda.current_stream(pipe.device))
+        """Pack `bucket` into the next free slot (unless the whole update was packed ahead),
+        then say where it lies."""
+        outbound = self.outbound
+        pipe, update = outbound.pipe, outbound.update
+        if outbound.ahead:
+            slot = outbound.packed_slot(f"bucket {self.index}{self.where}")
+        else:
+            slot = pipe.take_slot()
+            pipe.write(slot, bucket, pack)
         signal = torch.tensor([update, self.index, slot], dtype=torch.int64)
         ready = self.group.broadcast(signal)
         release = self.group.gather_at_source(torch.zeros(1, dtype=torch.int64))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from shardsync.runtime.plan.summary import human_bytes
 
-_LABELS = {"shard": "shard (peer to peer)", "gather": "gather (baseline)", "colocated": "colocated (shared memory)"}
+_LABELS = {"shard": "shard (peer to peer)", "gather": "gather (baseline)", "colocated": "colocated (shared memory)",
+           "colocated-ahead": "colocated, packed ahead"}
 
 
 def table(result: dict) -> str:

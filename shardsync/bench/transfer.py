@@ -33,7 +33,9 @@ from shardsync.harness.local_cluster import free_port, run_ranks
 from shardsync.presets import model_config
 from shardsync.runtime.methods import choose
 
-METHODS = ("shard", "gather", "colocated")  # in the order they run in the first round
+METHODS = ("shard", "gather", "colocated", "colocated-ahead")  # in the order they run in the first round
+# what the bench compares beside the methods themselves: a method with options, asked for by name
+VARIANTS = {"colocated-ahead": ("colocated", {"pack_ahead": True})}
 # untimed rounds first: on CUDA a bucket's copies are captured as a graph the second time
 # the same tensors come by, and replayed from the third update on
 WARMUP = 2
@@ -45,7 +47,12 @@ def applicable_methods(module, device: str = "cpu") -> tuple[str, ...]:
     they all share one GPU, where NCCL refuses two ranks, so only colocated does."""
     if torch.device(device).type == "cuda":
         return ("colocated",) if module.VLLM_LAYOUT else ()
-    return tuple(m for m in METHODS if m == "gather" or module.VLLM_LAYOUT)
+    return tuple(m for m in METHODS if m not in VARIANTS and (m == "gather" or module.VLLM_LAYOUT))
+
+
+def variant(name: str) -> tuple[str, dict]:
+    """The method a bench entry runs, and the endpoint options it adds."""
+    return VARIANTS.get(name, (name, {}))
 
 
 def run_bench(model: str, train_tp: int, train_pp: int, infer_tp: int, engines: int, bucket_mb: float = 16.0,
@@ -66,7 +73,7 @@ def run_bench(model: str, train_tp: int, train_pp: int, infer_tp: int, engines: 
     for method in methods:
         if method not in METHODS:
             raise ValueError(f"method {method!r}: the bench compares {', '.join(METHODS)}")
-        choose(method, module)  # refuses a method the spec cannot take
+        choose(variant(method)[0], module)  # refuses a method the spec cannot take
     ports = {**{m: free_port() for m in methods}, "barrier": free_port()}
     options = {"bucket_bytes": int(bucket_mb * 2**20), "timeout": timeout, "dtype": dtype, "overlap": overlap,
                "methods": methods, "device": device, "src_dtype": src_dtype}
@@ -155,12 +162,13 @@ def _endpoints(kind, hf_config, layout, ports, options, **position):
 
     cls = Sender if kind == "trainer" else Receiver
     made = {}
-    for method in options["methods"]:
-        made[method] = cls(hf_config, layout, rendezvous=f"127.0.0.1:{ports[method]}", method=method,
-                           bucket_bytes=options["bucket_bytes"], timeout=options["timeout"],
-                           dtype=getattr(torch, options["dtype"]), overlap=options["overlap"],
-                           device=options["device"], **position)
-        made[method].connect()
+    for name in options["methods"]:
+        method, extra = variant(name)
+        made[name] = cls(hf_config, layout, rendezvous=f"127.0.0.1:{ports[name]}", method=method,
+                         bucket_bytes=options["bucket_bytes"], timeout=options["timeout"],
+                         dtype=getattr(torch, options["dtype"]), overlap=options["overlap"],
+                         device=options["device"], **extra, **position)
+        made[name].connect()
     return made
 
 
@@ -285,7 +293,8 @@ def _vllm_engine(hf_config, layout, engine, ports, options, repeat, everyone, wo
             init = {"train_tp": layout.train_tp, "train_pp": layout.train_pp, "engines": layout.engines,
                     "train_ep": layout.train_ep, "train_etp": layout.train_etp, "train_dp": layout.train_dp,
                     "engine_index": engine, "rendezvous": f"127.0.0.1:{ports[method]}",
-                    "bucket_bytes": options["bucket_bytes"], "timeout": options["timeout"], "method": method}
+                    "bucket_bytes": options["bucket_bytes"], "timeout": options["timeout"],
+                    "method": variant(method)[0]}  # (an engine takes no option of a variant's: they are the trainer's)
             llm.collective_rpc("shardsync_init", args=(init,))
         group, _store, barrier = _barrier(ports, f"engine {engine}", everyone, options["timeout"])
         tracked = {m: 0 for m in methods}
