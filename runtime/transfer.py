@@ -238,7 +238,8 @@ class Sender(_Endpoint):
 
     def connect(self) -> None:
         super().connect()
-        self._all_finite.load(self.device)  # its modules now, not in the first update's check
+        if not self.pack_ahead:  # (packed ahead, the packs flag NaN/Inf: no check of its own runs)
+            self._all_finite.load(self.device)  # its modules now, not in the first update's check
 
     def local_shapes(self) -> dict[str, tuple[int, ...]]:
         """The Megatron tensors this rank must hand to `update`, by name: its dense
@@ -265,7 +266,6 @@ class Sender(_Endpoint):
         reports = self._settled(number, lambda: self.transport.send(tensors, number), clock)
         return UpdateReport(number, reports, clock.seconds)
 
-
     def _packed_and_checked(self, tensors: dict, number: int, allow_nonfinite: bool) -> str | None:
         """Pack the update ahead where the method does (its packs flag NaN/Inf on the way),
         then look for NaN/Inf: in what the packs flagged, else in one pass of its own over
@@ -276,10 +276,10 @@ class Sender(_Endpoint):
             return f"packing the update ahead of the vote failed: {exc}"
         if allow_nonfinite:
             return None
-        shapes = self.local_shapes()
+        shapes, check = self.local_shapes(), self._all_finite
         if flag is not None:
-            return nonfinite_finding(tensors, shapes, lambda: self._all_finite.read(flag, "the packs flagging NaN/Inf"))
-        return nonfinite_finding(tensors, shapes, lambda: self._all_finite([tensors[name] for name in shapes]))
+            return nonfinite_finding(tensors, shapes, lambda: check.read(flag, "the packs flagging NaN/Inf"))
+        return nonfinite_finding(tensors, shapes, lambda: check([tensors[name] for name in shapes]))
 
 
 class Receiver(_Endpoint):

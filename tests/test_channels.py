@@ -1,6 +1,7 @@
 """A channel's waits end at their timeout, or sooner once the update failed elsewhere:
 two members of a real gloo group, in two processes over a real TCPStore, one of which
-answers only when told."""
+answers only when told. And a wait whose slice ends as its work completes (a race no
+real group can be made to lose on demand: a stand-in work) is not a timeout."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch.distributed as dist
 
 from shardsync.harness.local_cluster import free_port
 from shardsync.runtime.errors import TransferError
-from shardsync.runtime.wire.channels import WATCH_EVERY_S, create_group
+from shardsync.runtime.wire.channels import WATCH_EVERY_S, Group, create_group
 
 PEERS = ("trainer pp0 tp0", "engine 0 tp0")
 
@@ -105,3 +106,37 @@ def test_a_wait_that_completes_asks_the_session_nothing():
         assert received.tolist() == [7, 2, 1] and engine.watch.asked == 0
     finally:
         channel.close()
+
+
+class _EndsAsItsSliceDoes:
+    """A work that completes just as a slice of the wait on it times out: the slice's
+    wait raises, and by the time it is looked at the work is done, with `failure` (a
+    RuntimeError's words) or without."""
+
+    def __init__(self, failure: str | None = None):
+        self.failure, self.waits = failure, 0
+
+    def wait(self, timeout):
+        self.waits += 1
+        if self.waits == 1:
+            raise RuntimeError("Operation timed out!")
+        if self.failure:
+            raise RuntimeError(self.failure)
+
+    def is_completed(self) -> bool:
+        return self.waits >= 1
+
+
+@pytest.mark.parametrize("failure", [None, "Connection closed by peer"], ids=["done", "failed"])
+def test_a_slice_that_ends_as_its_work_completes_is_not_taken_for_a_timeout(failure):
+    """The race a first H200 run hit in every trainer's wait for the closing
+    acknowledgement (0.3 s into a 60 s timeout): the wait returns, or raises the work's
+    own failure, never the slice's timeout."""
+    group = Group("pp0-tp0-to-tp0", 1, 2, None, 60.0, PEERS, torch.device("cpu"), FailsAfter(None))
+    work = _EndsAsItsSliceDoes(failure)
+    if failure is None:
+        group.wait(work, "acknowledging", 7)
+    else:
+        with pytest.raises(TransferError, match="acknowledging with trainer pp0 tp0 failed after .*Connection closed"):
+            group.wait(work, "acknowledging", 7)
+    assert work.waits == 2

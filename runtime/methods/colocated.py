@@ -18,9 +18,9 @@ each byte, measured in bench/RESULTS.md.
 With `pack_ahead`, a trainer's slots hold its whole update (one a bucket, so its memory
 is its shard's, in buckets) and it packs every bucket before the vote, the NaN/Inf
 check done by the packs on their way; after the vote its sends only announce the
-slots. On one GPU that saves the check's own pass over every byte, which cost a third
-of an update's copies (bench/RESULTS.md), while still no engine reads a byte before
-the vote.
+slots. On one GPU that saves the check's own pass over every byte (about 0.4 of the
+time the update's copies take, bench/RESULTS.md), while still no engine reads a byte
+before the vote.
 
 Everything is created or mapped at connect: the producer's slots (and on CUDA their
 "written" events), each consumer's mapping of the slots that feed it (and its "read"

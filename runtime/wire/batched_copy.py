@@ -28,8 +28,8 @@ CUDA sum checks equal on the CPU and the other way round. A 16-bit element is th
 or the high half of its word: its contribution is its bits, or its bits shifted up 16.
 
 A pack can also raise a NaN/Inf flag on the way (`flag`): an element whose exponent
-bits are all ones, read from the trainer's tensor before any cast, as `runtime/
-nonfinite` reads them. A trainer that packs its whole update before the vote
+bits are all ones, read from the trainer's tensor before any cast, as
+`runtime.nonfinite` reads them. A trainer that packs its whole update before the vote
 (`pack_ahead`) then needs no pass of its own over its tensors to refuse one that
 holds a NaN or Inf.
 

@@ -4,12 +4,15 @@ One trainer rank's channel (for a real model shape, e.g. Qwen3-4B at TP 2) is
 packed into wire buckets and unpacked into engine-layout tensors with the runtime's
 own copier (`runtime.wire.bucket_copier`: on CUDA one batched kernel per bucket, its
 descriptors kept from one pass to the next), with and without the checksum it
-computes on the way (`verify=True`), and, for reference, the eager per-piece `wire.pack.pack` / `wire.pack.unpack` and the
-eager copy of each box straight from trainer to engine tensors (what engines reading
-the trainer's tensors in place would do: one copy a byte), on any device. Each pass is one read and one write of the payload, so each is compared with
-one plain contiguous copy of the same bytes measured in the same run. On CUDA it also
-measures the per-piece copies captured as one graph (the copier before its batched
-kernel) and staging buckets to pinned vs pageable host memory, for a CPU (gloo) wire.
+computes on the way (`verify=True`); packed also as a trainer that packs ahead does
+it, flagging NaN/Inf on the way (`pack_ahead`); and, for reference, the eager
+per-piece `wire.pack.pack` / `wire.pack.unpack` and the eager copy of each box
+straight from trainer to engine tensors (what engines reading the trainer's tensors
+in place would do: one copy a byte), on any device. Each pass is one read and one
+write of the payload, so each is compared with one plain contiguous copy of the same
+bytes measured in the same run. On CUDA it also measures the per-piece copies
+captured as one graph (the copier before its batched kernel) and staging buckets to
+pinned vs pageable host memory, for a CPU (gloo) wire.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ def run_pack_bench(model: str = "qwen3-4b", train_tp: int = 2, infer_tp: int = 2
 
     copier = BucketCopier(device)  # what the Sender and Receiver use
     checked = BucketCopier(device, checksums=True)  # the same with verify=True: the checksum fused in
+    flagging = BucketCopier(device, flagging=True)  # a trainer that packs ahead: NaN/Inf flagged on the way
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
 
     def pack_all():
         for index, bucket in enumerate(schedule):
@@ -61,6 +66,10 @@ def run_pack_bench(model: str = "qwen3-4b", train_tp: int = 2, infer_tp: int = 2
     def unpack_all():
         for index, bucket in enumerate(schedule):
             copier.unpack(("bench", 0, index), bucket, buffer, targets)
+
+    def pack_flagged():
+        for index, bucket in enumerate(schedule):
+            flagging.pack(("bench", 0, index), bucket, sources, buffer, flag)
 
     def pack_checked():
         for index, bucket in enumerate(schedule):
@@ -98,6 +107,7 @@ def run_pack_bench(model: str = "qwen3-4b", train_tp: int = 2, infer_tp: int = 2
     for _ in range(2):  # untimed: kernels compiled and descriptors built, as at an endpoint's first update
         pack_all()
         unpack_all()
+        pack_flagged()
         pack_checked()
         unpack_checked()
 
@@ -111,19 +121,20 @@ def run_pack_bench(model: str = "qwen3-4b", train_tp: int = 2, infer_tp: int = 2
         "copy_s": _time(lambda: flat_b.copy_(flat_a), device, repeat),
         "pack_s": _time(pack_all, device, repeat),
         "unpack_s": _time(unpack_all, device, repeat),
+        "pack_flagged_s": _time(pack_flagged, device, repeat),
         "pack_checksum_s": _time(pack_checked, device, repeat),
         "unpack_checksum_s": _time(unpack_checked, device, repeat),
         "pack_eager_s": _time(pack_eager, device, repeat),
         "unpack_eager_s": _time(unpack_eager, device, repeat),
         "direct_eager_s": _time(direct, device, repeat),
-        "descriptors_built": copier.descriptors_built + checked.descriptors_built,  # once a bucket and direction
+        "descriptors_built": copier.descriptors_built + checked.descriptors_built + flagging.descriptors_built,
     }
     result["runtime_equals_eager"] = _same_result(schedule, sources, buffer, dests)
     result["copy_GBps"] = payload / result["copy_s"] / 1e9
     result["pack_unpack_vs_copy"] = 2 * result["copy_s"] / (result["pack_s"] + result["unpack_s"])
     result["checksum_cost"] = ((result["pack_checksum_s"] + result["unpack_checksum_s"])
                                / (result["pack_s"] + result["unpack_s"]) - 1)
-    for name in ("pack", "unpack", "pack_checksum", "unpack_checksum", "pack_eager", "unpack_eager", "direct_eager"):
+    for name in ("pack", "unpack", "pack_flagged", "pack_checksum", "unpack_checksum", "pack_eager", "unpack_eager", "direct_eager"):
         result[f"{name}_GBps"] = payload / result[f"{name}_s"] / 1e9
         result[f"{name}_vs_copy"] = result["copy_s"] / result[f"{name}_s"]
     if device.type == "cuda":
