@@ -113,12 +113,14 @@ class _Endpoint:
         """Plan (without a vLLM layout table there is nothing to plan shard to shard: the
         gather method's schedule of full HF tensors is the plan), then the method."""
         elsize = torch.empty((), dtype=self.dtype).element_size()
+        position = self._position()
         if self.module.VLLM_LAYOUT:
             self.plan = build_plan(self.module, self.cfg, self.layout, elsize)
         context = Context(module=self.module, cfg=self.cfg, layout=self.layout, plan=self.plan,
                           dtype=self.dtype, device=self.device, capacity=max(1, self.bucket_bytes // elsize),
-                          timeout=self.timeout, verify=self.verify, overlap=self.overlap, pack_ahead=self.pack_ahead,
-                          channel_options=self.channel_options, **self._position())
+                          timeout=self.timeout, verify=self.verify, overlap=self.overlap,
+                          pack_ahead=self.pack_ahead and position["trainer"] is not None,
+                          channel_options=self.channel_options, **position)
         return methods.build(self.method, context)
 
     def reconnect(self) -> None:

@@ -48,7 +48,7 @@ class Context:
     timeout: float
     verify: bool  # a checksum per bucket
     overlap: bool  # pack bucket k+1 while bucket k is on the wire
-    pack_ahead: bool  # a colocated trainer's: its slots hold a whole update, packed before the vote
+    pack_ahead: bool  # this endpoint, a colocated trainer, packs each whole update before the vote into its slots
     channel_options: dict  # forwarded to channel creation (the address to listen on, a framework's extras)
 
 

@@ -46,15 +46,15 @@ class ColocatedMethod(ShardMethod):
     def __init__(self, context: Context):
         super().__init__(context)
         self.producer = context.trainer is not None
-        self.packs_ahead = context.pack_ahead and self.producer
+        self.packs_ahead = context.pack_ahead
         self.timeout = context.timeout
         self.mappings_created = 0
-        self._flag: torch.Tensor | None = None  # what the packs of an update packed ahead raise on a NaN/Inf
+        # what the packs of an update packed ahead raise on a NaN/Inf
+        self._flag = torch.zeros(1, dtype=torch.int32, device=context.device) if self.packs_ahead else None
 
     def _pipe(self, largest: int, context: Context) -> SharedPipe:
-        ahead = context.pack_ahead and context.trainer is not None
         return SharedPipe(largest, context.dtype, context.device, verify=context.verify, overlap=context.overlap,
-                          slots=sum(map(self._bucket_count, self.mine)) if ahead else 0)
+                          slots=sum(map(self._bucket_count, self.mine)) if context.pack_ahead else 0)
 
     def pack_ahead(self, tensors, update: int) -> torch.Tensor | None:
         if not self.packs_ahead:
@@ -80,8 +80,6 @@ class ColocatedMethod(ShardMethod):
     def connect(self, store, watch) -> None:
         pipe: SharedPipe = self.pipe
         if self.producer:
-            if self.packs_ahead and self._flag is None:
-                self._flag = torch.zeros(1, dtype=torch.int32, device=pipe.device)
             if self.mine and pipe.slot_numel:
                 pipe.own = shared.create_slots(pipe.slot_numel, pipe.depth, pipe.dtype, pipe.device)
                 self.mappings_created += 1
