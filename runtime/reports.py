@@ -10,6 +10,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass(frozen=True)
 class ChannelReport:
@@ -57,8 +59,10 @@ class PhaseClock:
 
     @contextmanager
     def phase(self, name: str):
+        """The phase is also a range in a profiler's trace, where one records (`bench --trace`)."""
         started = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(f"shardsync {name}"):
+                yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started

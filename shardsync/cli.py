@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds any wait may take (default 300)")
     p.add_argument("--json", default=None, help="write the result here too")
     p.add_argument("--plot", default=None, help="write a plot (PNG) of times and memory here")
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="after the timed updates, one more of each method recorded by torch's profiler on every "
+                        "rank into DIR/<method>/<rank>.json, and a timeline of it printed: where the time goes")
     p.set_defaults(run=commands.bench)
 
     p = sub.add_parser("chaos", help="inject one fault into a live transfer; show it is detected and undone")

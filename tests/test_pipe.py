@@ -5,7 +5,7 @@ takes them in order; the closing acknowledgement is the max of what both offer.
 What is checked: buckets arrive in order through two alternating buffers, the
 header refuses a different update, and a bucket that fails its checksum is flagged
 here and reported to the sender by the acknowledgement; over shared slots, an update
-packed ahead of its vote is announced and not packed again.
+packed ahead of its vote is announced by the vote alone and not packed again.
 """
 
 from __future__ import annotations
@@ -148,15 +148,21 @@ class _SignalLink(FakeLink):
         return _Done()
 
 
-def test_an_update_packed_ahead_of_its_vote_is_announced_slot_by_slot_and_not_packed_again():
-    """Packed ahead, every bucket of update 1 lies in a slot of its own, and the sends
-    after the vote only announce them; update 2, refused at its vote after it was
-    packed, is never announced, and update 3, not packed ahead, packs as it goes."""
-    buckets, sources, _, _, _, _ = _setup(verify=True)
+def test_an_update_packed_ahead_is_announced_by_its_vote_and_read_where_the_plan_puts_it():
+    """Packed ahead, every bucket of update 1 lies in a slot of its own, and after the
+    vote neither end signals anything: no header, no announcement, no release a bucket;
+    the reader takes each bucket from the slot it was told at connect, the bytes the
+    trainer packed. Update 2, refused at its vote after it was packed, is never sent;
+    an update that was not packed ahead cannot be sent (its readers would read the
+    slots regardless), and a bucket beyond those the producer packs is refused."""
+    buckets, sources, dests, _, _, _ = _setup(verify=True)
     largest = max(b.numel for b in buckets)
     pipe = SharedPipe(largest, torch.float32, torch.device("cpu"), verify=True, overlap=True, slots=len(buckets))
     pipe.own = shared.create_slots(pipe.slot_numel, pipe.depth, torch.float32, torch.device("cpu"))
+    reader = SharedPipe(largest, torch.float32, torch.device("cpu"), verify=True, overlap=True)
     link = _SignalLink()
+    reader.mapped[link.name] = pipe.own  # (the same process: the producer's slots as a reader maps them)
+    reader.announced_by_vote[link.name] = list(range(len(buckets)))
     try:
         pipe.pack_ahead(1, [(bucket, _packer(bucket, sources)) for bucket in buckets])
         expected = torch.zeros(largest + checksum.tail_elements(torch.float32))
@@ -166,23 +172,30 @@ def test_an_update_packed_ahead_of_its_vote_is_announced_slot_by_slot_and_not_pa
             checksum.write(expected, bucket.numel)
             assert torch.equal(pipe.own[slot][:bucket.numel + 4], expected[:bucket.numel + 4]), slot
 
-        def _sent(update: int, pack_fails: bool):
-            sending = pipe.outbound(update).sending(link)
-            for bucket in buckets:
-                sending.put(bucket, _failing if pack_fails else _packer(bucket, sources))
+        outbound = pipe.outbound(1)
+        outbound.header(link, len(buckets))
+        sending = outbound.sending(link)
+        for bucket in buckets:
+            sending.put(bucket, _failing)
+        assert link.announced == [] and not link.wire  # no header, no bucket announced
+        inbound = reader.inbound(1)
+        inbound.header(link, len(buckets))  # (a header on the wire would be taken here: there is none)
+        read = []
+        for index, bucket, buffer, intact in inbound.buckets(link, buckets):
+            unpack(bucket, buffer, TensorTargets(dests))
+            read.append((index, buffer.data_ptr(), intact))
+        assert read == [(i, pipe.own[i].data_ptr(), True) for i in range(len(buckets))]
+        assert all(torch.equal(dests[f"d{i}"], sources[f"s{i}"]) for i in range(5))
+        with pytest.raises(TransferError, match=f"more buckets than the {len(buckets)} its producer packs ahead"):
+            list(inbound.buckets(link, buckets[:1]))
 
-        _sent(1, pack_fails=True)
-        assert link.announced == [[1, index, index] for index in range(len(buckets))]
         pipe.pack_ahead(2, [(bucket, _packer(bucket, sources)) for bucket in buckets])  # refused at its vote
-        link.announced.clear()
-        with pytest.raises(AssertionError, match="packed again"):
-            _sent(3, pack_fails=True)
-        link.announced.clear()
-        _sent(3, pack_fails=False)
-        assert link.announced == [[3, index, index] for index in range(len(buckets))]
+        with pytest.raises(TransferError, match="update 3 was not packed ahead of its vote"):
+            pipe.outbound(3)
         with pytest.raises(ValueError, match=f"more buckets than the {len(buckets)} slots"):
             pipe.pack_ahead(4, [(bucket, _packer(bucket, sources)) for bucket in buckets * 2])
     finally:
+        reader.mapped.clear()
         pipe.forget()
 
 

@@ -17,10 +17,12 @@ each byte, measured in bench/RESULTS.md.
 
 With `pack_ahead`, a trainer's slots hold its whole update (one a bucket, so its memory
 is its shard's, in buckets) and it packs every bucket before the vote, the NaN/Inf
-check done by the packs on their way; after the vote its sends only announce the
-slots. On one GPU that saves the check's own pass over every byte (about 0.4 of the
-time the update's copies take, bench/RESULTS.md), while still no engine reads a byte
-before the vote.
+check done by the packs on their way. The vote is then the announcement: bucket k of
+the trainer's walk lies in slot k, which its engines work out from the plan at
+connect, so they read every slot as soon as the vote is in, with no header and no
+signal a bucket. On one GPU that saves the check's own pass over every byte (about
+0.4 of the time the update's copies take, bench/RESULTS.md) and every hand-off between
+processes after the vote, while still no engine reads a byte before it.
 
 Everything is created or mapped at connect: the producer's slots (and on CUDA their
 "written" events), each consumer's mapping of the slots that feed it (and its "read"
@@ -37,7 +39,8 @@ import torch
 
 from shardsync.runtime.errors import TransferError
 from shardsync.runtime.methods.base import Context, trainer_name
-from shardsync.runtime.methods.shard import ShardMethod
+from shardsync.runtime.methods.shard import ShardMethod, walk
+from shardsync.runtime.plan import buckets as bucketing
 from shardsync.runtime.wire import shared
 from shardsync.runtime.wire.shared_pipe import SharedPipe
 
@@ -48,6 +51,7 @@ class ColocatedMethod(ShardMethod):
         self.producer = context.trainer is not None
         self.packs_ahead = context.pack_ahead
         self.timeout = context.timeout
+        self.capacity = context.capacity
         self.mappings_created = 0
         # what the packs of an update packed ahead raise on a NaN/Inf
         self._flag = torch.zeros(1, dtype=torch.int32, device=context.device) if self.packs_ahead else None
@@ -83,7 +87,7 @@ class ColocatedMethod(ShardMethod):
             if self.mine and pipe.slot_numel:
                 pipe.own = shared.create_slots(pipe.slot_numel, pipe.depth, pipe.dtype, pipe.device)
                 self.mappings_created += 1
-                store.set(self._slots_key(self.mine[0].src), pickle.dumps(pipe.own.handle))
+                store.set(self._slots_key(self.mine[0].src), pickle.dumps((pipe.own.handle, self.packs_ahead)))
             super().connect(store, watch)
             if pipe.cuda:
                 for channel in self.mine:
@@ -94,14 +98,29 @@ class ColocatedMethod(ShardMethod):
         super().connect(store, watch)  # the producer published its slots before joining
         for channel in self.mine:
             producer = trainer_name(channel.src)
-            handle = pickle.loads(store.get(self._slots_key(channel.src)))
+            handle, packs_ahead = pickle.loads(store.get(self._slots_key(channel.src)))
             pipe.mapped[channel.name] = shared.map_slots(handle, pipe.device, producer)
             self.mappings_created += 1
+            if packs_ahead:
+                pipe.announced_by_vote[channel.name] = self._slots_packed_ahead(channel)
             if pipe.cuda:
                 events = tuple(shared.interprocess_event() for _ in range(handle.count))
                 pipe.own_read_events[channel.name] = events
                 store.set(self._read_events_key(channel, self.member),
                           pickle.dumps(tuple(bytes(e.ipc_handle()) for e in events)))
+
+    def _slots_packed_ahead(self, channel) -> list[int]:
+        """Where a producer that packs ahead puts each bucket of `channel`, in the order
+        they are read: it fills its slots from slot 0 in its own walk over all of its
+        channels (`pack_ahead`), which the plan and the agreed bucket size fix."""
+        theirs = self.plan.channels_of_source(channel.src.rank)
+        schedules = {c.name: bucketing.phased_schedule(c.copies, self.capacity) for c in theirs}
+        slots, slot = [], 0
+        for other, _, schedule in walk(theirs, schedules):
+            if other.name == channel.name:
+                slots.extend(range(slot, slot + len(schedule)))
+            slot += len(schedule)
+        return slots
 
     def _open_read_events(self, store, channel, member: int, watch) -> tuple:
         key = self._read_events_key(channel, member)

@@ -9,6 +9,7 @@ tensor is ever held. Receivers write each piece into the live tensor by box.
 from __future__ import annotations
 
 import time
+from typing import Iterator
 
 from shardsync.runtime.methods.base import Context, OverChannels, engine_name, trainer_name
 from shardsync.runtime.plan import Channel
@@ -121,14 +122,18 @@ class ShardMethod(OverChannels):
                      for c in self.mine)
 
     def _runs(self):
-        """(channel, phase, its buckets in that phase), in the walk's order."""
-        for phase in sorted({phase for c in self.mine for phase in self.schedules[c.name]}):
-            for channel in self.mine:
-                schedule = self.schedules[channel.name].get(phase)
-                if schedule:
-                    yield channel, phase, schedule
+        return walk(self.mine, self.schedules)
 
     def _bucket_count(self, channel: Channel) -> int:
         """What the header announces: both ends derive it from the same schedule."""
         return sum(len(buckets) for buckets in self.schedules[channel.name].values())
 
+
+def walk(channels: list[Channel], schedules: dict) -> Iterator[tuple[Channel, int, list]]:
+    """(channel, phase, its buckets in that phase) over `channels` (their `schedules` by
+    name), in the walk's order: phase by phase, every channel in plan order."""
+    for phase in sorted({phase for c in channels for phase in schedules[c.name]}):
+        for channel in channels:
+            schedule = schedules[channel.name].get(phase)
+            if schedule:
+                yield channel, phase, schedule

@@ -8,7 +8,10 @@ lives and what says it may be read or rewritten:
   without overlap, shared by all of its channels, as the pipe's two buffers are), and
   its consumers read the slot where it lies: they hold no buffer of their own;
 - or, with as many slots as an update has buckets, the producer packs the whole update
-  before the vote (`pack_ahead`) and its sends only announce the slots: no byte is
+  before the vote (`pack_ahead`), and the vote is the announcement: where each bucket
+  lies follows from the plan (slot k holds the k-th bucket of the producer's walk), so
+  its consumers read every slot as soon as the vote is in, with no header and no
+  signal a bucket, and release them all with the closing acknowledgement. No byte is
   read before the vote, and the packs can do the NaN/Inf check on their way;
 - per bucket, member 0 of the channel's signal group broadcasts "bucket k of update u
   is in slot s" once the slot is written, and every reader sends member 0 a release
@@ -74,6 +77,7 @@ class SharedPipe(BucketPipe):
         """`slots`: a producer's slot count where it packs whole updates ahead (one a
         bucket of its update), else 0: two, or one without `overlap`."""
         self.tail = checksum.tail_elements(dtype) if verify else 0
+        self.packs_ahead = slots > 0
         self.depth = slots or (2 if overlap else 1)
         self.device = device
         self.dtype = dtype
@@ -83,10 +87,14 @@ class SharedPipe(BucketPipe):
         self.mapped: dict[str, Slots] = {}  # a consumer's view of each channel's producer slots
         self.read_events: dict[str, tuple] = {}  # CUDA: per channel, per member 1..K, per slot, opened at connect
         self.own_read_events: dict[str, tuple] = {}  # CUDA: a consumer's own "read" events per channel and slot
+        # a consumer's, per channel whose producer packs ahead: the slot of each of the channel's buckets, in
+        # the order it reads them (set at connect)
+        self.announced_by_vote: dict[str, list[int]] = {}
         # CUDA: a consumer's reads of its last LEAD buckets over all of its channels, in a ring: (the event
         # recorded after them, the bucket, its producer)
         self.lead: list[tuple[torch.cuda.Event, str, str] | None] = [None] * LEAD
         self._occupants: list[_Occupant | None] = [None] * self.depth
+        self._read_by: list[str | None] = [None] * self.depth  # the channel whose readers read each slot last
         self._next = 0
         self._packed_ahead: tuple[int, int] | None = None  # (update, buckets) packed in slots 0, 1, ... before its vote
 
@@ -101,8 +109,10 @@ class SharedPipe(BucketPipe):
     def forget(self) -> None:
         """Drop the slots' state and every mapping (at close, before a reconnect)."""
         self._occupants = [None] * self.depth
+        self._read_by = [None] * self.depth
         self._next = 0
         self._packed_ahead = None
+        self.announced_by_vote.clear()
         for slots in self.mapped.values():
             slots.close()
         self.mapped.clear()
@@ -118,7 +128,10 @@ class SharedPipe(BucketPipe):
         # (descriptors built once, graphs replayed) on both ends
         self._next = 0
         ahead, self._packed_ahead = self._packed_ahead, None
-        return SharedOutbound(self, update, ahead[1] if ahead is not None and ahead[0] == update else 0)
+        if self.packs_ahead and (ahead is None or ahead[0] != update):
+            raise TransferError(f"update {update} was not packed ahead of its vote, and this producer's readers "
+                                f"read its buckets where the vote says the packs put them")
+        return SharedOutbound(self, update, ahead[1] if self.packs_ahead else 0)
 
     def inbound(self, update: int) -> "Inbound":
         return SharedInbound(self, update)
@@ -129,20 +142,24 @@ class SharedPipe(BucketPipe):
         """The next slot to write, once the readers of the bucket it holds are done."""
         slot = self._next % self.depth
         self._next += 1
-        occupant = self._occupants[slot]
+        occupant, self._occupants[slot] = self._occupants[slot], None
         if occupant is not None:
-            self._occupants[slot] = None
             group = occupant.group
             group.wait(occupant.ready, f"announcing {occupant.what}", occupant.update)
             group.wait(occupant.release, f"waiting for the readers to release {occupant.what}", occupant.update)
-            if self.cuda:
-                stream = torch.cuda.current_stream(self.device)
-                for per_slot in self.read_events[group.name]:
-                    stream.wait_event(per_slot[slot])
+        # (a slot packed ahead was released on the host by its update's closing acknowledgement)
+        reader, self._read_by[slot] = self._read_by[slot], None
+        if self.cuda and reader is not None:
+            stream = torch.cuda.current_stream(self.device)
+            for per_slot in self.read_events[reader]:
+                stream.wait_event(per_slot[slot])
         return slot
 
-    def occupy(self, slot: int, occupant: _Occupant) -> None:
+    def occupy(self, slot: int, channel: str, occupant: _Occupant | None = None) -> None:
+        """`slot` is read by `channel`'s readers; `occupant`: what to wait for on the host
+        before writing it again (None for a slot announced by the vote)."""
         self._occupants[slot] = occupant
+        self._read_by[slot] = channel
 
     def write(self, slot: int, bucket, pack) -> None:
         """Pack `bucket` into `slot` (with its checksum's tail) and, on CUDA, record that it was written."""
@@ -172,6 +189,10 @@ class SharedOutbound(Outbound):
         self.ahead = ahead  # buckets packed before the vote, in slots 0, 1, ... in the order they are sent
         self.announced = 0
 
+    def header(self, group: SignalLink, buckets: int) -> None:
+        if not self.ahead:  # (else the vote was the header)
+            super().header(group, buckets)
+
     def sending(self, group: SignalLink, where: str = "") -> "SharedSending":
         return SharedSending(self, group, where)
 
@@ -185,20 +206,21 @@ class SharedOutbound(Outbound):
 
 class SharedSending(Sending):
     def put(self, bucket, pack) -> None:
-        """Pack `bucket` into the next free slot (unless the whole update was packed ahead),
-        then say where it lies."""
+        """Pack `bucket` into the next free slot, then say where it lies; packed ahead, its
+        readers already know (the vote told them), so only note who reads the slot."""
         outbound = self.outbound
         pipe, update = outbound.pipe, outbound.update
         if outbound.ahead:
-            slot = outbound.packed_slot(f"bucket {self.index}{self.where}")
-        else:
-            slot = pipe.take_slot()
-            pipe.write(slot, bucket, pack)
+            pipe.occupy(outbound.packed_slot(f"bucket {self.index}{self.where}"), self.group.name)
+            self.index += 1
+            return
+        slot = pipe.take_slot()
+        pipe.write(slot, bucket, pack)
         signal = torch.tensor([update, self.index, slot], dtype=torch.int64)
         ready = self.group.broadcast(signal)
         release = self.group.gather_at_source(torch.zeros(1, dtype=torch.int64))
-        pipe.occupy(slot, _Occupant(self.group, signal, ready, release,
-                                    f"bucket {self.index}{self.where}", update))
+        pipe.occupy(slot, self.group.name, _Occupant(self.group, signal, ready, release,
+                                                     f"bucket {self.index}{self.where}", update))
         self.index += 1
 
     def drain(self) -> None:
@@ -210,6 +232,11 @@ class SharedInbound(Inbound):
         super().__init__(pipe, update)
         self._releases: dict[str, list] = {}
         self._queued = 0  # buckets whose reads this update queued, over every channel
+        self._read_ahead: dict[str, int] = {}  # per channel announced by the vote: its buckets read so far
+
+    def header(self, group: SignalLink, buckets: int) -> None:
+        if group.name not in self.pipe.announced_by_vote:  # (else the vote was the header)
+            super().header(group, buckets)
 
     def buckets(self, group: SignalLink, buckets, where: str = "", check: bool = True):
         """Yield (index, bucket, slot, intact) as each bucket is announced; the slot is
@@ -219,14 +246,9 @@ class SharedInbound(Inbound):
         pipe, update = self.pipe, self.update
         slots = pipe.mapped[group.name]
         releases = self._releases.setdefault(group.name, [])
+        by_vote = pipe.announced_by_vote.get(group.name)
         for index, bucket in enumerate(buckets):
-            signal = torch.zeros(3, dtype=torch.int64)
-            group.wait(group.broadcast(signal), f"waiting for bucket {index}{where}", update)
-            announced_update, announced_index, slot = signal.tolist()
-            if (announced_update, announced_index) != (update, index) or not 0 <= slot < slots.count:
-                raise TransferError(f"update {update}: channel {group.name}: the producer announced bucket "
-                                    f"{announced_index} of update {announced_update} in slot {slot}; expected "
-                                    f"bucket {index}{where} of update {update}")
+            slot = self._slot_by_vote(group, by_vote) if by_vote is not None else self._announced(group, index, where)
             buffer = slots[slot]
             if pipe.cuda:
                 self._keep_lead(group)
@@ -243,7 +265,29 @@ class SharedInbound(Inbound):
                 pipe.own_read_events[group.name][slot].record(stream)
                 self._queued_reads(stream, f"channel {group.name}'s bucket {index}{where} (update {update})",
                                    group.peers[0])
-            releases.append((index, group.gather_at_source(torch.zeros(1, dtype=torch.int64))))
+            if by_vote is None:  # (else the closing acknowledgement releases them all)
+                releases.append((index, group.gather_at_source(torch.zeros(1, dtype=torch.int64))))
+
+    def _announced(self, group: SignalLink, index: int, where: str) -> int:
+        """The slot the producer says bucket `index` lies in, once it is written."""
+        signal = torch.zeros(3, dtype=torch.int64)
+        group.wait(group.broadcast(signal), f"waiting for bucket {index}{where}", self.update)
+        announced_update, announced_index, slot = signal.tolist()
+        if (announced_update, announced_index) != (self.update, index) or not 0 <= slot < self.pipe.mapped[
+                group.name].count:
+            raise TransferError(f"update {self.update}: channel {group.name}: the producer announced bucket "
+                                f"{announced_index} of update {announced_update} in slot {slot}; expected "
+                                f"bucket {index}{where} of update {self.update}")
+        return slot
+
+    def _slot_by_vote(self, group: SignalLink, slots: list[int]) -> int:
+        """The slot of the channel's next bucket, packed ahead (the vote said it was written)."""
+        taken = self._read_ahead.get(group.name, 0)
+        if taken == len(slots):
+            raise TransferError(f"update {self.update}: channel {group.name}: more buckets than the {len(slots)} "
+                                f"its producer packs ahead")
+        self._read_ahead[group.name] = taken + 1
+        return slots[taken]
 
     def _keep_lead(self, group: SignalLink) -> None:
         """Before queuing another bucket's reads: those of the bucket LEAD before it ran."""

@@ -22,6 +22,8 @@ import multiprocessing as mp
 import statistics
 import threading
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -50,6 +52,11 @@ def applicable_methods(module, device: str = "cpu") -> tuple[str, ...]:
     return tuple(m for m in METHODS if m not in VARIANTS and (m == "gather" or module.VLLM_LAYOUT))
 
 
+def rounds_run(repeat: int, trace_dir: str | None) -> int:
+    """Rounds of updates a bench runs: untimed first, timed, and the traced one last."""
+    return WARMUP + repeat + (1 if trace_dir else 0)
+
+
 def variant(name: str) -> tuple[str, dict]:
     """The method a bench entry runs, and the endpoint options it adds."""
     return VARIANTS.get(name, (name, {}))
@@ -59,10 +66,13 @@ def run_bench(model: str, train_tp: int, train_pp: int, infer_tp: int, engines: 
               repeat: int = 5, overlap: bool = True, dtype: str = "bfloat16", timeout: float = 300.0,
               engine: str = "tensors", work_dir: str = "out/bench", progress=None, train_ep: int = 1,
               train_etp: int | None = None, train_dp: int | None = None, infer_ep: bool = False,
-              methods: tuple[str, ...] | None = None, device: str = "cpu", src_dtype: str = "float32") -> dict:
+              methods: tuple[str, ...] | None = None, device: str = "cpu", src_dtype: str = "float32",
+              trace_dir: str | None = None) -> dict:
     """One process per sender of the trainer (`layout.senders`: with expert parallelism,
     ranks at dense DP rank above 0 too) and per engine rank (per engine with vLLM).
-    `methods`: which to compare (default: every method that applies to the model)."""
+    `methods`: which to compare (default: every method that applies to the model).
+    `trace_dir`: after the timed rounds, one more, untimed, each plain-tensor rank's
+    update recorded by torch's profiler into `trace_dir` (`bench.timeline` reads them)."""
     from shardsync import generated
 
     hf_config = model_config(model)
@@ -76,7 +86,7 @@ def run_bench(model: str, train_tp: int, train_pp: int, infer_tp: int, engines: 
         choose(variant(method)[0], module)  # refuses a method the spec cannot take
     ports = {**{m: free_port() for m in methods}, "barrier": free_port()}
     options = {"bucket_bytes": int(bucket_mb * 2**20), "timeout": timeout, "dtype": dtype, "overlap": overlap,
-               "methods": methods, "device": device, "src_dtype": src_dtype}
+               "methods": methods, "device": device, "src_dtype": src_dtype, "trace_dir": trace_dir}
     rounds = mp.get_context("spawn").Queue()
     everyone = _everyone(layout, engine)
     ranks = [(trainer_name(src), _trainer, (hf_config, layout, src.rank, ports, options, repeat, rounds, everyone))
@@ -97,7 +107,7 @@ def run_bench(model: str, train_tp: int, train_pp: int, infer_tp: int, engines: 
             rounds.get(timeout=0.5)
             done += 1
             if progress is not None:
-                progress(done, len(methods) * (WARMUP + repeat))
+                progress(done, len(methods) * rounds_run(repeat, trace_dir))
         except Exception:  # noqa: BLE001 - queue.Empty: nothing finished in this half second
             pass
     runner.join()
@@ -216,14 +226,15 @@ def _trainer(hf_config, layout, rank, ports, options, repeat, rounds, everyone) 
     phases = {m: [] for m in methods}  # each timed update's seconds per phase (UpdateReport.phases)
     sent = {m: 0 for m in methods}
     rss = {m: 0 for m in methods}
-    for index in range(WARMUP + repeat):
+    for index in range(rounds_run(repeat, options["trace_dir"])):
         for method in _order(methods, index):
-            barrier(f"{method} update {index + 1}")
-            with _RssPeak(watching=index < WARMUP) as peak:
-                started = time.perf_counter()
-                report = senders[method].update(tensors)
-                elapsed = time.perf_counter() - started
-            if index >= WARMUP:
+            with _traced(options, index, repeat, method, who):  # (started before the barrier: it takes a while)
+                barrier(f"{method} update {index + 1}")
+                with _RssPeak(watching=index < WARMUP) as peak:
+                    started = time.perf_counter()
+                    report = senders[method].update(tensors)
+                    elapsed = time.perf_counter() - started
+            if WARMUP <= index < WARMUP + repeat:
                 seconds[method].append(elapsed)
                 walked[method].append(sum(c.seconds for c in report.channels))
                 phases[method].append(report.phases)
@@ -251,13 +262,14 @@ def _engine(hf_config, layout, engine, tp, ports, options, repeat, everyone) -> 
     phases = {m: [] for m in methods}
     equal = True
     first = params[methods[0]]
-    for index in range(WARMUP + repeat):
+    for index in range(rounds_run(repeat, options["trace_dir"])):
         for method in _order(methods, index):
-            barrier(f"{method} update {index + 1}")
-            with _RssPeak(watching=index < WARMUP) as peak:
-                report = receivers[method].update(params[method])
+            with _traced(options, index, repeat, method, who):
+                barrier(f"{method} update {index + 1}")
+                with _RssPeak(watching=index < WARMUP) as peak:
+                    report = receivers[method].update(params[method])
             rss[method] = max(rss[method], peak.growth)
-            if index >= WARMUP:
+            if WARMUP <= index < WARMUP + repeat:
                 phases[method].append(report.phases)
         equal &= all(torch.equal(params[m][n], first[n]) for m in methods[1:] for n in first)
     result = {"rss": rss, "equal": equal, "phases": phases,
@@ -299,7 +311,7 @@ def _vllm_engine(hf_config, layout, engine, ports, options, repeat, everyone, wo
         group, _store, barrier = _barrier(ports, f"engine {engine}", everyone, options["timeout"])
         tracked = {m: 0 for m in methods}
         equal = True
-        for index in range(WARMUP + repeat):
+        for index in range(rounds_run(repeat, options["trace_dir"])):  # (its workers are not traced)
             for method in _order(methods, index):
                 barrier(f"{method} update {index + 1}")
                 reports = llm.collective_rpc("shardsync_update", kwargs={"method": method})
@@ -315,6 +327,26 @@ def _vllm_engine(hf_config, layout, engine, ports, options, repeat, everyone, wo
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
     return {"rss": {m: None for m in methods}, "equal": equal, "tracked": tracked}  # RSS: in vLLM's workers
+
+
+@contextmanager
+def _traced(options: dict, index: int, repeat: int, method: str, who: str):
+    """The traced round's update recorded by torch's profiler (host ranges, and the
+    device's kernels on CUDA) into `<trace_dir>/<method>/<who>.json`."""
+    if not options["trace_dir"] or index < WARMUP + repeat:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if options["device"].startswith("cuda") else [])
+    with profile(activities=activities) as recorded:
+        if options["device"].startswith("cuda"):  # the profiler takes its first device buffer here, not in the update
+            torch.ones(1, device=options["device"]).add_(1)
+            torch.cuda.synchronize(options["device"])
+        yield
+    folder = Path(options["trace_dir"]) / method
+    folder.mkdir(parents=True, exist_ok=True)
+    recorded.export_chrome_trace(str(folder / f"{who.replace(' ', '-')}.json"))
 
 
 def _copy_rate(device: str, dtype: torch.dtype, nbytes: int = 1 << 30) -> float:
