@@ -64,7 +64,8 @@ def test_two_updates_are_exact_through_shared_buffers_mapped_once(case):
                          ids=PACKED_AHEAD)
 def test_updates_packed_ahead_of_the_vote_are_exact_from_slots_that_hold_a_whole_update(case):
     """A trainer that packs each update whole before the vote (`pack_ahead`) holds one
-    slot a bucket, mapped once like two; its sends then only announce them."""
+    slot a bucket, mapped once like two; its engines read them where the plan puts
+    them once the vote is in."""
     results = run(case)
     trainers, engines = exact(results, case)
     for who, result in trainers.items():
@@ -75,11 +76,14 @@ def test_updates_packed_ahead_of_the_vote_are_exact_from_slots_that_hold_a_whole
         assert result["buffer_bytes"] > 2 * slot, f"{who}: the case must need more slots than two"
 
 
-def test_a_slow_reader_with_checksums_on_gets_every_bucket_intact():
+@pytest.mark.parametrize("pack_ahead", [False, True], ids=["two slots", "packed ahead"])
+def test_a_slow_reader_with_checksums_on_gets_every_bucket_intact(pack_ahead):
     """Engine 1 takes 10 ms before each piece it writes: the producer's slots stay in use
-    that long, the producer waits for them, and every checksum holds."""
+    that long, the producer waits for them (packed ahead: the next update's packs wait
+    for the last one's closing acknowledgement), and every checksum holds."""
     case = _colocated(CASES["qwen3 tied qk-norm 2,1->2,2 replicas share slots"], verify=True, bucket_bytes=16384,
-                      faults=(("engine 1 tp0", "slow-reader"), ("engine 1 tp1", "slow-reader")))
+                      faults=(("engine 1 tp0", "slow-reader"), ("engine 1 tp1", "slow-reader")),
+                      pack_ahead=pack_ahead)
     results = run(case)
     for who, result in results.items():
         if who.startswith("engine"):

@@ -81,11 +81,12 @@ def describe_method(method: str, ranks: list[RankTrace]) -> str:
     for rank in ranks:
         phases = "  ".join(f"{p} {ms(s):.2f}-{ms(e):.2f}" for p, s, e in rank.phases)
         lines.append(f"  {rank.name}: {phases}")
-        busy = sum(e - s for _, s, e in rank.device)
-        device = (f"; device: {len(rank.device)} kernels/copies, {busy / 1e3:.2f} ms busy, "
-                  f"{ms(rank.device[0][1]):.2f}-{ms(rank.device[-1][2]):.2f}") if rank.device else ""
+        work = [(s, e) for _, s, e in rank.device if e > begin and s < end]  # (not the profiler's warm-up)
+        busy = sum(e - s for s, e in work)
+        device = (f"; device: {len(work)} kernels/copies, {busy / 1e3:.2f} ms busy, "
+                  f"{ms(work[0][0]):.2f}-{ms(work[-1][1]):.2f}") if work else ""
         lines.append(f"    {rank.signals} signal collectives, {rank.signals_us / 1e3:.2f} ms in them{device}")
-    spans = _union([(s, e) for r in ranks for _, s, e in r.device])
+    spans = _union([(max(s, begin), min(e, end)) for r in ranks for _, s, e in r.device if e > begin and s < end])
     if not spans:
         return "\n".join(lines)
     busy = sum(e - s for s, e in spans)
