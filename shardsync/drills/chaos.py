@@ -37,10 +37,10 @@ class _Drill:
 
     def __init__(self, hf_config: dict, layout: Layout, timeout: float, log, engine_config: dict | None = None,
                  odd_engine: int | None = None, engine_kind: str = "tensors", method: str = "auto",
-                 device: str = "cpu"):
+                 device: str = "cpu", pack_ahead: bool = False):
         self.layout, self.timeout, self.log, self.method = layout, timeout, log, method
         options = {"rendezvous": f"127.0.0.1:{free_port()}", "timeout": timeout, "bucket_bytes": 1 << 16,
-                   "verify": True, "dtype": "float32", "method": method, "device": device}
+                   "verify": True, "dtype": "float32", "method": method, "device": device, "pack_ahead": pack_ahead}
         self.specs: dict[str, RankSpec] = {}
         for src in layout.senders:  # with expert parallelism, ranks at dense DP rank above 0 too
             who = trainer_name(src)
@@ -113,20 +113,21 @@ class _Drill:
 def run_scenario(scenario: str, model: str = "qwen3-tiny", train_tp: int = 2, infer_tp: int = 2, engines: int = 2,
                  timeout: float = 10.0, engine: str = "tensors", log=print, train_ep: int = 1,
                  train_etp: int | None = None, train_dp: int | None = None, infer_ep: bool = False,
-                 method: str = "auto", device: str = "cpu") -> dict:
+                 method: str = "auto", device: str = "cpu", pack_ahead: bool = False) -> dict:
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}: one of {', '.join(SCENARIOS)}")
     hf_config = model_config(model)
     layout = Layout(train_tp, 1, infer_tp, engines, train_ep=train_ep, train_etp=train_etp, train_dp=train_dp,
                     infer_ep=infer_ep)
-    result = {"scenario": scenario, "engine": engine, "method": method, "device": device, "model": model,
+    result = {"scenario": scenario, "engine": engine, "method": method, "pack_ahead": pack_ahead, "device": device,
+              "model": model,
               "train_tp": train_tp, "infer_tp": infer_tp, "engines": engines, "train_ep": layout.train_ep,
               "train_etp": layout.train_etp, "train_dp": layout.train_dp, "infer_ep": infer_ep, "timeout": timeout,
               "detected": False, "seconds_to_error": None, "engine_state_after_fault": None,
               "recovered": False, "hung": False, "errors": {}}
     odd = {**hf_config, "num_hidden_layers": hf_config["num_hidden_layers"] + 1}
     drill = _Drill(hf_config, layout, timeout, log, engine_config=odd if scenario == "config-mismatch" else None,
-                   odd_engine=engines - 1, engine_kind=engine, method=method, device=device)
+                   odd_engine=engines - 1, engine_kind=engine, method=method, device=device, pack_ahead=pack_ahead)
     try:
         if scenario == "config-mismatch":
             _config_mismatch(drill, hf_config, result)
