@@ -56,14 +56,22 @@ def test_bench_compares_every_method_on_the_same_processes(tmp_path):
 
 def test_bench_takes_expert_parallel_layouts(tmp_path):
     """TP 2 x EP 2 (expert TP 1): each rank sends its own experts shard to shard; the
-    baseline's rank 0 gathers every expert over EP and sends the whole model."""
+    baseline's rank 0 gathers every expert over EP and sends the whole model. Traced
+    (`--trace`): one more update of each method, recorded on every rank."""
     out = tmp_path / "bench.json"
     command = [sys.executable, "-m", "shardsync.cli", "bench", "--model", "qwen3-moe-tiny", "--train-tp", "2",
                "--train-ep", "2", "--train-etp", "1", "--infer-tp", "2", "--engines", "2", "--repeat", "1",
-               "--bucket-mb", "0.25", "--methods", "shard,gather", "--json", str(out)]
+               "--bucket-mb", "0.25", "--methods", "shard,gather", "--json", str(out),
+               "--trace", str(tmp_path / "trace")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "trainer TP 2 PP 1 EP 2 ETP 1 DP 1" in result.stdout
+    # one more update of each method traced on every rank, and where its time went
+    ranks = {"trainer-pp0-tp0", "trainer-pp0-tp1"} | {f"engine-{e}-tp{t}" for e in range(2) for t in range(2)}
+    for method in ("shard", "gather"):
+        assert {p.stem for p in (tmp_path / "trace" / method).glob("*.json")} == ranks, method
+        assert f"{method}: one update, " in result.stdout
+    assert "  engine-1-tp1: checks " in result.stdout and " vote " in result.stdout
     report = json.loads(out.read_text())
     assert report["methods"] == ["shard", "gather"]
     assert (report["train_ep"], report["train_etp"], report["train_dp"]) == (2, 1, 1)
