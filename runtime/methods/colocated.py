@@ -49,19 +49,18 @@ class ColocatedMethod(ShardMethod):
     def __init__(self, context: Context):
         super().__init__(context)
         self.producer = context.trainer is not None
-        self.packs_ahead = context.pack_ahead
         self.timeout = context.timeout
         self.capacity = context.capacity
         self.mappings_created = 0
         # what the packs of an update packed ahead raise on a NaN/Inf
-        self._flag = torch.zeros(1, dtype=torch.int32, device=context.device) if self.packs_ahead else None
+        self._flag = torch.zeros(1, dtype=torch.int32, device=context.device) if self.pipe.packs_ahead else None
 
     def _pipe(self, largest: int, context: Context) -> SharedPipe:
         return SharedPipe(largest, context.dtype, context.device, verify=context.verify, overlap=context.overlap,
                           slots=sum(map(self._bucket_count, self.mine)) if context.pack_ahead else 0)
 
     def pack_ahead(self, tensors, update: int) -> torch.Tensor | None:
-        if not self.packs_ahead:
+        if not self.pipe.packs_ahead:
             return None
         flag = self._flag
         flag.zero_()
@@ -87,7 +86,7 @@ class ColocatedMethod(ShardMethod):
             if self.mine and pipe.slot_numel:
                 pipe.own = shared.create_slots(pipe.slot_numel, pipe.depth, pipe.dtype, pipe.device)
                 self.mappings_created += 1
-                store.set(self._slots_key(self.mine[0].src), pickle.dumps((pipe.own.handle, self.packs_ahead)))
+                store.set(self._slots_key(self.mine[0].src), pickle.dumps((pipe.own.handle, pipe.packs_ahead)))
             super().connect(store, watch)
             if pipe.cuda:
                 for channel in self.mine:

@@ -169,9 +169,9 @@ class SharedPipe(BucketPipe):
 
     def pack_ahead(self, update: int, buckets) -> None:
         """Pack every bucket of `update` before its vote: `buckets`, (bucket, pack) in the
-        order its sends will announce them, into slots 0, 1, ..., each once the readers of
-        the bucket it held last are done. `outbound(update)` then announces them; a later
-        update packs them again (a refused one was never announced, so never read)."""
+        producer's walk order, the order its readers expect them in, into slots 0, 1, ...,
+        each once the readers of the bucket it held last are done. The vote announces them;
+        a later update packs them again (a refused one was never sent, so never read)."""
         self._packed_ahead = None
         self._next = 0
         count = 0
@@ -187,7 +187,7 @@ class SharedOutbound(Outbound):
     def __init__(self, pipe: SharedPipe, update: int, ahead: int):
         super().__init__(pipe, update)
         self.ahead = ahead  # buckets packed before the vote, in slots 0, 1, ... in the order they are sent
-        self.announced = 0
+        self.sent = 0  # of those, the buckets the sends have passed
 
     def header(self, group: SignalLink, buckets: int) -> None:
         if not self.ahead:  # (else the vote was the header)
@@ -198,10 +198,10 @@ class SharedOutbound(Outbound):
 
     def packed_slot(self, what: str) -> int:
         """The slot the next bucket was packed into ahead of the vote."""
-        if self.announced == self.ahead:
+        if self.sent == self.ahead:
             raise TransferError(f"update {self.update}: {what} was not among the {self.ahead} buckets packed ahead")
-        self.announced += 1
-        return self.announced - 1
+        self.sent += 1
+        return self.sent - 1
 
 
 class SharedSending(Sending):
@@ -273,8 +273,8 @@ class SharedInbound(Inbound):
         signal = torch.zeros(3, dtype=torch.int64)
         group.wait(group.broadcast(signal), f"waiting for bucket {index}{where}", self.update)
         announced_update, announced_index, slot = signal.tolist()
-        if (announced_update, announced_index) != (self.update, index) or not 0 <= slot < self.pipe.mapped[
-                group.name].count:
+        slots = self.pipe.mapped[group.name].count
+        if (announced_update, announced_index) != (self.update, index) or not 0 <= slot < slots:
             raise TransferError(f"update {self.update}: channel {group.name}: the producer announced bucket "
                                 f"{announced_index} of update {announced_update} in slot {slot}; expected "
                                 f"bucket {index}{where} of update {self.update}")
