@@ -12,7 +12,7 @@ import pytest
 from shardsync.harness.local_cluster import free_port
 from shardsync.runtime.errors import UpdateFailedElsewhere, UpdateRefused
 from shardsync.runtime.session import Session
-from shardsync.runtime.session.liveness import GONE_AFTER_S
+from shardsync.runtime.session.liveness import BEAT_S, GONE_AFTER_S
 
 HOST, ENGINE, VICTIM = "trainer pp0 tp0", "engine 0 tp0", "engine 1 tp0"
 TIMEOUT = 30.0
@@ -86,3 +86,26 @@ def test_a_peer_slow_to_vote_but_beating_is_waited_for(endpoints):
                            ENGINE: lambda: endpoints[ENGINE].vote(1, None), VICTIM: late_vote})
     assert all(outcome is None for outcome, _ in results.values()), results
     assert all(seconds >= GONE_AFTER_S + 1.5 for _, seconds in results.values()), results
+
+
+def test_the_store_keeps_only_the_last_rounds_of_many_updates(endpoints):
+    """Each endpoint deletes its keys of the rounds two updates back, from its heartbeat
+    (not inside the update): after a beat, the store holds as many keys after 40 updates
+    as after 10."""
+    host_store = endpoints[HOST].store
+
+    def updates(first: int, last: int) -> None:
+        for update in range(first, last + 1):
+            for stage in ("vote", "outcome"):
+                results = _in_threads({who: (lambda s=s, stage=stage: getattr(s, stage)(update, None))
+                                       for who, s in endpoints.items()})
+                assert all(outcome is None for outcome, _ in results.values()), (update, stage, results)
+
+    def keys_after_a_beat() -> int:
+        time.sleep(2 * BEAT_S + 0.2)
+        return host_store.num_keys()
+
+    updates(1, 10)
+    after_ten = keys_after_a_beat()
+    updates(11, 40)
+    assert keys_after_a_beat() == after_ten

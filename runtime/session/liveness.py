@@ -10,12 +10,15 @@ host, the first trainer rank, is gone.
 The same thread, while its endpoint is blocked in the store waiting for a round's
 verdicts (a vote, an outcome), looks at each beat for a peer that has posted none and
 stopped beating: a crashed engine would otherwise hold everyone until the timeout.
+It also deletes the keys of rounds long over (`discard`), so that keeping the store
+small costs no round trips inside an update.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 
 BEAT_S = 0.5
 SILENT_AFTER_S = 2.0  # no beat for this long: the peer is taken to be gone
@@ -35,6 +38,7 @@ class Heartbeat:
         self._store = store.clone()  # its own connection: the endpoint's may be blocked in a wait
         self._stop = threading.Event()
         self._round = None  # what `watch_round` was given, while its endpoint waits in a round
+        self._discarded: deque[str] = deque()  # store keys to delete at the next beat
         self._thread = threading.Thread(target=self._run, name=f"shardsync heartbeat {who}", daemon=True)
         count = self._store.add(_key(who), 1)
         if count >= STORE_CLOSING:  # a flag left by a host that closed a session on this store before
@@ -46,11 +50,17 @@ class Heartbeat:
         own connection (the endpoint's is blocked in the round's wait)."""
         self._round = round_
 
+    def discard(self, keys) -> None:
+        """Delete `keys` from the store at the next beat (keys nobody reads any more)."""
+        self._discarded.extend(keys)
+
     def _run(self) -> None:
         while not self._stop.wait(BEAT_S):
             try:
                 if self._store.add(_key(self.who), 1) >= STORE_CLOSING:
                     return  # the host is taking the store down: a beat after that would fail, loudly, in torch
+                while self._discarded:
+                    self._store.delete_key(self._discarded.popleft())
             except RuntimeError:
                 return  # the store is gone; waits will say so
             round_ = self._round

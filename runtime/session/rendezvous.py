@@ -282,8 +282,12 @@ class Session:
         post_verdict(self.store, self._verdict_keys(stage), self.who, said, self._decided(stage))
         if update > 2:  # the store stays small over many updates
             old = f"{stage.rstrip('0123456789')}{update - 2}"
-            for key in round_keys(self._verdict_keys(old), self.who, self._decided(old)):
-                self.store.delete_key(key)
+            keys = round_keys(self._verdict_keys(old), self.who, self._decided(old))
+            if self.heartbeat is not None and self.heartbeat.beating:
+                self.heartbeat.discard(keys)  # at its next beat: no round trip inside the update
+            else:
+                for key in keys:
+                    self.store.delete_key(key)
 
     def _hear(self, stage: str, when: str, update: int, failed=TransferError):
         """Everyone's verdict on this stage of the update: None when all are ok, else
