@@ -13,6 +13,8 @@ import time
 
 import torch
 
+SPIN_S = 0.05
+
 
 def stream_done_within(stream: torch.cuda.Stream, timeout: float) -> bool:
     """Whether everything queued on `stream` so far ran within `timeout` seconds."""
@@ -23,10 +25,11 @@ def stream_done_within(stream: torch.cuda.Stream, timeout: float) -> bool:
 
 def event_done_within(event: torch.cuda.Event, timeout: float) -> bool:
     """Whether `event` (recorded) completed within `timeout` seconds: polled, spinning for
-    the first 10 ms (most waits are a few ms), then sleeping half a millisecond between
-    looks."""
+    the first SPIN_S (an update's waits are a few to tens of ms, and a look half a
+    millisecond late is that much more of its time), then sleeping half a millisecond
+    between looks."""
     started = time.monotonic()
-    deadline, spin_until = started + timeout, started + 0.01
+    deadline, spin_until = started + timeout, started + SPIN_S
     while not event.query():
         now = time.monotonic()
         if now > deadline:

@@ -66,7 +66,7 @@ class _Endpoint:
         self.bucket_bytes = bucket_bytes
         self.timeout = timeout
         self.dtype = dtype
-        self.device = torch.device(device)
+        self.device = _indexed(torch.device(device))
         # channels listen where the rendezvous is reachable: loopback by default
         self.channel_options = {"host": local_address(self.host), **channel_options}
         self.plan: Plan | None = None
@@ -413,6 +413,16 @@ class Receiver(_Endpoint):
                          if self.plan else ())
         raise TransferError(f"update {number}: {self.who}: "
                             + copies_not_run("its copies", self.timeout, ", ".join(feeding) or "the trainer ranks"))
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """"cuda" as the device it means now (the current one): every stream lookup of an
+    update (several a bucket) then reads the index instead of asking CUDA again which
+    device is current, host time that on one GPU shared by four processes lies between
+    the device's phases."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 class _CountingTargets:

@@ -42,7 +42,7 @@ def kernel():
 def test_the_kernel_runs_under_the_interpreter():
     """On a machine without a GPU: this file's tests, in a child process with Triton's
     interpreter on, must pass (none of them skipped but the GPU-only ones)."""
-    run_under_interpreter(__file__, "7 passed, 5 skipped")  # the runner itself and 4 GPU-only
+    run_under_interpreter(__file__, "7 passed, 6 skipped")  # the runner itself and 5 GPU-only
 
 
 @st.composite
@@ -224,3 +224,50 @@ def test_no_copy_launches_a_variant_that_was_not_loaded_at_connect(kernel, layou
     assert compiled_variants(kernel._copy_tiles) == loaded
     assert packer.descriptors_built == unpacker.descriptors_built == 1
     assert flag is None or flag.item() == 0  # drawn weights are finite
+
+
+@pytest.mark.skipif(not CUDA, reason="the copier batches on CUDA only (the CPU copies piece by piece)")
+def test_the_copier_keeps_a_buckets_kernel_until_a_tensor_moves_or_changes_dtype_or_strides(kernel):
+    """A bucket's kernel is kept while its tensors keep their addresses, dtypes and
+    strides (a new tensor object over the same storage included), and built again, for
+    the right bytes, when one of them changes; an engine's targets hear each tensor once
+    a bucket, with every element written into it."""
+    from shardsync.runtime.wire.bucket_copier import BucketCopier
+
+    wire = torch.bfloat16
+    tensors = {"a": torch.randn(64, 48, device=DEVICE).to(wire), "b": torch.randn(32, 64, device=DEVICE).to(wire)}
+    entries = (Entry("a", ((0, 64), (0, 16)), "a", ((0, 64), (0, 16)), 0),
+               Entry("b", ((0, 32), (0, 64)), "b", ((0, 32), (0, 64)), 64 * 16),
+               Entry("a", ((0, 64), (16, 48)), "a", ((0, 64), (16, 48)), 64 * 16 + 32 * 64))
+    bucket = Bucket(entries, 64 * 48 + 32 * 64)
+    buffer = torch.zeros(bucket.numel, dtype=wire, device=DEVICE)
+    copier = BucketCopier(DEVICE)
+
+    def packed(given) -> bool:
+        reference = torch.zeros_like(buffer)
+        packing.pack(bucket, given, reference)
+        buffer.zero_()
+        copier.pack(("k",), bucket, given, buffer)
+        return torch.equal(buffer, reference)
+
+    assert packed(tensors) and packed(dict(tensors)) and copier.descriptors_built == 1
+    assert packed({**tensors, "a": tensors["a"].view(64, 48)}) and copier.descriptors_built == 1  # same storage
+    assert packed({**tensors, "b": tensors["b"].clone()}) and copier.descriptors_built == 2  # moved
+    assert packed({**tensors, "a": tensors["a"].float()}) and copier.descriptors_built == 3  # another dtype
+    strided = torch.randn(64, 96, device=DEVICE).to(wire)[:, :48]
+    assert packed({**tensors, "a": strided}) and copier.descriptors_built == 4  # other strides
+
+    class Heard(TensorTargets):
+        def __init__(self, tensors):
+            super().__init__(tensors)
+            self.written_numel = []
+
+        def written(self, name, numel):
+            self.written_numel.append((name, numel))
+
+    dests = {name: torch.zeros_like(t) for name, t in tensors.items()}
+    targets = Heard(dests)
+    copier.pack(("k",), bucket, tensors, buffer)
+    copier.unpack(("k",), bucket, buffer, targets)
+    assert all(torch.equal(dests[name], tensors[name]) for name in tensors)
+    assert targets.written_numel == [("a", 64 * 48), ("b", 32 * 64)]

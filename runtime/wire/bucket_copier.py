@@ -25,12 +25,27 @@ On the CPU: one multi-tensor copy per bucket.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from shardsync.runtime.wire import pack as packing
 
 log = logging.getLogger("shardsync")
+
+
+@dataclass
+class _Kept:
+    """What a bucket's copies need at every update, worked out once: its tensors by name
+    (each once, in the order the bucket first takes it), the elements each is written
+    in it, and the kernel last built, with the addresses, dtypes and strides it was
+    built for. An update whose tensors match reuses the kernel after one look at each
+    tensor, not at each of the bucket's pieces."""
+
+    names: tuple[str, ...]
+    numels: tuple[int, ...]
+    signature: tuple | None = None
+    kernel: object = None  # a `batched_copy.BucketKernel`
 
 
 class BucketCopier:
@@ -44,7 +59,7 @@ class BucketCopier:
         self.batched = device.type == "cuda"
         self.checksums = checksums
         self.flagging = flagging  # packs flag NaN/Inf (`pack`'s `flag`): which of its variants to load
-        self._kernels: dict = {}  # key -> (addresses, the bucket's kernel for them)
+        self._kept: dict = {}  # key -> _Kept
         self.descriptors_built = 0
 
     @property
@@ -70,24 +85,30 @@ class BucketCopier:
         """`flag` (int32 [1] on the bucket's device): set to 1 where a packed element of a
         trainer's tensor is NaN or Inf (on the CPU, where the packed bucket's sum is not
         finite), else left as it was; nothing waited for."""
-        sources = [tensors[e.src_tensor] for e in bucket.entries]
-        if not self._batchable(sources, buffer):
+        kernel = None
+        if self._triton():
+            kept = self._bucket(("pack",) + key, bucket, to_bucket=True)
+            kernel = self._kernel(kept, bucket, buffer, [tensors[name] for name in kept.names], to_bucket=True)
+        if kernel is None:
             packing.pack(bucket, tensors, buffer)
             if flag is not None:
                 packing.flag_nonfinite(bucket, buffer, flag)
             return None
-        entries = [(src, e.src_box, e.offset) for e, src in zip(bucket.entries, sources)]
-        return self._run(("pack",) + key, buffer, entries, bucket.numel, to_bucket=True, flag=flag)
+        return kernel.run(buffer, True, flag)
 
     def unpack(self, key, bucket, buffer: torch.Tensor, targets) -> torch.Tensor | None:
-        dests = [targets.tensor(e.dst_tensor) for e in bucket.entries]  # (the targets may restore a layer here)
-        if not self._batchable(dests, buffer):
+        if not self._triton():
             packing.unpack(bucket, buffer, targets)
             return None
-        entries = [(dst, e.dst_box, e.offset) for e, dst in zip(bucket.entries, dests)]
-        sums = self._run(("unpack",) + key, buffer, entries, bucket.numel, to_bucket=False)
-        for entry in bucket.entries:
-            targets.written(entry.dst_tensor, entry.numel)
+        kept = self._bucket(("unpack",) + key, bucket, to_bucket=False)
+        dests = [targets.tensor(name) for name in kept.names]  # (the targets may restore a layer here)
+        kernel = self._kernel(kept, bucket, buffer, dests, to_bucket=False)
+        if kernel is None:
+            packing.unpack(bucket, buffer, targets)
+            return None
+        sums = kernel.run(buffer, False)
+        for name, numel in zip(kept.names, kept.numels):
+            targets.written(name, numel)
         return sums
 
     def _triton(self) -> bool:
@@ -101,20 +122,31 @@ class BucketCopier:
             self.batched = False
         return self.batched
 
-    def _batchable(self, tensors: list[torch.Tensor], buffer: torch.Tensor) -> bool:
-        if not tensors or not self._triton():
-            return False
-        from shardsync.runtime.wire.batched_copy import supported
+    def _bucket(self, key, bucket, to_bucket: bool) -> _Kept:
+        kept = self._kept.get(key)
+        if kept is None:
+            numels: dict[str, int] = {}
+            for entry in bucket.entries:
+                name = entry.src_tensor if to_bucket else entry.dst_tensor
+                numels[name] = numels.get(name, 0) + entry.numel
+            kept = self._kept[key] = _Kept(tuple(numels), tuple(numels.values()))
+        return kept
 
-        return supported(buffer) and all(supported(t) for t in tensors)
+    def _kernel(self, kept: _Kept, bucket, buffer: torch.Tensor, tensors: list[torch.Tensor], to_bucket: bool):
+        """The bucket's kernel for these tensors (`kept.names`'): kept from an earlier
+        update where every address, dtype and stride is the same, else built; None where
+        the kernel cannot copy them (the caller copies piece by piece)."""
+        from shardsync.runtime.wire.batched_copy import BucketKernel, supported
 
-    def _run(self, key, buffer, entries, numel: int, to_bucket: bool, flag=None) -> torch.Tensor | None:
-        """The bucket's kernel for these addresses: kept from an earlier update, or built."""
-        from shardsync.runtime.wire.batched_copy import BucketKernel
-
-        addresses = (buffer.data_ptr(),) + tuple(t.data_ptr() for t, _, _ in entries)
-        kept = self._kernels.get(key)
-        if kept is None or kept[0] != addresses:
-            kept = self._kernels[key] = (addresses, BucketKernel(entries, numel, buffer, sums=self.checksums))
-            self.descriptors_built += 1
-        return kept[1].run(buffer, to_bucket, flag)
+        signature = (buffer.data_ptr(),) + tuple((t.data_ptr(), t.dtype, t.stride()) for t in tensors)
+        if signature == kept.signature:
+            return kept.kernel
+        if not tensors or not supported(buffer) or not all(supported(t) for t in tensors):
+            return None
+        by_name = dict(zip(kept.names, tensors))
+        entries = [(by_name[e.src_tensor], e.src_box, e.offset) if to_bucket else
+                   (by_name[e.dst_tensor], e.dst_box, e.offset) for e in bucket.entries]
+        kept.kernel = BucketKernel(entries, bucket.numel, buffer, sums=self.checksums)
+        kept.signature = signature
+        self.descriptors_built += 1
+        return kept.kernel

@@ -53,9 +53,10 @@ class Slots:
         self.handle = handle
         self._fd = fd  # the producer's descriptor of its unlinked file (CPU), else -1
         self.ready_events = ready_events  # CUDA: recorded by the producer, waited on by consumers
+        self._views = tuple(tensor[slot] for slot in range(count))  # cut once, not at every bucket
 
     def __getitem__(self, slot: int) -> torch.Tensor:
-        return self.tensor[slot]
+        return self._views[slot]
 
     @property
     def nbytes(self) -> int:
@@ -64,6 +65,7 @@ class Slots:
     def close(self) -> None:
         """Drop this process's mapping (the memory goes when the last one is dropped)."""
         self.tensor = None
+        self._views = ()
         self.ready_events = ()
         if self._fd >= 0:
             os.close(self._fd)
