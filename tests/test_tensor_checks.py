@@ -78,3 +78,15 @@ def _refused_in_time_behind_a_busy_stream(tensors: dict, check: FiniteCheck) -> 
     assert finding is not None and finding.startswith("the NaN/Inf check had not run on the device after 0.5s"), finding
     assert waited < 2.0, f"waited {waited:.1f}s for a check with a 0.5s timeout"
     assert _nonfinite(tensors, check) is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reading_the_flag_of_packs_lowers_it_for_the_next_update(device):
+    """A trainer that packs ahead reads the flag its packs raised, and the read leaves it
+    lowered: the next update's packs start from a flag no launch had to clear."""
+    check = FiniteCheck(timeout=10.0)
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    assert check.read(flag, "the packs")
+    flag.fill_(1)  # what a pack that found a NaN leaves
+    assert not check.read(flag, "the packs")
+    assert flag.item() == 0 and check.read(flag, "the packs")

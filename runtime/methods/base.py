@@ -88,8 +88,10 @@ class Method(Protocol):
     def pack_ahead(self, tensors: Mapping[str, torch.Tensor], update: int) -> torch.Tensor | None:
         """A trainer rank's whole share of `update` packed before the vote, where the
         method was built to (no reader sees it before `send`): returns an int32 [1] flag
-        that the packs, once run, leave nonzero if they packed a NaN or Inf. None where
-        nothing was packed ahead: the endpoint checks the tensors itself."""
+        that the packs, once run, leave nonzero if they packed a NaN or Inf, and that its
+        reader lowers again (`FiniteCheck.read`); one left raised by packs whose update
+        ended before the read is a false alarm the endpoint's exact search clears. None
+        where nothing was packed ahead: the endpoint checks the tensors itself."""
 
     def send(self, tensors: Mapping[str, torch.Tensor], update: int) -> tuple[ChannelReport, ...]:
         """A trainer rank's share of `update`; raises TransferError naming channel,

@@ -52,7 +52,8 @@ class ColocatedMethod(ShardMethod):
         self.timeout = context.timeout
         self.capacity = context.capacity
         self.mappings_created = 0
-        # what the packs of an update packed ahead raise on a NaN/Inf
+        # what the packs of an update packed ahead raise on a NaN/Inf; reading it lowers it
+        # again (`FiniteCheck.read`), so no update queues a launch of its own to clear it
         self._flag = torch.zeros(1, dtype=torch.int32, device=context.device) if self.pipe.packs_ahead else None
 
     def _pipe(self, largest: int, context: Context) -> SharedPipe:
@@ -63,7 +64,6 @@ class ColocatedMethod(ShardMethod):
         if not self.pipe.packs_ahead:
             return None
         flag = self._flag
-        flag.zero_()
 
         def packs():
             for channel, phase, schedule in self._runs():

@@ -23,7 +23,7 @@ lives and what says it may be read or rewritten:
   "written" interprocess event on its stream after packing, each consumer's stream
   waits on it before reading and records its own "read" event after, and the
   producer's stream waits on every reader's "read" event before it writes the slot
-  again;
+  again (a wait is queued only where the host does not already see the event done);
 - a consumer's host queues the reads of at most `LEAD` buckets ahead of its device,
   waiting (with the timeout) for the reads of bucket k - LEAD before it queues bucket
   k's: a stream that stalls (busy, or waiting on a producer that stopped) would
@@ -152,7 +152,7 @@ class SharedPipe(BucketPipe):
         if self.cuda and reader is not None:
             stream = torch.cuda.current_stream(self.device)
             for per_slot in self.read_events[reader]:
-                stream.wait_event(per_slot[slot])
+                _wait_on_device(stream, per_slot[slot])
         return slot
 
     def occupy(self, slot: int, channel: str, occupant: _Occupant | None = None) -> None:
@@ -181,6 +181,17 @@ class SharedPipe(BucketPipe):
             self.write(self.take_slot(), bucket, pack)
             count += 1
         self._packed_ahead = (update, count)
+
+
+def _wait_on_device(stream: torch.cuda.Stream, event: torch.cuda.Event) -> None:
+    """Order `stream` after another process's `event`, unless the host already sees it
+    done: packed ahead, every "written" event is done before the vote and every "read"
+    event before the next update's packs, and on a GPU shared by several processes a
+    wait on another's event takes a turn on the device the update would wait for. (The
+    other process records the event again only after this one's next step: no record
+    can slip between the look and the skip.)"""
+    if not event.query():
+        stream.wait_event(event)
 
 
 class SharedOutbound(Outbound):
@@ -252,7 +263,7 @@ class SharedInbound(Inbound):
             buffer = slots[slot]
             if pipe.cuda:
                 self._keep_lead(group)
-                torch.cuda.current_stream(pipe.device).wait_event(slots.ready_events[slot])
+                _wait_on_device(torch.cuda.current_stream(pipe.device), slots.ready_events[slot])
             checking = pipe.tail and check
             sums = checksum.sent(buffer, bucket.numel) if checking else None
             intact = self.arrived_intact(group, buffer, bucket, f"bucket {index}{where}") if check else True
