@@ -5,7 +5,10 @@ without adjustment. Per rank: its phases (the endpoint's `PhaseClock` ranges), i
 time in signal collectives, and its device work (kernels and copies). Over all
 ranks: how busy the device was while the update ran, and the spans it stood idle
 longer than `IDLE_US`, with the phase each rank was in meanwhile. What the phase
-clocks cannot show is exactly this: whose host the device was waiting for.
+clocks cannot show is exactly this: whose host the device was waiting for. And
+where the device passed from one rank's work to another's, how long it took to start
+work that was already queued (a hand-over between processes without MPS: time the
+device spends switching, not waiting for any host).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ class RankTrace:
     phases: list[tuple[str, float, float]] = field(default_factory=list)  # (phase, start, end), µs
     signals_us: float = 0.0  # in gloo collectives, as the host saw them
     signals: int = 0
-    device: list[tuple[str, float, float]] = field(default_factory=list)  # (kernel, start, end), µs
+    # (kernel, start, end, when the host launched it or None), µs
+    device: list[tuple[str, float, float, float | None]] = field(default_factory=list)
 
     def phase_at(self, t: float) -> str:
         for phase, start, end in self.phases:
@@ -40,18 +44,22 @@ def load(folder: Path) -> list[RankTrace]:
     for path in sorted(folder.glob("*.json")):
         events = json.loads(path.read_text())["traceEvents"]
         rank = RankTrace(path.stem)
-        signals = []
+        signals, launches, device = [], {}, []
         for event in events:
             if event.get("ph") != "X":
                 continue
             start, end = event["ts"], event["ts"] + event.get("dur", 0.0)
             name, category = event["name"], event.get("cat")
+            correlation = (event.get("args") or {}).get("correlation")
             if category == "user_annotation" and name.startswith(PHASE_PREFIX):
                 rank.phases.append((name[len(PHASE_PREFIX):], start, end))
             elif category == "user_annotation" and name.startswith("gloo:"):
                 signals.append((start, end))
             elif category in DEVICE_CATEGORIES:
-                rank.device.append((name, start, end))
+                device.append((name, start, end, correlation))
+            elif category in ("cuda_runtime", "cuda_driver") and "Launch" in name and correlation is not None:
+                launches[correlation] = start
+        rank.device = [(name, start, end, launches.get(correlation)) for name, start, end, correlation in device]
         rank.phases.sort(key=lambda p: p[1])
         rank.device.sort(key=lambda d: d[1])
         if rank.phases:
@@ -81,12 +89,12 @@ def describe_method(method: str, ranks: list[RankTrace]) -> str:
     for rank in ranks:
         phases = "  ".join(f"{p} {ms(s):.2f}-{ms(e):.2f}" for p, s, e in rank.phases)
         lines.append(f"  {rank.name}: {phases}")
-        work = [(s, e) for _, s, e in rank.device if e > begin and s < end]  # (not the profiler's warm-up)
+        work = [(s, e) for _, s, e, _ in rank.device if e > begin and s < end]  # (not the profiler's warm-up)
         busy = sum(e - s for s, e in work)
         device = (f"; device: {len(work)} kernels/copies, {busy / 1e3:.2f} ms busy, "
                   f"{ms(work[0][0]):.2f}-{ms(work[-1][1]):.2f}") if work else ""
         lines.append(f"    {rank.signals} signal collectives, {rank.signals_us / 1e3:.2f} ms in them{device}")
-    spans = _union([(max(s, begin), min(e, end)) for r in ranks for _, s, e in r.device if e > begin and s < end])
+    spans = _union([(max(s, begin), min(e, end)) for r in ranks for _, s, e, _ in r.device if e > begin and s < end])
     if not spans:
         return "\n".join(lines)
     busy = sum(e - s for s, e in spans)
@@ -100,7 +108,32 @@ def describe_method(method: str, ranks: list[RankTrace]) -> str:
         lines.append(f"    {ms(start):6.2f}-{ms(stop):6.2f} ({length / 1e3:.2f} ms): {where}")
     idle = sum(g[0] for g in gaps)
     lines.append(f"    in all {len(gaps)} spans, {idle / 1e3:.2f} ms")
+    handovers = _handovers(ranks, begin, end)
+    if handovers:
+        lines.append(f"  {len(handovers)} hand-overs of the device from one rank's work to another's launched "
+                     f"work: each started {_spread(handovers)} ms after the device was free and its launch made")
     return "\n".join(lines)
+
+
+def _handovers(ranks: list[RankTrace], begin: float, end: float) -> list[float]:
+    """For each piece of device work that followed another rank's (nothing of either
+    overlapping), launched before the device was free: how long after both it
+    started, µs. Without a launch time (a copy) it is not counted."""
+    work = sorted(((s, e, launched, r.name) for r in ranks for _, s, e, launched in r.device if e > begin and s < end),
+                  key=lambda w: w[:2])
+    delays, free, last = [], None, None
+    for start, stop, launched, who in work:
+        if free is not None and who != last and start >= free and launched is not None:
+            delays.append(start - max(free, launched))
+        if free is None or stop > free:
+            free, last = stop, who
+    return delays
+
+
+def _spread(values: list[float]) -> str:
+    ordered = sorted(values)
+    low, middle, high = ordered[0], ordered[len(ordered) // 2], ordered[-1]
+    return f"{middle / 1e3:.2f} (median; {low / 1e3:.2f}-{high / 1e3:.2f})"
 
 
 def describe(trace_dir: str) -> str:
