@@ -116,9 +116,9 @@ def describe_method(method: str, ranks: list[RankTrace]) -> str:
 
 
 def _handovers(ranks: list[RankTrace], begin: float, end: float) -> list[float]:
-    """For each piece of device work that followed another rank's (nothing of either
-    overlapping), launched before the device was free: how long after both it
-    started, µs. Without a launch time (a copy) it is not counted."""
+    """For each piece of device work that followed another rank's without overlapping
+    it: how long after the later of the device being free and its own launch it
+    started, µs. Work without a recorded launch (a copy) is not counted."""
     work = sorted(((s, e, launched, r.name) for r in ranks for _, s, e, launched in r.device if e > begin and s < end),
                   key=lambda w: w[:2])
     delays, free, last = [], None, None
