@@ -29,30 +29,18 @@ def trainer_findings(given: Mapping[str, torch.Tensor], shapes: dict[str, tuple]
                      device: torch.device) -> str | None:
     """The first problem with the names, shapes, dtypes or device of a trainer rank's
     tensors, or None (NaN/Inf: `nonfinite_finding`). Every update runs it before its
-    first byte is packed: the usual answer, none, takes one cheap look at each tensor;
-    only where that look finds something is the problem looked for and worded."""
-    if _all_fit(given, shapes, _placed_on(device)):
-        return None
+    first byte is packed, so each look at a tensor is the cheapest that answers."""
     problem = _names_and_shapes("trainer", given, shapes)
     if problem:
         return problem
+    placed = _placed_on(device)
     for name in shapes:
         tensor = given[name]
         if not tensor.is_floating_point():
             return f"{name}: dtype {_dtype(tensor)} is not a floating-point weight"
-        if tensor.device.type != device.type:
+        if not placed(tensor):
             return f"{name}: on {tensor.device}, the sender sends from {device}"
     return None
-
-
-def _all_fit(given: Mapping[str, torch.Tensor], shapes: dict[str, tuple], placed) -> bool:
-    if given.keys() != shapes.keys():
-        return False
-    for name, shape in shapes.items():
-        tensor = given[name]
-        if tensor.shape != shape or not tensor.is_floating_point() or not placed(tensor):
-            return False
-    return True
 
 
 def _placed_on(device: torch.device):
@@ -190,15 +178,16 @@ class FiniteCheck:
 
 
 def _names_and_shapes(kind: str, given: Mapping, shapes: dict[str, tuple]) -> str | None:
-    missing = [n for n in shapes if n not in given]
-    extra = [n for n in given if n not in shapes]
-    if missing:
-        return f"{missing[0]}: missing from the {kind} tensors ({len(missing)} missing{_and_extra(extra)})"
-    if extra:
+    if given.keys() != shapes.keys():
+        missing = [n for n in shapes if n not in given]
+        extra = [n for n in given if n not in shapes]
+        if missing:
+            return f"{missing[0]}: missing from the {kind} tensors ({len(missing)} missing{_and_extra(extra)})"
         return f"{extra[0]}: not a {kind} tensor of this plan ({len(extra)} unexpected)"
     for name, shape in shapes.items():
-        if tuple(given[name].shape) != tuple(shape):
-            return f"{name}: expected shape {tuple(shape)}, got {tuple(given[name].shape)}"
+        found = given[name].shape
+        if found != shape and tuple(found) != tuple(shape):  # (a torch.Size equals its tuple: the usual look)
+            return f"{name}: expected shape {tuple(shape)}, got {tuple(found)}"
     return None
 
 
