@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -49,6 +50,10 @@ class Receipt:
     corrupted: tuple[str, ...] = ()  # buckets that failed their checksum at this rank
     elsewhere: tuple[str, ...] = ()  # ... at another member of one of this rank's channels
     unloaded: tuple[str, ...] = ()  # full tensors the engine's own loader did not take
+    # where a gate on the device held this rank's copies (`wire.device_gate`): asked once they ran, whether it
+    # was closed (they wrote nothing), and the ranks whose packs it waited for
+    gated_off: Callable[[], bool] | None = None
+    waits_on: tuple[str, ...] = ()
 
 
 class PhaseClock:

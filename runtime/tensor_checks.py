@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from shardsync.runtime.device_wait import event_done_within, stream_done_within
+from shardsync.runtime.device_wait import stream_done_within
 
 
 def as_named(tensors) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -108,8 +108,6 @@ class FiniteCheck:
     def __init__(self, timeout: float = 60.0):
         self.timeout = timeout
         self._kernel = None  # CUDA: the flagging pass, made at first use (None: not tried yet)
-        self._read: torch.Tensor | None = None  # CUDA: pinned, where `read` copies a flag to
-        self._copied: torch.cuda.Event | None = None  # CUDA: recorded once `read`'s copy is queued
 
     def __call__(self, tensors: list[torch.Tensor]) -> bool:
         if not tensors:
@@ -127,27 +125,14 @@ class FiniteCheck:
             return True
         return all(bool(torch.isfinite(t).all()) for t in tensors)
 
-    def read(self, flag: torch.Tensor, what: str) -> bool:
-        """Whether `flag` (int32 [1], raised by `what` queued before on this rank's stream)
-        says every element was finite, leaving it lowered for the next update's `what`;
-        on CUDA, once the device ran them, waiting `timeout` seconds at most (else
-        TimeoutError). On CUDA the reset is queued behind the read and not waited for:
-        on a GPU shared by several processes, a launch waited for is a turn on the device
-        the update waits for, and every turn handed between processes leaves the device
-        idle about 0.15 ms."""
-        if not flag.is_cuda:
-            raised = bool(flag.item())
-            flag.zero_()
-            return not raised
-        if self._read is None:
-            self._read = torch.zeros(1, dtype=flag.dtype, pin_memory=True)
-            self._copied = torch.cuda.Event()
-        self._read.copy_(flag, non_blocking=True)
-        self._copied.record(torch.cuda.current_stream(flag.device))
+    def read(self, flag: torch.Tensor) -> bool:
+        """Whether `flag` (int32 [1], raised by packs on the CPU where they packed a NaN or
+        Inf) says every element was finite, leaving it lowered for the next update's packs.
+        (On CUDA the engines' copies are gated by the packs' flags on the device, and the
+        trainer reads its own after the vote: `wire.device_gate`.)"""
+        raised = bool(flag.item())
         flag.zero_()
-        if not event_done_within(self._copied, self.timeout):
-            raise TimeoutError(self._not_run(what))
-        return not bool(self._read.item())
+        return not raised
 
     def load(self, device: torch.device) -> None:
         """On CUDA, load the flagging pass for every dtype now (`nonfinite.load_kernels`),

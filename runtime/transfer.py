@@ -5,7 +5,10 @@ rendezvous address, bucket size, timeout), connected once, then called once per
 update with the rank's local tensors. Channels persist between updates.
 
 An update either completes everywhere or fails loudly: every endpoint first votes
-on it (bad tensors refuse it before any byte moves), every wait has a timeout and
+on it (bad tensors refuse it before any byte moves; colocated on a GPU with
+`pack_ahead`, a NaN/Inf the trainers' packs find closes a gate the engines' copies
+read on the device, and fails the update in its outcome: no byte is written either
+way, `wire.device_gate`), every wait has a timeout and
 names the channel, the silent peer and the update, `verify=True` checks each
 bucket's checksum, and a Receiver whose update did not complete is `stale` until a
 later one does. After a failure, `reconnect()` on every endpoint (and `connect()` on
@@ -225,6 +228,8 @@ class Sender(_Endpoint):
         self.pp_rank, self.tp_rank, self.dp_rank = pp_rank, tp_rank, dp_rank
         self._local_shapes: dict[str, tuple[int, ...]] | None = None
         self._all_finite = FiniteCheck(self.timeout)  # keeps what it prepared for the tensors of the last update
+        # packed ahead with the engines gated on the device: the NaN/Inf check still to read after the vote
+        self._check_after_vote = None
 
     @property
     def who(self) -> str:
@@ -265,22 +270,39 @@ class Sender(_Endpoint):
             finding = finding or trainer_findings(tensors, self.local_shapes(), self.device)
             finding = finding or self._packed_and_checked(tensors, number, allow_nonfinite)
         self._vote(number, finding, clock)
-        reports = self._settled(number, lambda: self.transport.send(tensors, number), clock)
+        reports = self._settled(number, lambda: self._sent_and_checked(tensors, number), clock)
         return UpdateReport(number, reports, clock.seconds)
+
+    def _sent_and_checked(self, tensors: dict, number: int) -> tuple[ChannelReport, ...]:
+        """Send; then, where the engines' copies were gated on the device by the packs'
+        NaN/Inf flags, read this rank's: a NaN or Inf fails the update in its outcome,
+        which every endpoint hears, though no engine wrote a byte of it."""
+        reports = self.transport.send(tensors, number)
+        after_vote, self._check_after_vote = self._check_after_vote, None
+        if after_vote is not None:
+            finding = nonfinite_finding(tensors, self.local_shapes(), lambda: not after_vote())
+            if finding is not None:
+                raise TensorError(f"update {number}: {self.who}: {finding}; no engine wrote a byte of it (their "
+                                  f"copies were gated on the device by the packs' NaN/Inf flags)")
+        return reports
 
     def _packed_and_checked(self, tensors: dict, number: int, allow_nonfinite: bool) -> str | None:
         """Pack the update ahead where the method does (its packs flag NaN/Inf on the way),
         then look for NaN/Inf: in what the packs flagged, else in one pass of its own over
         the tensors. A problem, even one the device did not get to in time, is a finding."""
+        self._check_after_vote = None
         try:
-            flag = self.transport.pack_ahead(tensors, number)
+            packed = self.transport.pack_ahead(tensors, number, nonfinite_allowed=allow_nonfinite)
         except TransferError as exc:
             return f"packing the update ahead of the vote failed: {exc}"
         if allow_nonfinite:
             return None
         shapes, check = self.local_shapes(), self._all_finite
-        if flag is not None:
-            return nonfinite_finding(tensors, shapes, lambda: check.read(flag, "the packs flagging NaN/Inf"))
+        if packed is not None and packed.after_vote is not None:
+            self._check_after_vote = packed.after_vote  # the engines' copies wait for it on the device, not the vote
+            return None
+        if packed is not None:
+            return nonfinite_finding(tensors, shapes, lambda: check.read(packed.flag))
         return nonfinite_finding(tensors, shapes, lambda: check([tensors[name] for name in shapes]))
 
 
@@ -364,26 +386,34 @@ class Receiver(_Endpoint):
                                           self.plan.dst_shapes[self.tp_rank], self.dtype)
         self._vote(number, finding, clock)
         try:
-            reports = self._settled(number, lambda: self._receive(sink, number), clock)
+            reports, gated_off = self._settled(number, lambda: self._receive(sink, number), clock)
         except UpdateFailedElsewhere:
-            self.stale = None  # this rank's weights are whole and new; the caller learns the update failed
+            # this rank's weights are whole: new, or, where a gate on the device kept its copies from writing
+            # an update a trainer's packs found NaN/Inf in, the last update's; the caller learns it failed
+            self.stale = None
             raise
         except BaseException as exc:
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self.stale = f"update {number} did not complete ({why})"
             raise
+        if gated_off:  # (every endpoint said it went well: the trainers saw no NaN/Inf its gate saw)
+            self.stale = (f"update {number} completed elsewhere while a gate on the device kept this rank's copies "
+                          f"from writing it")
+            raise TransferError(f"update {number}: {self.who}: {self.stale}")
         self.stale = None
         return UpdateReport(number, reports, clock.seconds)
 
-    def _receive(self, sink, number: int) -> tuple[ChannelReport, ...]:
+    def _receive(self, sink, number: int) -> tuple[tuple[ChannelReport, ...], bool]:
         """The method moves the bytes; this judges what it saw: a bad bucket here, a
         loader that stopped early or elements the plan did not expect fail the update
-        here, a bad bucket elsewhere fails it after this rank took its whole share."""
+        here, a bad bucket elsewhere fails it after this rank took its whole share.
+        Also returns whether a gate on the device kept the copies from writing: then
+        the trainer whose packs found a NaN/Inf fails the update in its outcome."""
         counting = None if self.loads_full_tensors else _CountingTargets(sink)
         if counting is not None:
             sink.begin_update()
         receipt: Receipt = self.transport.receive(counting or sink, number)
-        self._wait_for_device(number)
+        self._wait_for_device(number, receipt.waits_on)
         if receipt.corrupted:
             raise TransferError(f"update {number}: {self.who}: {'; '.join(receipt.corrupted)}")
         if receipt.unloaded:
@@ -400,17 +430,18 @@ class Receiver(_Endpoint):
         if receipt.elsewhere:
             raise UpdateFailedElsewhere(f"update {number}: failed: {'; '.join(receipt.elsewhere)} ({self.who} took "
                                         f"all of its share)")
-        return receipt.channels
+        return receipt.channels, receipt.gated_off is not None and receipt.gated_off()
 
-    def _wait_for_device(self, number: int) -> None:
+    def _wait_for_device(self, number: int, waits_on: tuple[str, ...] = ()) -> None:
         """On CUDA the method only queued this rank's copies: wait until they ran, so that
         a completed update means the weights are in place whatever stream reads them next,
         and a copy that failed on the device fails this update (leaving the rank stale).
-        Bounded: the copies may wait on a trainer's interprocess events."""
+        Bounded: the copies may wait on a trainer's interprocess events (those of
+        `waits_on` too, where a gate waited for every trainer's packs)."""
         if self.device.type != "cuda" or stream_done_within(torch.cuda.current_stream(self.device), self.timeout):
             return
-        feeding = sorted({trainer_name(c.src) for c in self.plan.channels_of_engine_rank(self.tp_rank)}
-                         if self.plan else ())
+        fed_by = {trainer_name(c.src) for c in self.plan.channels_of_engine_rank(self.tp_rank)} if self.plan else set()
+        feeding = sorted(fed_by | set(waits_on))
         raise TransferError(f"update {number}: {self.who}: "
                             + copies_not_run("its copies", self.timeout, ", ".join(feeding) or "the trainer ranks"))
 

@@ -42,7 +42,7 @@ def kernel():
 def test_the_kernel_runs_under_the_interpreter():
     """On a machine without a GPU: this file's tests, in a child process with Triton's
     interpreter on, must pass (none of them skipped but the GPU-only ones)."""
-    run_under_interpreter(__file__, "7 passed, 6 skipped")  # the runner itself and 5 GPU-only
+    run_under_interpreter(__file__, "8 passed, 6 skipped")  # the runner itself and 5 GPU-only
 
 
 @st.composite
@@ -123,6 +123,50 @@ def test_a_pack_flags_a_nan_or_inf_exactly_where_it_packs_one(kernel, layout, ba
     entries = [(tensors[e.src_tensor], e.src_box, e.offset) for e in bucket.entries]
     kernel.BucketKernel(entries, bucket.numel, buffer, sums=checksums).run(buffer, to_bucket=True, flag=flag)
     assert flag.item() == int(packed_bad)
+
+
+@runs_here
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(layout=layouts(), checksums=st.booleans(), stamps=st.lists(st.integers(1, 1000), min_size=1, max_size=3))
+def test_a_flag_only_grows_to_the_stamps_and_a_closed_gate_keeps_an_unpack_from_writing(kernel, layout, checksums,
+                                                                                        stamps):
+    """A pack that finds a NaN raises its flag to its stamp, never lowers it (a later
+    pack with a smaller stamp leaves it), and one that finds none leaves it as it was;
+    an unpack behind a closed gate writes nothing, behind an open one what the eager
+    unpack writes, and with the checksum its sums still check against the bucket's tail."""
+    tensors, bucket, wire = layout
+    tensors = {name: t.to(DEVICE) for name, t in tensors.items()}
+    buffer = torch.zeros(bucket.numel + checksum.tail_elements(wire), dtype=wire, device=DEVICE)
+    flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    pack = kernel.BucketKernel([(tensors[e.src_tensor], e.src_box, e.offset) for e in bucket.entries], bucket.numel,
+                               buffer, sums=checksums)
+    raised = 0
+    for stamp in stamps:
+        pack.run(buffer, to_bucket=True, flag=flag, stamp=stamp)
+        assert flag.item() == raised  # (every element finite)
+    victim = bucket.entries[0]
+    corner = tuple(lo for lo, _ in victim.src_box)
+    tensors[victim.src_tensor][corner] = float("nan")
+    for stamp in stamps:
+        pack.run(buffer, to_bucket=True, flag=flag, stamp=stamp)
+        raised = max(raised, stamp)
+        assert flag.item() == raised
+    tensors[victim.src_tensor][corner] = 1.0
+    pack.run(buffer, to_bucket=True, flag=flag, stamp=stamps[0])  # the bucket as the engine gets it
+    before = {name: torch.full_like(t, 7.0).to(wire) for name, t in tensors.items()}
+    for closed in (True, False):
+        dests = {name: t.clone() for name, t in before.items()}
+        gate = torch.tensor([int(closed)], dtype=torch.int32, device=DEVICE)
+        entries = [(dests[e.dst_tensor], e.dst_box, e.offset) for e in bucket.entries]
+        sums = kernel.BucketKernel(entries, bucket.numel, buffer, sums=checksums).run(buffer, to_bucket=False,
+                                                                                      gate=gate)
+        expected = {name: t.clone() for name, t in before.items()}
+        if not closed:
+            packing.unpack(bucket, buffer, TensorTargets(expected))
+        assert all(torch.equal(dests[name], expected[name]) for name in dests), closed
+        if checksums:
+            computed, sent = sums.tolist()
+            assert computed == sent, closed
 
 
 @runs_here

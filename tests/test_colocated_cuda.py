@@ -33,16 +33,19 @@ CASES = {
 @pytest.mark.parametrize("pack_ahead", [False, True], ids=["two slots", "packed ahead"])
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 def test_four_processes_on_one_gpu_update_exactly_through_cuda_ipc(case, pack_ahead):
-    """Also with every update packed ahead of its vote, NaN/Inf flagged by the copy kernel."""
+    """Also with every update packed ahead of its vote, NaN/Inf flagged by the copy kernel
+    (each trainer's flag in memory every engine maps, which gates its copies)."""
     case = Case(**{**vars(case), "method": "colocated", "device": "cuda", "verify": True, "pack_ahead": pack_ahead})
     results = run(case)
     slot = case.bucket_bytes + 16 + 16  # a bucket, its checksum's tail, alignment
+    flags = case.train_tp * case.train_pp if pack_ahead else 0
     for who, result in results.items():
-        if who.startswith("engine"):
+        if who.startswith("engine"):  # the slots that feed it, and every trainer's flag
             assert result["mismatches"] == [[]] * case.updates, f"{who}: tensors differ from the reference"
-            assert result["mappings_created"] == result["channels"] >= 1 and result["buffer_bytes"] == 0, who
-        else:  # its slots, and each reader's "read" events
-            assert result["mappings_created"] == 1 + case.engines * result["channels"], who
+            assert result["mappings_created"] == result["channels"] + flags and result["channels"] >= 1, who
+            assert result["buffer_bytes"] == 0, who
+        else:  # its slots, each reader's "read" events, and its flag
+            assert result["mappings_created"] == 1 + case.engines * result["channels"] + bool(flags), who
             if pack_ahead:
                 assert 2 * slot < result["buffer_bytes"] and result["bytes_sent"][0] <= result["buffer_bytes"], who
             else:

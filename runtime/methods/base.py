@@ -11,7 +11,7 @@ loops. The endpoint never asks which method it holds: it builds one from a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Protocol
+from typing import Callable, Mapping, Protocol
 
 import torch
 
@@ -52,6 +52,17 @@ class Context:
     channel_options: dict  # forwarded to channel creation (the address to listen on, a framework's extras)
 
 
+@dataclass(frozen=True)
+class PackedAhead:
+    """A trainer rank's share of an update, packed before its vote (`Method.pack_ahead`)."""
+
+    flag: torch.Tensor  # int32 [1], raised by the packs where they read a NaN or Inf
+    # where the engines' copies are gated on the device by the flags (`wire.device_gate`): whether the packs
+    # found a NaN or Inf, read after the vote (it waits for them: TimeoutError past the timeout); None where
+    # the flag must be read before the vote (`FiniteCheck.read`)
+    after_vote: Callable[[], bool] | None = None
+
+
 class Method(Protocol):
     """One endpoint's side of a transfer method, built once and kept across reconnects."""
 
@@ -85,12 +96,15 @@ class Method(Protocol):
         (the session) names the peers that went silent when a wait fails, and tells a
         wait that lasts whether the update already failed elsewhere."""
 
-    def pack_ahead(self, tensors: Mapping[str, torch.Tensor], update: int) -> torch.Tensor | None:
+    def pack_ahead(self, tensors: Mapping[str, torch.Tensor], update: int,
+                   nonfinite_allowed: bool = False) -> PackedAhead | None:
         """A trainer rank's whole share of `update` packed before the vote, where the
-        method was built to (no reader sees it before `send`): returns an int32 [1] flag
-        that the packs, once run, leave nonzero if they packed a NaN or Inf, and that its
-        reader lowers again (`FiniteCheck.read`); one left raised by packs whose update
-        ended before the read is a false alarm the endpoint's exact search clears. None
+        method was built to (no reader sees it before `send`), and how to learn whether
+        its packs read a NaN or Inf: a flag read before the vote, which its reader
+        lowers again (`FiniteCheck.read`; one left raised by packs whose update ended
+        before the read is a false alarm the endpoint's exact search clears), or, where
+        the engines' copies are gated on the device by it, a read after the vote.
+        `nonfinite_allowed`: the packs raise no flag the engines would gate on. None
         where nothing was packed ahead: the endpoint checks the tensors itself."""
 
     def send(self, tensors: Mapping[str, torch.Tensor], update: int) -> tuple[ChannelReport, ...]:
@@ -121,7 +135,7 @@ class OverChannels:
     def buffer_bytes(self) -> int:
         return self.pipe.nbytes
 
-    def pack_ahead(self, tensors, update: int) -> None:
+    def pack_ahead(self, tensors, update: int, nonfinite_allowed: bool = False) -> None:
         return None  # packed as the buckets go
 
     def close(self) -> None:

@@ -22,26 +22,34 @@ the trainer's walk lies in slot k, which its engines work out from the plan at
 connect, so they read every slot as soon as the vote is in, with no header and no
 signal a bucket. On one GPU that saves the check's own pass over every byte (about
 0.4 of the time the update's copies take, bench/RESULTS.md) and every hand-off between
-processes after the vote, while still no engine reads a byte before it.
+processes after the vote, while still no engine reads a byte before it. On CUDA the
+vote does not even wait for the packs: it covers what the hosts check, and the NaN/Inf
+flags the packs raise close a gate on the device that every engine's copies read first
+(`wire.device_gate`), so the engines' copies are queued while the packs still run and
+none writes a byte of an update a trainer found a NaN or Inf in.
 
 Everything is created or mapped at connect: the producer's slots (and on CUDA their
-"written" events), each consumer's mapping of the slots that feed it (and its "read"
-events, which the producer opens), counted in `mappings_created`; an update maps
-nothing. Engines map only the slots of the trainer ranks that feed them.
+"written" events and its NaN/Inf flag), each consumer's mapping of the slots that feed
+it (and its "read" events, which the producer opens; on CUDA, every packing-ahead
+trainer's flag), counted in `mappings_created`; an update maps nothing. Engines map
+only the slots of the trainer ranks that feed them.
 """
 
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 from datetime import timedelta
 
 import torch
 
 from shardsync.runtime.errors import TransferError
-from shardsync.runtime.methods.base import Context, trainer_name
+from shardsync.runtime.methods.base import Context, PackedAhead, trainer_name
 from shardsync.runtime.methods.shard import ShardMethod, walk
 from shardsync.runtime.plan import buckets as bucketing
+from shardsync.runtime.reports import Receipt
 from shardsync.runtime.wire import shared
+from shardsync.runtime.wire.device_gate import Gate, TrainerFlag
 from shardsync.runtime.wire.shared_pipe import SharedPipe
 
 
@@ -52,28 +60,55 @@ class ColocatedMethod(ShardMethod):
         self.timeout = context.timeout
         self.capacity = context.capacity
         self.mappings_created = 0
-        # what the packs of an update packed ahead raise on a NaN/Inf; reading it lowers it
-        # again (`FiniteCheck.read`), so no update queues a launch of its own to clear it
+        # what the packs of an update packed ahead raise on a NaN/Inf: on the CPU a flag its read lowers again
+        # (`FiniteCheck.read`); on CUDA a trainer's flag the engines' gates read (`wire.device_gate`), set at connect
         self._flag = torch.zeros(1, dtype=torch.int32, device=context.device) if self.pipe.packs_ahead else None
+        self._trainer_flag: TrainerFlag | None = None
+        self._gate: Gate | None = None  # an engine's on CUDA, where trainers pack ahead
+        self._trainers = tuple(trainer_name(src) for src in context.layout.senders)
+        self.who = trainer_name(context.trainer) if self.producer else None
+        self._gate_now: Gate | None = None  # an engine's gate, set for the update it receives
 
     def _pipe(self, largest: int, context: Context) -> SharedPipe:
         return SharedPipe(largest, context.dtype, context.device, verify=context.verify, overlap=context.overlap,
                           slots=sum(map(self._bucket_count, self.mine)) if context.pack_ahead else 0)
 
-    def pack_ahead(self, tensors, update: int) -> torch.Tensor | None:
+    def pack_ahead(self, tensors, update: int, nonfinite_allowed: bool = False) -> PackedAhead | None:
         if not self.pipe.packs_ahead:
             return None
-        flag = self._flag
+        gated = self._trainer_flag is not None
+        flag = self._trainer_flag.flag if gated else self._flag
+        # (gated: raised to the update's number; allowed, to 0, which raises nothing)
+        stamp = 0 if nonfinite_allowed else update if gated else 1
 
         def packs():
             for channel, phase, schedule in self._runs():
                 for index, bucket in enumerate(schedule):
                     key = (channel.name, phase, index)
                     yield bucket, lambda buffer, key=key, bucket=bucket: self.copier.pack(key, bucket, tensors,
-                                                                                          buffer, flag)
+                                                                                          buffer, flag, stamp)
 
         self.pipe.pack_ahead(update, packs())
-        return flag
+        if not gated:
+            return PackedAhead(flag)
+        self._trainer_flag.packed(update)
+        return PackedAhead(flag, after_vote=lambda: self._trainer_flag.raised_in(update))
+
+    def receive(self, targets, update: int) -> Receipt:
+        gate = self._gate
+        if gate is None:
+            return super().receive(targets, update)
+        gate.set_for(update)
+        self._gate_now = gate
+        try:
+            receipt = super().receive(targets, update)
+        finally:
+            self._gate_now = None
+        gate.read_after_copies()
+        return replace(receipt, gated_off=gate.was_closed, waits_on=gate.trainers)
+
+    def _unpack(self, key, bucket, buffer, targets):
+        return self.copier.unpack(key, bucket, buffer, targets, self._gate_now)
 
     @staticmethod
     def channel_device(context: Context):
@@ -83,6 +118,12 @@ class ColocatedMethod(ShardMethod):
     def connect(self, store, watch) -> None:
         pipe: SharedPipe = self.pipe
         if self.producer:
+            if pipe.cuda and pipe.packs_ahead:
+                self._trainer_flag = TrainerFlag(pipe.device, self.timeout)
+                self.mappings_created += 1
+            # every trainer says whether the engines gate on its flag (they all read it, fed or not)
+            store.set(self._flag_key(self.who),
+                      pickle.dumps(self._trainer_flag.handle() if self._trainer_flag is not None else None))
             if self.mine and pipe.slot_numel:
                 pipe.own = shared.create_slots(pipe.slot_numel, pipe.depth, pipe.dtype, pipe.device)
                 self.mappings_created += 1
@@ -107,6 +148,30 @@ class ColocatedMethod(ShardMethod):
                 pipe.own_read_events[channel.name] = events
                 store.set(self._read_events_key(channel, self.member),
                           pickle.dumps(tuple(bytes(e.ipc_handle()) for e in events)))
+        if pipe.cuda and self.mine:
+            self._gate_on_trainer_flags(store, watch)
+
+    def _gate_on_trainer_flags(self, store, watch) -> None:
+        """Map the flag and "packed" event of every trainer that packs ahead on CUDA (it
+        votes before its packs ran, `wire.device_gate`), and load the gated unpacks; a
+        trainer that checks its tensors before the vote needs no gate."""
+        handles = {}
+        for name in self._trainers:
+            key = self._flag_key(name)
+            try:
+                store.wait([key], timedelta(seconds=self.timeout))
+            except RuntimeError:
+                raise TransferError(f"connect: {name} did not share its NaN/Inf flag within {self.timeout:.0f}s: "
+                                    f"{watch.diagnose((name,))}") from None
+            handle = pickle.loads(store.get(key))
+            if handle is not None:
+                handles[name] = handle
+        if not handles:
+            return
+        self._gate = Gate(self.pipe.device, handles, self.timeout)
+        self.mappings_created += self._gate.mapped
+        self.copier.gated = True
+        self.load_kernels()
 
     def _slots_packed_ahead(self, channel) -> list[int]:
         """Where a producer that packs ahead puts each bucket of `channel`, in the order
@@ -133,6 +198,10 @@ class ColocatedMethod(ShardMethod):
         return tuple(shared.open_event(h, self.pipe.device) for h in pickle.loads(store.get(key)))
 
     @staticmethod
+    def _flag_key(who: str) -> str:
+        return f"colocated/{who}/nonfinite-flag"
+
+    @staticmethod
     def _slots_key(src) -> str:
         return f"colocated/{trainer_name(src)}/slots"
 
@@ -143,3 +212,8 @@ class ColocatedMethod(ShardMethod):
     def close(self) -> None:
         super().close()
         self.pipe.forget()
+        for held in (self._trainer_flag, self._gate):
+            if held is not None:
+                held.close()
+        self._trainer_flag = self._gate = None
+        self.copier.gated = False

@@ -92,12 +92,15 @@ class ShardMethod(OverChannels):
 
         def move(channel: Channel, group, phase: int, schedule) -> None:
             def unpack(index, bucket, buffer):
-                return self.copier.unpack((channel.name, phase, index), bucket, buffer, targets)
+                return self._unpack((channel.name, phase, index), bucket, buffer, targets)
 
             inbound.deliver(group, schedule, f" of phase {phase}", unpack, fused=self.copier.fuses_checksums)
 
         reports = self._walk(inbound.header, move, inbound.close)
         return Receipt(reports, tuple(inbound.corrupted), tuple(inbound.elsewhere))
+
+    def _unpack(self, key, bucket, buffer, targets):
+        return self.copier.unpack(key, bucket, buffer, targets)
 
     def _walk(self, header, move, finish) -> tuple[ChannelReport, ...]:
         """One update over this rank's channels: headers, then each phase on every

@@ -27,11 +27,12 @@ weight, summed modulo 2**32 in int32 arithmetic (one multiply-add an element), s
 CUDA sum checks equal on the CPU and the other way round. A 16-bit element is the low
 or the high half of its word: its contribution is its bits, or its bits shifted up 16.
 
-A pack can also raise a NaN/Inf flag on the way (`flag`): an element whose exponent
-bits are all ones, read from the trainer's tensor before any cast, as
-`runtime.nonfinite` reads them. A trainer that packs its whole update before the vote
-(`pack_ahead`) then needs no pass of its own over its tensors to refuse one that
-holds a NaN or Inf.
+A pack can also raise a NaN/Inf flag on the way (`flag`, to a `stamp`: flags only
+grow): an element whose exponent bits are all ones, read from the trainer's tensor
+before any cast, as `runtime.nonfinite` reads them. A trainer that packs its whole
+update before the vote (`pack_ahead`) then needs no pass of its own over its tensors
+to refuse one that holds a NaN or Inf, and an unpack can read a gate first (`gate`,
+`wire.device_gate`): closed, it writes nothing.
 
 Triton is imported only here, and this module only on CUDA: the CPU path and CI
 never need it.
@@ -126,14 +127,14 @@ def _locate(pieces, piece, row0, col0, TENSOR_DTYPE: tl.constexpr, WIRE_DTYPE: t
 # ALIGNED constant's), so every variant an endpoint will launch can be loaded before its
 # first update (`load_kernels`) rather than at a first launch that may find its stream
 # waiting on another process.
-_ARGUMENTS = ("pieces", "tiles", "tile_count", "bucket", "scratch", "programs_in_all", "tail", "sums", "flag")
+_ARGUMENTS = ("pieces", "tiles", "tile_count", "bucket", "scratch", "programs_in_all", "tail", "sums", "flag", "stamp")
 
 
 @triton.jit(do_not_specialize=_ARGUMENTS)
-def _copy_tiles(pieces, tiles, tile_count, bucket, scratch, programs_in_all, tail, sums, flag,
+def _copy_tiles(pieces, tiles, tile_count, bucket, scratch, programs_in_all, tail, sums, flag, stamp,
                 TENSOR_DTYPE: tl.constexpr, WIRE_DTYPE: tl.constexpr, TO_BUCKET: tl.constexpr,
                 ALIGNED: tl.constexpr, CHECKSUM: tl.constexpr, WORDS: tl.constexpr, NONFINITE: tl.constexpr,
-                ROWS: tl.constexpr, COLS: tl.constexpr):
+                ROWS: tl.constexpr, COLS: tl.constexpr, GATED: tl.constexpr):
     """Each program copies tiles program, program + programs, ...; with the checksum,
     every thread keeps its own running sums (int32 adds wrap modulo 2**32, as the
     checksum does) and the program reduces them once at the end, not once a tile, and
@@ -143,7 +144,8 @@ def _copy_tiles(pieces, tiles, tile_count, bucket, scratch, programs_in_all, tai
     entry while it copies this one, so that the table's latency is not paid before
     each tile's bytes. The bucket is read as WIRE_DTYPE: its own dtype, or int32 for
     pieces copied as words. With NONFINITE (a pack's: the exponent bits of the tensor's
-    elements), `flag` is raised where one of the elements read has them all set."""
+    elements), `flag` is raised to `stamp` where one of the elements read has them all
+    set; with GATED (an unpack's), `flag` is the gate: nonzero, nothing is written."""
     wire = bucket.to(tl.pointer_type(WIRE_DTYPE))
     if ALIGNED:  # the bucket starts on a 16-byte boundary (`_aligned`)
         wire = tl.multiple_of(wire, 16)
@@ -156,7 +158,13 @@ def _copy_tiles(pieces, tiles, tile_count, bucket, scratch, programs_in_all, tai
         found = tl.zeros((ROWS, COLS), dtype=tl.int32)
     entry = tiles + tl.minimum(program, tile_count - 1) * 3
     piece, row0, col0 = tl.load(entry), tl.load(entry + 1).to(tl.int32), tl.load(entry + 2).to(tl.int32)
-    for tile in range(program, tile_count, programs):
+    end = tile_count
+    if GATED:  # an unpack behind a gate (`flag`): closed, it writes nothing (and, with no sums to take, reads nothing)
+        gate = tl.load(flag)
+        gate_open = tl.zeros((ROWS, COLS), dtype=tl.int32) == gate  # (a tile's mask: the gate is 0)
+        if not CHECKSUM:
+            end = tl.where(gate == 0, tile_count, 0)
+    for tile in range(program, end, programs):
         entry = tiles + tl.minimum(tile + programs, tile_count - 1) * 3  # the next tile's (the last: its own again)
         next_piece = tl.load(entry)
         next_row0, next_col0 = tl.load(entry + 1).to(tl.int32), tl.load(entry + 2).to(tl.int32)
@@ -172,7 +180,10 @@ def _copy_tiles(pieces, tiles, tile_count, bucket, scratch, programs_in_all, tai
             tl.store(wire + position, values, mask=mask)
         else:
             values = tl.load(wire + position, mask=mask, other=0)
-            tl.store(tensor, values.to(TENSOR_DTYPE), mask=mask)
+            if GATED:
+                tl.store(tensor, values.to(TENSOR_DTYPE), mask=mask & gate_open)
+            else:
+                tl.store(tensor, values.to(TENSOR_DTYPE), mask=mask)
         if CHECKSUM:
             word, index = _checksum_words(values, position, WORDS)
             plain += word
@@ -180,7 +191,7 @@ def _copy_tiles(pieces, tiles, tile_count, bucket, scratch, programs_in_all, tai
         piece, row0, col0 = next_piece, next_row0, next_col0
     if NONFINITE:
         if tl.max(tl.max(found, axis=1), axis=0) > 0:
-            tl.atomic_max(flag, 1)
+            tl.atomic_max(flag, stamp)
     if CHECKSUM:
         _add_sums(scratch, programs_in_all, tail, sums, tl.sum(tl.sum(plain, axis=1), axis=0),
                   tl.sum(tl.sum(weighted, axis=1), axis=0), TO_BUCKET)
@@ -274,30 +285,34 @@ class BucketKernel:
         return (tensor.dtype == bucket.dtype and 4 % element == 0 and (offset * element) % 4 == 0
                 and (count * element) % 4 == 0 and (not self.sums or self.checksum_word_bytes == 4))
 
-    def run(self, bucket: torch.Tensor, to_bucket: bool, flag: torch.Tensor | None = None) -> torch.Tensor | None:
+    def run(self, bucket: torch.Tensor, to_bucket: bool, flag: torch.Tensor | None = None, stamp: int = 1,
+            gate: torch.Tensor | None = None) -> torch.Tensor | None:
         """Copy every piece (into the bucket, or out of it). Built with `sums`, also
         return the bucket's checksum: int64 [2, 2], the two sums computed on the way
         and the two in the bucket's tail (packing: the same, written there too;
         unpacking: the sender's). A device tensor of this kernel's, which its next run
-        rewrites; nothing waited for. `flag` (packing; int32 [1] on the device): set to
-        1 where an element packed is NaN or Inf, else left as it was."""
+        rewrites; nothing waited for. `flag` (packing; int32 [1] on the device): raised to
+        `stamp` (at most) where an element packed is NaN or Inf, else left as it was.
+        `gate` (unpacking; int32 [1] on the device): nonzero, nothing is written (the
+        sums are still taken, of the bucket as it lies)."""
         tail = bucket.view(torch.uint8)[self.tail_byte:] if self.sums else bucket  # (unused without the checksum)
         flagging = to_bucket and flag is not None
-        if (to_bucket, flagging) not in self._runs:
-            self._runs[to_bucket, flagging] = self._plan_runs(bucket, tail, to_bucket, flagging)
-        launches, programs_in_all = self._runs[to_bucket, flagging]
+        gated = not to_bucket and gate is not None
+        if (to_bucket, flagging, gated) not in self._runs:
+            self._runs[to_bucket, flagging, gated] = self._plan_runs(bucket, tail, to_bucket, flagging, gated)
+        launches, programs_in_all = self._runs[to_bucket, flagging, gated]
         for launch, constants, programs in launches:
             _copy_tiles[(programs,)](launch.pieces, launch.tiles, len(launch.tiles), bucket, self.scratch,
-                                     programs_in_all, tail, self.totals, flag if flagging else self.scratch,
-                                     **constants)
+                                     programs_in_all, tail, self.totals,
+                                     flag if flagging else gate if gated else self.scratch, stamp, **constants)
         return self.totals if self.sums else None
 
-    def _plan_runs(self, bucket: torch.Tensor, tail: torch.Tensor, to_bucket: bool, flagging: bool):
+    def _plan_runs(self, bucket: torch.Tensor, tail: torch.Tensor, to_bucket: bool, flagging: bool, gated: bool):
         """Each launch's constants and program count in one direction, and their programs in all."""
         launches = []
         for launch in self.launches:
             constants = _constants(launch.dtype, bucket.dtype, to_bucket, launch.aligned, launch.words, self.sums,
-                                   self.checksum_word_bytes, flagging)
+                                   self.checksum_word_bytes, flagging, gated)
             launches.append((launch, constants, self._programs(launch, bucket, tail, constants)))
         return launches, sum(programs for _, _, programs in launches)
 
@@ -313,7 +328,7 @@ class BucketKernel:
         if bucket.device.type != "cuda":  # Triton's interpreter (tests on a machine without a GPU)
             return min(len(launch.tiles), 4)
         compiled = _copy_tiles.warmup(launch.pieces, launch.tiles, len(launch.tiles), bucket, self.scratch,
-                                      len(launch.tiles), tail, self.totals, self.scratch, grid=(1,), **constants)
+                                      len(launch.tiles), tail, self.totals, self.scratch, 1, grid=(1,), **constants)
         compiled._init_handles()  # loaded (`load_kernels` did it before the first update): its registers are known
         properties = torch.cuda.get_device_properties(bucket.device)
         registers_a_warp = math.ceil(compiled.n_regs * 32 / 256) * 256  # a warp's registers come 256 at a time
@@ -331,7 +346,7 @@ def checksum_word_bytes(bucket_numel: int, dtype: torch.dtype) -> int:
 
 
 def load_kernels(device: torch.device, wire_dtype: torch.dtype, tensor_dtypes, *, to_bucket: bool, sums: bool,
-                 word_bytes=(4,), flagging: bool = False) -> None:
+                 word_bytes=(4,), flagging: bool = False, gated: bool = False) -> None:
     """Compile and load every variant of the copy kernel that copies between tensors of
     `tensor_dtypes` and buckets of `wire_dtype` in one direction may launch; `word_bytes`:
     how the checksum reads the buckets (`checksum_word_bytes`); `flagging`: packs that
@@ -351,13 +366,14 @@ def load_kernels(device: torch.device, wire_dtype: torch.dtype, tensor_dtypes, *
         variants.append((torch.int32, True, True))
     for dtype, aligned, words in variants:
         for word in set(word_bytes) if sums else {4}:
-            constants = _constants(dtype, wire_dtype, to_bucket, aligned, words, sums, word, flagging and to_bucket)
-            _copy_tiles.warmup(pieces, tiles, 1, bucket, scratch, 1, tail, totals, scratch, grid=(1,),
+            constants = _constants(dtype, wire_dtype, to_bucket, aligned, words, sums, word, flagging and to_bucket,
+                                   gated and not to_bucket)
+            _copy_tiles.warmup(pieces, tiles, 1, bucket, scratch, 1, tail, totals, scratch, 1, grid=(1,),
                                **constants)._init_handles()
 
 
 def _constants(dtype: torch.dtype, wire_dtype: torch.dtype, to_bucket: bool, aligned: bool, words: bool, sums: bool,
-               word_bytes: int, flagging: bool = False) -> dict:
+               word_bytes: int, flagging: bool = False, gated: bool = False) -> dict:
     """A launch's constants: which variant of the kernel it runs. `dtype`: its tensors'
     (int32 where copied as words: then they hold the wire's dtype)."""
     rows, cols, warps = TILES[sums]
@@ -365,6 +381,7 @@ def _constants(dtype: torch.dtype, wire_dtype: torch.dtype, to_bucket: bool, ali
                 WIRE_DTYPE=tl.int32 if words else _TRITON_DTYPES[wire_dtype],
                 TO_BUCKET=to_bucket, ALIGNED=aligned, CHECKSUM=sums, WORDS=word_bytes,
                 NONFINITE=_EXPONENT_BITS[wire_dtype if words else dtype] if flagging else 0, ROWS=rows, COLS=cols,
+                GATED=gated,
                 num_warps=warps)
 
 

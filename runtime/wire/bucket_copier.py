@@ -54,11 +54,12 @@ class BucketCopier:
     computed on the way, then the tail's (pack wrote the tail after the bucket's data;
     unpack read the sender's); else None, and the tail is the caller's."""
 
-    def __init__(self, device: torch.device, checksums: bool = False, flagging: bool = False):
+    def __init__(self, device: torch.device, checksums: bool = False, flagging: bool = False, gated: bool = False):
         self.device = device
         self.batched = device.type == "cuda"
         self.checksums = checksums
         self.flagging = flagging  # packs flag NaN/Inf (`pack`'s `flag`): which of its variants to load
+        self.gated = gated  # unpacks behind a gate on the device (`unpack`'s `gate`)
         self._kept: dict = {}  # key -> _Kept
         self.descriptors_built = 0
 
@@ -79,12 +80,13 @@ class BucketCopier:
         words = {batched_copy.checksum_word_bytes(bucket.numel, wire_dtype) for bucket in buckets}
         batched_copy.load_kernels(self.device, wire_dtype, tensor_dtypes or batched_copy.DTYPES,
                                   to_bucket=to_bucket, sums=self.checksums, word_bytes=words or {4},
-                                  flagging=self.flagging)
+                                  flagging=self.flagging, gated=self.gated)
 
-    def pack(self, key, bucket, tensors, buffer: torch.Tensor, flag: torch.Tensor | None = None) -> torch.Tensor | None:
-        """`flag` (int32 [1] on the bucket's device): set to 1 where a packed element of a
-        trainer's tensor is NaN or Inf (on the CPU, where the packed bucket's sum is not
-        finite), else left as it was; nothing waited for."""
+    def pack(self, key, bucket, tensors, buffer: torch.Tensor, flag: torch.Tensor | None = None,
+             stamp: int = 1) -> torch.Tensor | None:
+        """`flag` (int32 [1] on the bucket's device): raised to `stamp` (at most: flags only
+        grow) where a packed element of a trainer's tensor is NaN or Inf (on the CPU, where
+        the packed bucket's sum is not finite), else left as it was; nothing waited for."""
         kernel = None
         if self._triton():
             kept = self._bucket(("pack",) + key, bucket, to_bucket=True)
@@ -92,21 +94,29 @@ class BucketCopier:
         if kernel is None:
             packing.pack(bucket, tensors, buffer)
             if flag is not None:
-                packing.flag_nonfinite(bucket, buffer, flag)
+                packing.flag_nonfinite(bucket, buffer, flag, stamp)
             return None
-        return kernel.run(buffer, True, flag)
+        return kernel.run(buffer, True, flag, stamp)
 
-    def unpack(self, key, bucket, buffer: torch.Tensor, targets) -> torch.Tensor | None:
-        if not self._triton():
-            packing.unpack(bucket, buffer, targets)
-            return None
-        kept = self._bucket(("unpack",) + key, bucket, to_bucket=False)
-        dests = [targets.tensor(name) for name in kept.names]  # (the targets may restore a layer here)
-        kernel = self._kernel(kept, bucket, buffer, dests, to_bucket=False)
+    def unpack(self, key, bucket, buffer: torch.Tensor, targets, gate=None) -> torch.Tensor | None:
+        """`gate` (a `wire.device_gate.Gate`, set for this update): where it is closed,
+        nothing is written (the kernel reads it on the device; copies it cannot make wait
+        for it on the host), and the targets still hear every element as written: the
+        plan's count of an update is the same, the gate says whether it took effect."""
+        kernel = None
+        if self._triton():
+            kept = self._bucket(("unpack",) + key, bucket, to_bucket=False)
+            dests = [targets.tensor(name) for name in kept.names]  # (the targets may restore a layer here)
+            kernel = self._kernel(kept, bucket, buffer, dests, to_bucket=False)
         if kernel is None:
-            packing.unpack(bucket, buffer, targets)
+            if gate is not None and gate.closed_now():
+                for entry in bucket.entries:
+                    targets.tensor(entry.dst_tensor)
+                    targets.written(entry.dst_tensor, entry.numel)
+            else:
+                packing.unpack(bucket, buffer, targets)
             return None
-        sums = kernel.run(buffer, False)
+        sums = kernel.run(buffer, False, gate=gate.word if gate is not None else None)
         for name, numel in zip(kept.names, kept.numels):
             targets.written(name, numel)
         return sums

@@ -42,12 +42,12 @@ def unpack(bucket: Bucket, buffer: torch.Tensor, targets) -> None:
         targets.written(entry.dst_tensor, entry.numel)
 
 
-def flag_nonfinite(bucket: Bucket, buffer: torch.Tensor, flag: torch.Tensor) -> None:
-    """Set `flag` (int32 [1]) to 1 if the packed bucket's float32 sum is not finite, which
-    a NaN or an Inf among its elements makes it; queued on the device, not waited for.
+def flag_nonfinite(bucket: Bucket, buffer: torch.Tensor, flag: torch.Tensor, stamp: int = 1) -> None:
+    """Raise `flag` (int32 [1]) to `stamp` if the packed bucket's float32 sum is not finite,
+    which a NaN or an Inf among its elements makes it; queued on the device, not waited for.
     Weights are far too small for a finite sum to overflow, and where one did, the
     endpoint's exact search of its tensors clears the flag. Where the batched kernel
     does not pack (the CPU), it has no launch to flag them in; reading the bucket just
     written is cheaper than reading the trainer's tensors again."""
     found = torch.isfinite(buffer[:bucket.numel].sum(dtype=torch.float32)).logical_not_()
-    flag.bitwise_or_(found.to(flag.dtype))
+    torch.maximum(flag, found.to(flag.dtype) * stamp, out=flag)

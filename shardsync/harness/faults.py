@@ -99,10 +99,10 @@ def corrupt_next_bucket() -> None:
         flip(buffer, numel)
         return original_check(buffer, numel)
 
-    def unpack(self, key, bucket, buffer, targets):
+    def unpack(self, key, bucket, buffer, targets, gate=None):
         if self.fuses_checksums:
             flip(buffer, bucket.numel)
-        return original_unpack(self, key, bucket, buffer, targets)
+        return original_unpack(self, key, bucket, buffer, targets, gate)
 
     checksum.check, BucketCopier.unpack = check, unpack
 
