@@ -38,6 +38,12 @@ def event_done_within(event: torch.cuda.Event, timeout: float) -> bool:
     return True
 
 
+def queued_work_not_run(what: str, timeout: float) -> str:
+    """What a rank says when `what`, queued on its own stream, had not run within `timeout`."""
+    return (f"{what} had not run on the device after {timeout:g}s: it waits on the work queued before it on this "
+            f"rank's stream, which may wait on another process")
+
+
 def copies_not_run(copies: str, timeout: float, writers: str) -> str:
     """What a receiver says when `copies` (queued on its stream) had not run within
     `timeout`: what they wait on, naming the ranks whose writes they follow."""

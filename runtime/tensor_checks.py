@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from shardsync.runtime.device_wait import stream_done_within
+from shardsync.runtime.device_wait import queued_work_not_run, stream_done_within
 
 
 def as_named(tensors) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -145,11 +145,7 @@ class FiniteCheck:
 
     def _wait_for_device(self, device: torch.device, what: str) -> None:
         if not stream_done_within(torch.cuda.current_stream(device), self.timeout):
-            raise TimeoutError(self._not_run(what))
-
-    def _not_run(self, what: str) -> str:
-        return (f"{what} had not run on the device after {self.timeout:g}s: it waits on the work queued before "
-                f"it on this rank's stream, which may wait on another process")
+            raise TimeoutError(queued_work_not_run(what, self.timeout))
 
     def _cuda_kernel(self):
         if self._kernel is None:

@@ -62,12 +62,11 @@ class ColocatedMethod(ShardMethod):
         self.mappings_created = 0
         # what the packs of an update packed ahead raise on a NaN/Inf: on the CPU a flag its read lowers again
         # (`FiniteCheck.read`); on CUDA a trainer's flag the engines' gates read (`wire.device_gate`), set at connect
-        self._flag = torch.zeros(1, dtype=torch.int32, device=context.device) if self.pipe.packs_ahead else None
+        self._flag = torch.zeros(1, dtype=torch.int32) if self.pipe.packs_ahead and not self.pipe.cuda else None
         self._trainer_flag: TrainerFlag | None = None
         self._gate: Gate | None = None  # an engine's on CUDA, where trainers pack ahead
         self._trainers = tuple(trainer_name(src) for src in context.layout.senders)
         self.who = trainer_name(context.trainer) if self.producer else None
-        self._gate_now: Gate | None = None  # an engine's gate, set for the update it receives
 
     def _pipe(self, largest: int, context: Context) -> SharedPipe:
         return SharedPipe(largest, context.dtype, context.device, verify=context.verify, overlap=context.overlap,
@@ -99,16 +98,12 @@ class ColocatedMethod(ShardMethod):
         if gate is None:
             return super().receive(targets, update)
         gate.set_for(update)
-        self._gate_now = gate
-        try:
-            receipt = super().receive(targets, update)
-        finally:
-            self._gate_now = None
+        receipt = super().receive(targets, update)
         gate.read_after_copies()
         return replace(receipt, gated_off=gate.was_closed, waits_on=gate.trainers)
 
     def _unpack(self, key, bucket, buffer, targets):
-        return self.copier.unpack(key, bucket, buffer, targets, self._gate_now)
+        return self.copier.unpack(key, bucket, buffer, targets, self._gate)
 
     @staticmethod
     def channel_device(context: Context):

@@ -54,12 +54,12 @@ class BucketCopier:
     computed on the way, then the tail's (pack wrote the tail after the bucket's data;
     unpack read the sender's); else None, and the tail is the caller's."""
 
-    def __init__(self, device: torch.device, checksums: bool = False, flagging: bool = False, gated: bool = False):
+    def __init__(self, device: torch.device, checksums: bool = False, flagging: bool = False):
         self.device = device
         self.batched = device.type == "cuda"
         self.checksums = checksums
         self.flagging = flagging  # packs flag NaN/Inf (`pack`'s `flag`): which of its variants to load
-        self.gated = gated  # unpacks behind a gate on the device (`unpack`'s `gate`)
+        self.gated = False  # unpacks behind a gate on the device (`unpack`'s `gate`): which variants to load
         self._kept: dict = {}  # key -> _Kept
         self.descriptors_built = 0
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shardsync.runtime.device_wait import event_done_within
+from shardsync.runtime.device_wait import event_done_within, queued_work_not_run
 from shardsync.runtime.errors import TransferError
 from shardsync.runtime.wire import shared
 
@@ -72,9 +72,7 @@ class TrainerFlag:
         self._read.copy_(self.flag, non_blocking=True)
         self._copied.record(torch.cuda.current_stream(self.flag.device))
         if not event_done_within(self._copied, self.timeout):
-            raise TimeoutError(f"the packs flagging NaN/Inf had not run on the device after {self.timeout:g}s: they "
-                               f"wait on the work queued before them on this rank's stream, which may wait on "
-                               f"another process")
+            raise TimeoutError(queued_work_not_run("the packs flagging NaN/Inf", self.timeout))
         return int(self._read.item()) >= update
 
     def close(self) -> None:
