@@ -77,6 +77,25 @@ def test_a_round_does_not_wait_out_its_timeout_for_a_peer_that_crashed(endpoints
         assert seconds < GONE_AFTER_S + 3.0, (who, seconds)  # not the 30 s timeout
 
 
+def test_a_peer_taken_for_gone_that_votes_late_refuses_with_everyone(endpoints):
+    """The verdict posted in its name stands: its own late "ok" does not complete the
+    round for anyone who reads it later."""
+    _crash(endpoints[VICTIM])
+    waiting = (HOST, ENGINE)
+    results = _in_threads({who: (lambda s=endpoints[who]: s.vote(1, None)) for who in waiting})
+    late = _in_threads({VICTIM: lambda: endpoints[VICTIM].vote(1, None)})
+    for who, (error, _) in {**results, **late}.items():
+        assert isinstance(error, UpdateRefused), (who, error)
+        assert f"{VICTIM}: gone, no heartbeat for {GONE_AFTER_S:.0f}s" in str(error), (who, error)
+
+
+def test_the_last_to_say_ok_hears_a_refusal_posted_before_it(endpoints):
+    endpoints[ENGINE].vote(1, "its targets are wrong")
+    for who in (HOST, VICTIM):  # the last "ok" completes the round's count, with the refusal in it
+        with pytest.raises(UpdateRefused, match=f"{ENGINE}: its targets are wrong"):
+            endpoints[who].vote(1, None)
+
+
 def test_a_peer_slow_to_vote_but_beating_is_waited_for(endpoints):
     def late_vote():
         time.sleep(GONE_AFTER_S + 1.5)

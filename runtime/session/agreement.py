@@ -74,14 +74,24 @@ class Silence(Exception):
         self.pending = pending
 
 
-def post_verdict(store, keys: dict[str, str], who: str, verdict: str, decided: str) -> None:
-    """Post `who`'s verdict in a round whose verdicts are `keys` (who -> store key). The
-    last to post, or any refuser, marks the round `decided`: what `first_refusal` waits on.
-    A verdict already posted in `who`'s name (gone, by a peer's `SpeakForTheGone`) stays,
-    so that every endpoint reads the same round."""
-    store.compare_set(keys[who], "", verdict)
-    if verdict != "ok" or store.add(_count_key(decided), 1) == len(keys):
+def post_verdict(store, keys: dict[str, str], who: str, verdict: str, decided: str) -> bool:
+    """Post `who`'s verdict in a round whose verdicts are `keys` (who -> store key); True
+    where it decided the round with every verdict "ok" (so the poster need not read it).
+
+    A verdict is written once: one already posted in `who`'s name (gone, by a peer's
+    `SpeakForTheGone`) stays, and `who` refuses with it. Each "ok" that went in adds
+    one to the round's count, so the count reaches the round's size only where every
+    verdict is "ok"; that last "ok", or any refusal, marks the round `decided`, which
+    `first_refusal` waits on and then reads the count of: one round trip, not a read
+    of every verdict."""
+    posted = store.compare_set(keys[who], "", verdict)
+    if verdict == "ok" and posted == b"ok":
+        if store.add(_count_key(decided), 1) < len(keys):
+            return False
         store.set(decided, "1")
+        return True
+    store.set(decided, "1")
+    return False
 
 
 class SpeakForTheGone:
@@ -102,9 +112,9 @@ class SpeakForTheGone:
             return
         pending = [peer for peer, key in self.keys.items() if peer != self.who and not store.check([key])]
         for peer in self._watch.gone(pending):
-            store.compare_set(self.keys[peer], "", f"{peer}: gone, no heartbeat for {GONE_AFTER_S:.0f}s "
-                                                   f"(seen by {self.who})")
-            store.set(self.decided, "1")
+            said = f"{peer}: gone, no heartbeat for {GONE_AFTER_S:.0f}s (seen by {self.who})"
+            if store.compare_set(self.keys[peer], "", said) == said.encode():  # (else it posted meanwhile)
+                store.set(self.decided, "1")
 
 
 def round_keys(keys: dict[str, str], who: str, decided: str) -> tuple[str, ...]:
@@ -118,27 +128,26 @@ def _count_key(decided: str) -> str:
 
 
 def first_refusal(store, keys: dict[str, str], timeout: float, decided: str) -> tuple[str, str, list[str]] | None:
-    """Wait until the round is decided (every verdict posted, or a refusal), then read the
-    verdicts: None when all are "ok", else (who, verdict, those not heard from yet). A
-    refusal ends the wait at once, even while processes the refuser does not count are
-    missing; silence past the timeout raises Silence. The wait blocks in the store, which
-    answers as soon as `decided` is set: every update waits here twice, so a waiter that
-    polled would add its pause to every update."""
+    """Wait until the round is decided (every verdict posted, or a refusal), then read it:
+    None when every verdict is "ok" (the round's count says so), else the refusal, read
+    from the verdicts: (who, verdict, those not heard from yet). A refusal ends the wait
+    at once, even while processes the refuser does not count are missing; silence past
+    the timeout raises Silence. The wait blocks in the store, which answers as soon as
+    `decided` is set: every update waits here twice, so a waiter that polled would add
+    its pause to every update."""
     try:
         store.wait([decided], timedelta(seconds=timeout))
     except DistStoreError:
         raise Silence([o for o in keys if not store.check([keys[o]])]) from None
-    if store.check(list(keys.values())):
-        heard = list(keys)
-    else:
-        heard = [o for o in keys if store.check([keys[o]])]
+    if store.add(_count_key(decided), 0) == len(keys):
+        return None
+    heard = [o for o in keys if store.check([keys[o]])]
     for other, verdict in zip(heard, store.multi_get([keys[o] for o in heard])):
         if verdict != b"ok":
             return other, verdict.decode(), [o for o in keys if o not in heard]
-    if len(heard) < len(keys):
-        raise TransferError(f"{decided} was set with no refusal among the verdicts while "
-                            f"{', '.join(o for o in keys if o not in heard)} had not posted one")
-    return None
+    silent = ", ".join(o for o in keys if o not in heard) or "none"
+    raise TransferError(f"{decided} was set with no refusal among the verdicts and too few of them ok "
+                        f"(not posted: {silent})")
 
 
 def _get(store, key: str, what: str, timeout: float) -> bytes:

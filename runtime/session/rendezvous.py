@@ -122,10 +122,10 @@ class Session:
         raise UpdateRefused if anyone can't. No byte has moved yet."""
         going_ahead = False
         try:
-            self._post(f"u{update}", update, refusal)
+            decided_ok = self._post(f"u{update}", update, refusal)
             if refusal is not None:
                 return  # the caller raises its own, more precise error
-            found = self._hear(f"u{update}", "before the update", update)
+            found = None if decided_ok else self._hear(f"u{update}", "before the update", update)
             if found is not None:
                 who, why, _ = found
                 raise UpdateRefused(f"update {update}: refused before any byte moved by {why}")
@@ -146,12 +146,12 @@ class Session:
 
     def _outcome(self, update: int, failure: str | None) -> None:
         try:
-            self._post(f"done{update}", update, failure)
+            decided_ok = self._post(f"done{update}", update, failure)
         except RuntimeError:
             if failure is None:  # this part is whole; how the others fared cannot be known
                 raise UpdateFailedElsewhere(f"update {update}: {self.diagnose(())}") from None
             return
-        if failure is not None:
+        if failure is not None or decided_ok:
             return
         found = self._hear(f"done{update}", "after the update", update, failed=UpdateFailedElsewhere)
         if found is not None:
@@ -277,9 +277,10 @@ class Session:
                         self.who, self.timeout, ", ".join(pending), "is" if len(pending) == 1 else "are", what,
                         ", ".join(keys[p] for p in pending))
 
-    def _post(self, stage: str, update: int, verdict: str | None) -> None:
+    def _post(self, stage: str, update: int, verdict: str | None) -> bool:
+        """Post this endpoint's verdict on a stage; True where it was the last, every one "ok"."""
         said = "ok" if verdict is None else f"{self.who}: {verdict}"
-        post_verdict(self.store, self._verdict_keys(stage), self.who, said, self._decided(stage))
+        decided_ok = post_verdict(self.store, self._verdict_keys(stage), self.who, said, self._decided(stage))
         if update > 2:  # the store stays small over many updates
             old = f"{stage.rstrip('0123456789')}{update - 2}"
             keys = round_keys(self._verdict_keys(old), self.who, self._decided(old))
@@ -288,6 +289,7 @@ class Session:
             else:
                 for key in keys:
                     self.store.delete_key(key)
+        return decided_ok
 
     def _hear(self, stage: str, when: str, update: int, failed=TransferError):
         """Everyone's verdict on this stage of the update: None when all are ok, else

@@ -109,16 +109,18 @@ def corrupt_next_bucket() -> None:
 
 def slow_to_read_outcome(seconds: float, update: int | None = None) -> None:
     """Make this process wait `seconds` between posting its own outcome of `update` (every
-    update when None) and reading everyone else's, as an endpoint on a loaded host may:
+    update when None) and reading everyone else's (or, where its own was the last
+    and decided the round, saying it is through), as an endpoint on a loaded host may:
     the others, the store's host among them, have heard every outcome by then and may
     have closed."""
     from shardsync.runtime.session.rendezvous import Session
 
-    original = Session._hear
+    original = Session._post
 
-    def _hear(self, stage, when, number, *args, **kwargs):
+    def _post(self, stage, number, *args, **kwargs):
+        decided = original(self, stage, number, *args, **kwargs)
         if stage.startswith("done") and update in (None, number):
             time.sleep(seconds)
-        return original(self, stage, when, number, *args, **kwargs)
+        return decided
 
-    Session._hear = _hear
+    Session._post = _post
