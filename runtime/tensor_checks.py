@@ -6,7 +6,7 @@ Each finding is one sentence naming the tensor; the endpoint turns it into its v
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Collection, Iterable, Mapping
 
 import torch
 
@@ -28,13 +28,26 @@ def as_named(tensors) -> tuple[dict[str, torch.Tensor], str | None]:
 def trainer_findings(given: Mapping[str, torch.Tensor], shapes: dict[str, tuple],
                      device: torch.device) -> str | None:
     """The first problem with the names, shapes, dtypes or device of a trainer rank's
-    tensors, or None (NaN/Inf: `nonfinite_finding`). Every update runs it before its
-    first byte is packed, so each look at a tensor is the cheapest that answers."""
-    problem = _names_and_shapes("trainer", given, shapes)
+    tensors, or None (NaN/Inf: `nonfinite_finding`)."""
+    return trainer_names_finding(given, shapes) or trainer_tensor_findings(given, shapes, device, shapes)
+
+
+def trainer_names_finding(given: Mapping[str, torch.Tensor], shapes: dict[str, tuple]) -> str | None:
+    """A tensor missing from a trainer rank's, or one it should not hand over, or None:
+    a look at the names alone, which touches no tensor."""
+    return _names("trainer", given, shapes)
+
+
+def trainer_tensor_findings(given: Mapping[str, torch.Tensor], shapes: dict[str, tuple], device: torch.device,
+                            names: Collection[str]) -> str | None:
+    """The first problem with the shape, dtype or device of the trainer's tensors of
+    `names` (every one in `given`), or None. Every update runs it before a byte of those
+    tensors is packed, so each look at a tensor is the cheapest that answers."""
+    problem = _shapes(given, shapes, names)
     if problem:
         return problem
     placed = _placed_on(device)
-    for name in shapes:
+    for name in names:
         tensor = given[name]
         if not tensor.is_floating_point():
             return f"{name}: dtype {_dtype(tensor)} is not a floating-point weight"
@@ -159,14 +172,22 @@ class FiniteCheck:
 
 
 def _names_and_shapes(kind: str, given: Mapping, shapes: dict[str, tuple]) -> str | None:
+    return _names(kind, given, shapes) or _shapes(given, shapes, shapes)
+
+
+def _names(kind: str, given: Mapping, shapes: dict[str, tuple]) -> str | None:
     if given.keys() != shapes.keys():
         missing = [n for n in shapes if n not in given]
         extra = [n for n in given if n not in shapes]
         if missing:
             return f"{missing[0]}: missing from the {kind} tensors ({len(missing)} missing{_and_extra(extra)})"
         return f"{extra[0]}: not a {kind} tensor of this plan ({len(extra)} unexpected)"
-    for name, shape in shapes.items():
-        found = given[name].shape
+    return None
+
+
+def _shapes(given: Mapping, shapes: dict[str, tuple], names: Collection[str]) -> str | None:
+    for name in names:
+        shape, found = shapes[name], given[name].shape
         if found != shape and tuple(found) != tuple(shape):  # (a torch.Size equals its tuple: the usual look)
             return f"{name}: expected shape {tuple(shape)}, got {tuple(found)}"
     return None

@@ -37,7 +37,8 @@ from shardsync.runtime.plan.build import source_table
 from shardsync.runtime.reports import ChannelReport, PhaseClock, Receipt, UpdateReport
 from shardsync.runtime.session import Session, local_address
 from shardsync.runtime.targets import as_loader, as_targets
-from shardsync.runtime.tensor_checks import FiniteCheck, as_named, engine_findings, nonfinite_finding, trainer_findings
+from shardsync.runtime.tensor_checks import (FiniteCheck, as_named, engine_findings, nonfinite_finding,
+                                             trainer_names_finding, trainer_tensor_findings)
 
 DEFAULT_BUCKET_BYTES = 64 << 20
 log = logging.getLogger("shardsync")
@@ -267,7 +268,7 @@ class Sender(_Endpoint):
         clock = PhaseClock()
         with clock.phase("checks"):
             tensors, finding = as_named(tensors)
-            finding = finding or trainer_findings(tensors, self.local_shapes(), self.device)
+            finding = finding or trainer_names_finding(tensors, self.local_shapes())
             finding = finding or self._packed_and_checked(tensors, number, allow_nonfinite)
         self._vote(number, finding, clock)
         reports = self._settled(number, lambda: self._sent_and_checked(tensors, number), clock)
@@ -287,17 +288,34 @@ class Sender(_Endpoint):
         return reports
 
     def _packed_and_checked(self, tensors: dict, number: int, allow_nonfinite: bool) -> str | None:
-        """Pack the update ahead where the method does (its packs flag NaN/Inf on the way),
-        then look for NaN/Inf: in what the packs flagged, else in one pass of its own over
-        the tensors. A problem, even one the device did not get to in time, is a finding."""
+        """Check the tensors' shapes, dtypes and device, and pack the update ahead where the
+        method does (its packs flag NaN/Inf on the way), then look for NaN/Inf: in what the
+        packs flagged, else in one pass of its own over the tensors. A problem, even one
+        the device did not get to in time, is a finding.
+
+        Packed ahead, each pack's tensors are checked just before it reads them: the first
+        pack is launched after a look at its own tensors, not at every tensor of the update
+        (host time the device would wait for), and none reads a tensor not checked."""
         self._check_after_vote = None
+        shapes, checked = self.local_shapes(), set()
+
+        def vet(names) -> None:
+            unchecked = [name for name in names if name not in checked]
+            finding = trainer_tensor_findings(tensors, shapes, self.device, unchecked)
+            if finding is not None:
+                raise TensorError(finding)
+            checked.update(unchecked)
+
         try:
-            packed = self.transport.pack_ahead(tensors, number, nonfinite_allowed=allow_nonfinite)
+            packed = self.transport.pack_ahead(tensors, number, nonfinite_allowed=allow_nonfinite, vet=vet)
+        except TensorError as exc:
+            return str(exc)
         except TransferError as exc:
             return f"packing the update ahead of the vote failed: {exc}"
-        if allow_nonfinite:
-            return None
-        shapes, check = self.local_shapes(), self._all_finite
+        finding = trainer_tensor_findings(tensors, shapes, self.device, [n for n in shapes if n not in checked])
+        if finding is not None or allow_nonfinite:
+            return finding
+        check = self._all_finite
         if packed is not None and packed.after_vote is not None:
             self._check_after_vote = packed.after_vote  # the engines' copies wait for it on the device, not the vote
             return None

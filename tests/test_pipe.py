@@ -192,7 +192,7 @@ def test_an_update_packed_ahead_is_announced_by_its_vote_and_read_where_the_plan
         pipe.pack_ahead(2, [(bucket, _packer(bucket, sources)) for bucket in buckets])  # refused at its vote
         with pytest.raises(TransferError, match="update 3 was not packed ahead of its vote"):
             pipe.outbound(3)
-        with pytest.raises(ValueError, match=f"more buckets than the {len(buckets)} slots"):
+        with pytest.raises(ValueError, match=f"{2 * len(buckets)} buckets, more than the {len(buckets)} slots"):
             pipe.pack_ahead(4, [(bucket, _packer(bucket, sources)) for bucket in buckets * 2])
     finally:
         reader.mapped.clear()

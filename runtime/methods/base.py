@@ -96,16 +96,18 @@ class Method(Protocol):
         (the session) names the peers that went silent when a wait fails, and tells a
         wait that lasts whether the update already failed elsewhere."""
 
-    def pack_ahead(self, tensors: Mapping[str, torch.Tensor], update: int,
-                   nonfinite_allowed: bool = False) -> PackedAhead | None:
+    def pack_ahead(self, tensors: Mapping[str, torch.Tensor], update: int, nonfinite_allowed: bool = False,
+                   vet: Callable[[tuple[str, ...]], None] | None = None) -> PackedAhead | None:
         """A trainer rank's whole share of `update` packed before the vote, where the
         method was built to (no reader sees it before `send`), and how to learn whether
         its packs read a NaN or Inf: a flag read before the vote, which its reader
         lowers again (`FiniteCheck.read`; one left raised by packs whose update ended
         before the read is a false alarm the endpoint's exact search clears), or, where
         the engines' copies are gated on the device by it, a read after the vote.
-        `nonfinite_allowed`: the packs raise no flag the engines would gate on. None
-        where nothing was packed ahead: the endpoint checks the tensors itself."""
+        `nonfinite_allowed`: the packs raise no flag the engines would gate on. `vet`:
+        called with the names of the tensors each pack reads, before it reads them;
+        what it raises stops the packing and leaves this method. None where nothing was
+        packed ahead: the endpoint checks the tensors itself."""
 
     def send(self, tensors: Mapping[str, torch.Tensor], update: int) -> tuple[ChannelReport, ...]:
         """A trainer rank's share of `update`; raises TransferError naming channel,
@@ -135,7 +137,7 @@ class OverChannels:
     def buffer_bytes(self) -> int:
         return self.pipe.nbytes
 
-    def pack_ahead(self, tensors, update: int, nonfinite_allowed: bool = False) -> None:
+    def pack_ahead(self, tensors, update: int, nonfinite_allowed: bool = False, vet=None) -> None:
         return None  # packed as the buckets go
 
     def close(self) -> None:

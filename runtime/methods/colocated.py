@@ -67,12 +67,13 @@ class ColocatedMethod(ShardMethod):
         self._gate: Gate | None = None  # an engine's on CUDA, where trainers pack ahead
         self._trainers = tuple(trainer_name(src) for src in context.layout.senders)
         self.who = trainer_name(context.trainer) if self.producer else None
+        self._pack_reads: dict[tuple, tuple[str, ...]] = {}  # bucket key -> the tensors its pack reads
 
     def _pipe(self, largest: int, context: Context) -> SharedPipe:
         return SharedPipe(largest, context.dtype, context.device, verify=context.verify, overlap=context.overlap,
                           slots=sum(map(self._bucket_count, self.mine)) if context.pack_ahead else 0)
 
-    def pack_ahead(self, tensors, update: int, nonfinite_allowed: bool = False) -> PackedAhead | None:
+    def pack_ahead(self, tensors, update: int, nonfinite_allowed: bool = False, vet=None) -> PackedAhead | None:
         if not self.pipe.packs_ahead:
             return None
         gated = self._trainer_flag is not None
@@ -80,18 +81,29 @@ class ColocatedMethod(ShardMethod):
         # (gated: raised to the update's number; allowed, to 0, which raises nothing)
         stamp = 0 if nonfinite_allowed else update if gated else 1
 
+        def pack(buffer, key, bucket):
+            if vet is not None:
+                vet(self._read_by_pack(key, bucket))
+            return self.copier.pack(key, bucket, tensors, buffer, flag, stamp)
+
         def packs():
             for channel, phase, schedule in self._runs():
                 for index, bucket in enumerate(schedule):
                     key = (channel.name, phase, index)
-                    yield bucket, lambda buffer, key=key, bucket=bucket: self.copier.pack(key, bucket, tensors,
-                                                                                          buffer, flag, stamp)
+                    yield bucket, lambda buffer, key=key, bucket=bucket: pack(buffer, key, bucket)
 
         self.pipe.pack_ahead(update, packs())
         if not gated:
             return PackedAhead(flag)
         self._trainer_flag.packed(update)
         return PackedAhead(flag, after_vote=lambda: self._trainer_flag.raised_in(update))
+
+    def _read_by_pack(self, key, bucket) -> tuple[str, ...]:
+        """The trainer's tensors the pack of `bucket` reads, each once (worked out once)."""
+        names = self._pack_reads.get(key)
+        if names is None:
+            names = self._pack_reads[key] = tuple(dict.fromkeys(entry.src_tensor for entry in bucket.entries))
+        return names
 
     def receive(self, targets, update: int) -> Receipt:
         gate = self._gate

@@ -142,6 +142,12 @@ class SharedPipe(BucketPipe):
         """The next slot to write, once the readers of the bucket it holds are done."""
         slot = self._next % self.depth
         self._next += 1
+        self._free(slot)
+        return slot
+
+    def _free(self, slot: int) -> None:
+        """Wait until the readers of the bucket `slot` holds are done with it (on CUDA, order
+        this rank's stream after their reads)."""
         occupant, self._occupants[slot] = self._occupants[slot], None
         if occupant is not None:
             group = occupant.group
@@ -153,7 +159,6 @@ class SharedPipe(BucketPipe):
             stream = torch.cuda.current_stream(self.device)
             for per_slot in self.read_events[reader]:
                 _wait_on_device(stream, per_slot[slot])
-        return slot
 
     def occupy(self, slot: int, channel: str, occupant: _Occupant | None = None) -> None:
         """`slot` is read by `channel`'s readers; `occupant`: what to wait for on the host
@@ -171,16 +176,21 @@ class SharedPipe(BucketPipe):
         """Pack every bucket of `update` before its vote: `buckets`, (bucket, pack) in the
         producer's walk order, the order its readers expect them in, into slots 0, 1, ...,
         each once the readers of the bucket it held last are done. The vote announces them;
-        a later update packs them again (a refused one was never sent, so never read)."""
+        a later update packs them again (a refused one was never sent, so never read).
+
+        Launched largest first: the first launch comes after the host's checks, and
+        while it runs the host prepares the next; a small bucket first (a walk often
+        starts with a sliver of the embedding) would leave the device idle for that."""
         self._packed_ahead = None
-        self._next = 0
-        count = 0
-        for bucket, pack in buckets:
-            if count == self.depth:
-                raise ValueError(f"update {update}: more buckets than the {self.depth} slots that hold an update")
-            self.write(self.take_slot(), bucket, pack)
-            count += 1
-        self._packed_ahead = (update, count)
+        buckets = list(buckets)
+        if len(buckets) > self.depth:
+            raise ValueError(f"update {update}: {len(buckets)} buckets, more than the {self.depth} slots that hold "
+                             f"an update")
+        self._next = len(buckets)
+        for slot in sorted(range(len(buckets)), key=lambda slot: -buckets[slot][0].numel):
+            self._free(slot)
+            self.write(slot, *buckets[slot])
+        self._packed_ahead = (update, len(buckets))
 
 
 def _wait_on_device(stream: torch.cuda.Stream, event: torch.cuda.Event) -> None:
