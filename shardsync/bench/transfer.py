@@ -2,7 +2,7 @@
 
 Every rank connects each method once (each over its own store and groups or shared
 buffers), then the methods take turns update by update (after two untimed rounds),
-each started together on every rank behind a barrier, and which goes first rotates,
+each started at one moment on every rank behind a barrier, and which goes first rotates,
 so machine noise falls on all alike. Reported per method: the median update time
 (slowest trainer rank), of which the walk over the channels; per phase of an update
 (tensor checks, vote, transfer, outcome) the slowest rank's time, trainers and
@@ -182,8 +182,18 @@ def _endpoints(kind, hf_config, layout, ports, options, **position):
     return made
 
 
+START_LEAD_S = 0.002  # from the barrier's last arrival to the common start: more than its release takes
+
+
 def _barrier(ports, who: str, everyone: list[str], timeout: float):
-    """A group over every bench process, so both methods' updates start together."""
+    """A group over every bench process, so that every update starts at once everywhere.
+
+    A collective releases its members a few tenths of a millisecond apart, each out of a
+    sleep; timed from there, the first one out would count the others' wake-up as its
+    update's time. So the barrier agrees on a start (its last arrival, on the host's
+    monotonic clock, which every bench process shares, plus START_LEAD_S) and each
+    process spins until then: every rank starts the update at the same moment, awake,
+    as a trainer does coming from its optimizer step."""
     from shardsync.runtime.wire.channels import create_group
     from shardsync.runtime.session import open_store
 
@@ -191,7 +201,11 @@ def _barrier(ports, who: str, everyone: list[str], timeout: float):
     group = create_group(store, "bench-barrier", everyone.index(who), tuple(everyone), torch.device("cpu"), timeout)
 
     def wait(step: str) -> None:
-        group.wait(group.max_across(torch.zeros(1)), f"the bench barrier before {step}", None)
+        arrived = torch.tensor([time.monotonic()], dtype=torch.float64)
+        group.wait(group.max_across(arrived), f"the bench barrier before {step}", None)
+        start = float(arrived.item()) + START_LEAD_S
+        while time.monotonic() < start:
+            pass
 
     return group, store, wait
 
