@@ -25,13 +25,6 @@ def as_named(tensors) -> tuple[dict[str, torch.Tensor], str | None]:
     return named, None
 
 
-def trainer_findings(given: Mapping[str, torch.Tensor], shapes: dict[str, tuple],
-                     device: torch.device) -> str | None:
-    """The first problem with the names, shapes, dtypes or device of a trainer rank's
-    tensors, or None (NaN/Inf: `nonfinite_finding`)."""
-    return trainer_names_finding(given, shapes) or trainer_tensor_findings(given, shapes, device, shapes)
-
-
 def trainer_names_finding(given: Mapping[str, torch.Tensor], shapes: dict[str, tuple]) -> str | None:
     """A tensor missing from a trainer rank's, or one it should not hand over, or None:
     a look at the names alone, which touches no tensor."""

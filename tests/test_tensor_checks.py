@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from shardsync.runtime.tensor_checks import FiniteCheck, nonfinite_finding, trainer_findings
+from shardsync.runtime.tensor_checks import (FiniteCheck, nonfinite_finding, trainer_names_finding,
+                                             trainer_tensor_findings)
 from tests.triton_interpreter import compiled_variants
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -24,12 +25,18 @@ def test_a_nonfinite_value_in_any_tensor_is_found_and_named(device, bad):
     tensors = {f"w{i}": (torch.randn(37, 64, generator=generator) * 100).to(dtype).to(device)
                for i, dtype in enumerate([torch.bfloat16, torch.float32, torch.bfloat16])}
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    assert trainer_findings(tensors, shapes, torch.device(device)) is None
+    assert _named_and_placed(tensors, shapes, device) is None
     assert _nonfinite(tensors) is None
     tensors["w1"][5, 7] = bad
-    assert trainer_findings(tensors, shapes, torch.device(device)) is None  # names, shapes, dtypes, device only
+    assert _named_and_placed(tensors, shapes, device) is None  # names, shapes, dtypes, device only
     finding = _nonfinite(tensors)
     assert finding is not None and finding.startswith("w1: 1 NaN/Inf value(s) of 2368")
+
+
+def _named_and_placed(tensors: dict, shapes: dict, device: str) -> str | None:
+    """The checks a sender runs before NaN/Inf: names, then shapes, dtypes and device."""
+    return trainer_names_finding(tensors, shapes) or trainer_tensor_findings(tensors, shapes, torch.device(device),
+                                                                             shapes)
 
 
 def _nonfinite(tensors: dict, check: FiniteCheck | None = None) -> str | None:

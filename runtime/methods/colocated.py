@@ -67,7 +67,6 @@ class ColocatedMethod(ShardMethod):
         self._gate: Gate | None = None  # an engine's on CUDA, where trainers pack ahead
         self._trainers = tuple(trainer_name(src) for src in context.layout.senders)
         self.who = trainer_name(context.trainer) if self.producer else None
-        self._pack_reads: dict[tuple, tuple[str, ...]] = {}  # bucket key -> the tensors its pack reads
 
     def _pipe(self, largest: int, context: Context) -> SharedPipe:
         return SharedPipe(largest, context.dtype, context.device, verify=context.verify, overlap=context.overlap,
@@ -83,7 +82,7 @@ class ColocatedMethod(ShardMethod):
 
         def pack(buffer, key, bucket):
             if vet is not None:
-                vet(self._read_by_pack(key, bucket))
+                vet(self.copier.pack_reads(key, bucket))
             return self.copier.pack(key, bucket, tensors, buffer, flag, stamp)
 
         def packs():
@@ -97,13 +96,6 @@ class ColocatedMethod(ShardMethod):
             return PackedAhead(flag)
         self._trainer_flag.packed(update)
         return PackedAhead(flag, after_vote=lambda: self._trainer_flag.raised_in(update))
-
-    def _read_by_pack(self, key, bucket) -> tuple[str, ...]:
-        """The trainer's tensors the pack of `bucket` reads, each once (worked out once)."""
-        names = self._pack_reads.get(key)
-        if names is None:
-            names = self._pack_reads[key] = tuple(dict.fromkeys(entry.src_tensor for entry in bucket.entries))
-        return names
 
     def receive(self, targets, update: int) -> Receipt:
         gate = self._gate

@@ -98,6 +98,10 @@ class BucketCopier:
             return None
         return kernel.run(buffer, True, flag, stamp)
 
+    def pack_reads(self, key, bucket) -> tuple[str, ...]:
+        """The tensors the pack of `bucket` reads, each once, in the order it first takes them."""
+        return self._bucket(("pack",) + key, bucket, to_bucket=True).names
+
     def unpack(self, key, bucket, buffer: torch.Tensor, targets, gate=None) -> torch.Tensor | None:
         """`gate` (a `wire.device_gate.Gate`, set for this update): where it is closed,
         nothing is written (the kernel reads it on the device; copies it cannot make wait
